@@ -1,0 +1,28 @@
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# A --configfile given on the command line replaces the default instead of being merged into it,
+# so that a demo or test config does not inherit the default's datasets.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+
+validate(config, "config/schema.yaml", set_default=True)
+
+
+include: "rules/common.smk"
+include: "rules/model.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/eval.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        report=rules.report.output.markdown.format(experiment=EXPERIMENT),

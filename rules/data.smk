@@ -1,0 +1,96 @@
+# Downloads need the network, which cluster compute nodes often lack.
+localrules:
+    download_dataset,
+    build_demo_choice_task,
+
+
+rule download_dataset:
+    output:
+        rows="results/data/raw/{dataset}.jsonl",
+        manifest="results/data/raw/{dataset}.manifest.json",
+    input:
+        code=code("data.py", "formats.py", "demo.py"),
+    params:
+        dataset=lambda wildcards: dataset_config(wildcards.dataset),
+        mirror_dir=config["data"]["mirror_dir"],
+    log:
+        "results/logs/download_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/download_dataset/{dataset}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/download_dataset.py"
+
+
+rule hydrate_dataset:
+    output:
+        "results/data/hydrated/{dataset}.jsonl",
+    input:
+        rows=rules.download_dataset.output.rows,
+        # The 'chat' template renders with the base model's own chat template.
+        tokenizer=lambda wildcards: (
+            rules.materialize_base_model.output[0].format(model=BASE_MODEL)
+            if uses_chat_template(wildcards.dataset)
+            else []
+        ),
+        code=code("data.py", "formats.py"),
+    params:
+        dataset=lambda wildcards: dataset_config(wildcards.dataset),
+    log:
+        "results/logs/hydrate_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/hydrate_dataset/{dataset}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/hydrate_dataset.py"
+
+
+rule tokenize_and_split:
+    output:
+        train="results/data/tokenized/{experiment}/train.jsonl",
+        validation="results/data/tokenized/{experiment}/validation.jsonl",
+        test="results/data/tokenized/{experiment}/test.jsonl",
+        stats="results/data/tokenized/{experiment}/stats.json",
+    input:
+        hydrated=expand(rules.hydrate_dataset.output[0], dataset=DATASETS),
+        tokenizer=rules.materialize_base_model.output[0].format(model=BASE_MODEL),
+        code=code("tokenization.py", "model.py"),
+    params:
+        max_length=config["data"]["max_length"],
+        split=config["data"]["split"],
+        trust_remote_code=TRUST_REMOTE_CODE,
+    log:
+        "results/logs/tokenize_and_split/{experiment}.log",
+    benchmark:
+        "results/benchmarks/tokenize_and_split/{experiment}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/tokenize_and_split.py"
+
+
+rule build_demo_choice_task:
+    output:
+        "results/data/lm_eval/sftpipe_demo_mc.jsonl",
+    input:
+        code=code("demo.py"),
+    params:
+        rows=config["eval"]["demo_choice_task"]["rows"],
+        seed=config["eval"]["demo_choice_task"]["seed"],
+    log:
+        "results/logs/build_demo_choice_task/sftpipe_demo_mc.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/build_demo_choice_task.py"

@@ -1,0 +1,49 @@
+rule train_lora:
+    output:
+        adapter=directory("results/train/{experiment}/adapter"),
+        history="results/train/{experiment}/history.json",
+    input:
+        base=rules.materialize_base_model.output[0].format(model=BASE_MODEL),
+        train=rules.tokenize_and_split.output.train,
+        validation=rules.tokenize_and_split.output.validation,
+        code=code("train.py", "model.py"),
+    params:
+        settings=config["train"],
+        work_dir=lambda wildcards: f"results/train/{wildcards.experiment}/work",
+        trust_remote_code=TRUST_REMOTE_CODE,
+    log:
+        "results/logs/train_lora/{experiment}.log",
+    benchmark:
+        "results/benchmarks/train_lora/{experiment}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=720,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/train_lora.py"
+
+
+rule merge_adapter:
+    output:
+        directory("results/models/merged/{experiment}"),
+    input:
+        base=rules.materialize_base_model.output[0].format(model=BASE_MODEL),
+        adapter=rules.train_lora.output.adapter,
+        code=code("merge.py", "model.py"),
+    params:
+        dtype=config["merge"]["dtype"],
+        trust_remote_code=TRUST_REMOTE_CODE,
+    log:
+        "results/logs/merge_adapter/{experiment}.log",
+    benchmark:
+        "results/benchmarks/merge_adapter/{experiment}.tsv"
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/merge_adapter.py"

@@ -1,0 +1,7 @@
+from sftpipe.demo import write_demo_choice_task
+from sftpipe.entry import run_stage
+
+run_stage(
+    snakemake,
+    lambda: write_demo_choice_task(snakemake.output[0], snakemake.params.rows, snakemake.params.seed),
+)

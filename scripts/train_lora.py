@@ -1,0 +1,16 @@
+from sftpipe.entry import run_stage
+from sftpipe.train import TrainSettings, train_lora
+
+run_stage(
+    snakemake,
+    lambda: train_lora(
+        snakemake.input.base,
+        snakemake.input.train,
+        snakemake.input.validation,
+        snakemake.output.adapter,
+        snakemake.output.history,
+        TrainSettings(**snakemake.params.settings),
+        snakemake.params.work_dir,
+        snakemake.params.trust_remote_code,
+    ),
+)

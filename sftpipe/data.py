@@ -1,0 +1,229 @@
+"""Download and hydrate stages: a dataset source to raw JSONL, raw JSONL to prompt/completion JSONL."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .demo import generate_demo_rows
+from .formats import FORMATS, PRESETS, TEMPLATES
+from .io import PipelineError, Progress, read_jsonl, sha256_file, write_json, write_jsonl
+
+log = logging.getLogger("sftpipe")
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One configured dataset, with its preset's defaults filled in."""
+
+    name: str
+    format: str
+    template: str
+    hub_id: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    path: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    builtin: bool = False
+
+    @classmethod
+    def from_config(cls, name: str, cfg: dict[str, Any]) -> DatasetSpec:
+        where = f"config key 'datasets.{name}'"
+        preset_name = cfg.get("preset")
+        if preset_name is not None and preset_name not in PRESETS:
+            raise PipelineError(f"{where}.preset: unknown preset '{preset_name}' (known: {', '.join(sorted(PRESETS))})")
+        preset = PRESETS.get(preset_name) if preset_name else None
+        fmt = cfg.get("format") or (preset.format if preset else None)
+        template = cfg.get("template") or (preset.template if preset else None)
+        if fmt is None or fmt not in FORMATS:
+            raise PipelineError(f"{where}.format: '{fmt}' is not one of {', '.join(sorted(FORMATS))}")
+        if template is None or template not in TEMPLATES:
+            raise PipelineError(f"{where}.template: '{template}' is not one of {', '.join(sorted(TEMPLATES))}")
+        hub_id = cfg.get("hub_id") or (preset.hub_id if preset else None)
+        builtin = preset_name == "sftpipe_demo"
+        if not (builtin or hub_id or cfg.get("path")):
+            raise PipelineError(f"{where}: give a 'preset', a 'hub_id' or a local 'path'")
+        return cls(
+            name=name,
+            format=fmt,
+            template=template,
+            hub_id=hub_id,
+            hub_config=cfg.get("hub_config") or (preset.hub_config if preset else None),
+            split=cfg.get("split") or (preset.split if preset else "train"),
+            revision=cfg.get("revision"),
+            path=cfg.get("path"),
+            limit=cfg.get("limit"),
+            seed=cfg.get("seed", 0),
+            builtin=builtin,
+        )
+
+
+def read_local_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a local json/jsonl/parquet/csv file, or of every such file in a directory (sorted)."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise PipelineError(f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} file")
+        for file in files:
+            yield from read_local_rows(file)
+        return
+    if not path.exists():
+        raise PipelineError(f"{path}: file not found")
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        yield from read_jsonl(path)
+    elif suffix == ".json":
+        yield from _read_json_array(path)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
+    elif suffix == ".csv":
+        yield from csv.DictReader(io.StringIO(_decode(path)))
+    else:
+        raise PipelineError(f"{path}: unsupported file type '{suffix}' (use one of {', '.join(LOCAL_SUFFIXES)})")
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise PipelineError(f"{path}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def _read_json_array(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        rows = json.loads(_decode(path))
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(rows, list):
+        raise PipelineError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise PipelineError(f"{path}: element {i} is {type(row).__name__}, expected an object")
+        yield row
+
+
+def mirror_location(mirror_dir: Path, hub_id: str, hub_config: str | None, split: str) -> Path | None:
+    """`<mirror>/<hub_id>/[<config>/]<split>.<ext>` (or a `<split>/` directory) if it exists."""
+    base = mirror_dir / hub_id / hub_config if hub_config else mirror_dir / hub_id
+    for candidate in [base / f"{split}{suffix}" for suffix in LOCAL_SUFFIXES] + [base / split]:
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _hub_rows(spec: DatasetSpec) -> Iterator[dict[str, Any]]:
+    # Streaming reads only the rows we keep: Dolphin's files are several GB.
+    import datasets
+
+    stream = datasets.load_dataset(
+        spec.hub_id, name=spec.hub_config, split=spec.split, revision=spec.revision, streaming=True
+    )
+    yield from stream
+
+
+def _resolve_hub_revision(spec: DatasetSpec) -> str | None:
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(spec.hub_id, revision=spec.revision).sha
+    except Exception as err:  # the manifest records what was asked for when the Hub cannot say more
+        log.warning("could not resolve the Hub revision of %s: %s", spec.hub_id, err)
+        return spec.revision
+
+
+def download_dataset(spec: DatasetSpec, out_path: str | Path, manifest_path: str | Path, mirror_dir: str | None) -> dict:
+    """Write the first `limit` rows of the dataset's source to `out_path`, and a manifest of where they came from."""
+    if spec.builtin:
+        source = {"kind": "builtin", "generator": "sftpipe.demo", "seed": spec.seed}
+        rows: Iterator[dict[str, Any]] = iter(generate_demo_rows(spec.limit or 2000, seed=spec.seed))
+    elif spec.path:
+        source = {"kind": "local", "path": str(Path(spec.path).resolve())}
+        rows = read_local_rows(Path(spec.path))
+    else:
+        mirrored = mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split) if mirror_dir else None
+        if mirrored is not None:
+            source = {"kind": "mirror", "hub_id": spec.hub_id, "path": str(mirrored.resolve())}
+            rows = read_local_rows(mirrored)
+        else:
+            source = {
+                "kind": "hub",
+                "hub_id": spec.hub_id,
+                "config": spec.hub_config,
+                "split": spec.split,
+                "revision": _resolve_hub_revision(spec),
+            }
+            rows = _hub_rows(spec)
+
+    progress = Progress(f"download {spec.name}", spec.limit)
+
+    def limited() -> Iterator[dict[str, Any]]:
+        for i, row in enumerate(rows):
+            if spec.limit is not None and i >= spec.limit:
+                return
+            progress.update()
+            yield row
+
+    location = source.get("path") or source.get("hub_id") or source["kind"]
+    count = write_jsonl(out_path, limited(), if_empty=f"dataset '{spec.name}': source {location} has no rows")
+    manifest = {
+        "name": spec.name,
+        "source": source,
+        "rows": count,
+        "sha256": sha256_file(out_path),
+        "spec": asdict(spec),
+    }
+    write_json(manifest_path, manifest)
+    log.info("dataset %s: %d rows from %s", spec.name, count, source["kind"])
+    return manifest
+
+
+def load_chat_template(tokenizer_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not tokenizer.chat_template:
+        raise PipelineError(f"{tokenizer_dir}: the tokenizer has no chat template; pick another 'template'")
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return render
+
+
+def hydrate_dataset(spec: DatasetSpec, raw_path: str | Path, out_path: str | Path, tokenizer_dir: str | None = None) -> int:
+    """Render every raw row into `{id, dataset, prompt, completion}`; return the row count."""
+    parse = FORMATS[spec.format]
+    render = TEMPLATES[spec.template]
+    chat_template = load_chat_template(tokenizer_dir) if spec.template == "chat" else None
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for index, row in enumerate(read_jsonl(raw_path)):
+            where = f"{raw_path}:{index + 1} (dataset '{spec.name}', format '{spec.format}')"
+            prompt, completion = render(parse(row, where), where, chat_template)
+            if not completion.strip():
+                raise PipelineError(f"{where}: empty completion")
+            row_id = row.get("id")
+            yield {
+                "id": str(row_id) if row_id is not None else f"{spec.name}-{index:07d}",
+                "dataset": spec.name,
+                "prompt": prompt,
+                "completion": completion,
+            }
+
+    return write_jsonl(out_path, rows(), if_empty=f"{raw_path}: no rows to hydrate")
+

@@ -1,0 +1,32 @@
+"""What every Snakemake entry script shares: logging into the rule's log, thread count, clean errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .io import PipelineError
+
+
+def run_stage(smk: Any, stage: Callable[[], Any]) -> None:
+    """Run `stage` with its output in the rule's `log:` file; a PipelineError exits 1 with its message."""
+    log_path = smk.log[0] if smk.log else os.devnull
+    # Line-buffered, so progress shows in the log while the stage runs.
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log_file:
+        handler = logging.StreamHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+        import torch
+
+        torch.set_num_threads(max(1, smk.threads))
+        try:
+            with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+                stage()
+        except PipelineError as err:
+            logging.getLogger("sftpipe").error("%s", err)
+            print(f"sftpipe error in rule {smk.rule}: {err}", file=sys.stderr)
+            sys.exit(1)

@@ -1,0 +1,210 @@
+"""Evaluate stage: lm-evaluation-harness tasks and exact-match on the held-out split."""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import mirror_location
+from .io import PipelineError, Progress, read_jsonl, write_json, write_jsonl
+from .model import load_model, load_tokenizer
+
+log = logging.getLogger("sftpipe")
+
+PACKAGE_TASKS = Path(__file__).parent / "lm_eval_tasks"
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalization: lower case, no punctuation, no articles, single spaces."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Batched greedy decoding with left padding; each sequence stops at EOS."""
+    tokenizer.padding_side = "left"
+    # Similar lengths share a batch, so little compute goes to padding.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    progress = Progress("generate", len(prompts))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=True)
+        batch = batch.to(model.device)
+        generated = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
+        for i, text in zip(index, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            outputs[i] = text
+        progress.update(len(index))
+    return outputs
+
+
+def exact_match_eval(
+    model_dir: str | Path,
+    test_path: str | Path,
+    metrics_path: str | Path,
+    predictions_path: str | Path,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    limit: int | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Greedy answers for the held-out prompts, scored strict and normalized against the references."""
+    rows = list(read_jsonl(test_path))[:limit]
+    if not rows:
+        raise PipelineError(f"{test_path}: the test split is empty; raise 'data.split.test_fraction'")
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    model = load_model(model_dir, trust_remote_code).to(_device()).eval()
+    predictions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    scored = []
+    for row, prediction in zip(rows, predictions):
+        reference = row["completion"]
+        scored.append(
+            {
+                "id": row["id"],
+                "dataset": row["dataset"],
+                "prompt": row["prompt"],
+                "reference": reference,
+                "prediction": prediction,
+                "exact_match": prediction.strip() == reference.strip(),
+                "normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference),
+            }
+        )
+    write_jsonl(predictions_path, scored)
+    metrics = {
+        "rows": len(scored),
+        **_rates(scored),
+        "per_dataset": {
+            name: {"rows": sum(1 for s in scored if s["dataset"] == name), **_rates([s for s in scored if s["dataset"] == name])}
+            for name in sorted({s["dataset"] for s in scored})
+        },
+        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit, "decoding": "greedy"},
+    }
+    write_json(metrics_path, metrics)
+    log.info("exact match: %.3f (normalized %.3f) on %d rows", metrics["exact_match"], metrics["normalized_exact_match"], len(scored))
+    return metrics
+
+
+def _rates(scored: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: sum(s[key] for s in scored) / len(scored) for key in ("exact_match", "normalized_exact_match")}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One lm-eval task as configured under `eval.lm_eval.tasks`."""
+
+    name: str
+    num_fewshot: int = 0
+    limit: int | None = None
+    data_files: dict[str, str] | None = None
+
+
+def _registered_config(task_manager, name: str) -> dict[str, Any]:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = task_manager.task_index.get(name)
+    if entry is None or entry.yaml_path is None:
+        raise PipelineError(f"config key 'eval.lm_eval.tasks': '{name}' is not an lm-eval task defined by a YAML file")
+    return load_yaml(entry.yaml_path, resolve_func=True)
+
+
+def _local_data_files(config: dict[str, Any], spec: TaskSpec, mirror_dir: str | None) -> dict[str, str] | None:
+    if spec.data_files:
+        return dict(spec.data_files)
+    if not mirror_dir or config.get("dataset_path") in (None, "json", "parquet", "csv"):
+        return None
+    files = {}
+    for key in ("training_split", "validation_split", "test_split"):
+        split = config.get(key)
+        found = split and mirror_location(Path(mirror_dir), config["dataset_path"], config.get("dataset_name"), split)
+        if found:
+            files[split] = str(found)
+    return files or None
+
+
+def task_config(task_manager, spec: TaskSpec, mirror_dir: str | None) -> str | dict[str, Any]:
+    """The task by name, or, when its data is local, the same task config reading local files.
+
+    Only the data source changes: prompts, `process_docs`, choices and metrics stay the official ones.
+    """
+    config = _registered_config(task_manager, spec.name)
+    data_files = _local_data_files(config, spec, mirror_dir)
+    if data_files is None:
+        return spec.name
+    for name, path in data_files.items():
+        if not Path(path).exists():
+            raise PipelineError(f"config key 'eval.lm_eval.tasks' ({spec.name}): data file for split '{name}' not found: {path}")
+    suffix = Path(next(iter(data_files.values()))).suffix.lstrip(".")
+    local = {**config, "dataset_path": "parquet" if suffix == "parquet" else "json", "dataset_name": None}
+    local["dataset_kwargs"] = {"data_files": data_files}
+    for key in ("training_split", "validation_split", "test_split"):
+        if local.get(key) not in data_files:
+            local[key] = None
+    if local.get("test_split") is None and local.get("validation_split") is None:
+        raise PipelineError(f"config key 'eval.lm_eval.tasks' ({spec.name}): local data has neither its test nor its validation split")
+    return local
+
+
+def lm_eval_tasks(
+    model_dir: str | Path,
+    tasks: list[TaskSpec],
+    out_path: str | Path,
+    batch_size: int = 16,
+    seed: int = 0,
+    mirror_dir: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Run each task through lm-eval's `simple_evaluate`; record every setting beside every number."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=str(PACKAGE_TASKS))
+    results: dict[str, Any] = {}
+    for spec in tasks:
+        config = task_config(task_manager, spec, mirror_dir)
+        log.info("lm-eval %s (%s data)", spec.name, "local" if isinstance(config, dict) else "Hub")
+        output = simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": "float32", "trust_remote_code": trust_remote_code},
+            tasks=[config],
+            num_fewshot=spec.num_fewshot,
+            limit=spec.limit,
+            batch_size=batch_size,
+            device=_device(),
+            task_manager=task_manager,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            log_samples=False,
+        )
+        metrics = output["results"][spec.name]
+        results[spec.name] = {
+            "metrics": {k: v for k, v in metrics.items() if k != "alias"},
+            "n_samples": output["n-samples"][spec.name],
+            "settings": {**asdict(spec), "batch_size": batch_size, "seed": seed, "apply_chat_template": False},
+            "data": "local" if isinstance(config, dict) else "hub",
+        }
+    summary = {"model": str(model_dir), "lm_eval_version": version("lm_eval"), "tasks": results}
+    write_json(out_path, summary)
+    return summary

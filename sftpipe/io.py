@@ -1,0 +1,131 @@
+"""Artifact I/O: every file or directory a stage writes appears whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonlines
+
+log = logging.getLogger("sftpipe")
+
+
+class PipelineError(Exception):
+    """A user-facing error: the message names the file, line or config key at fault."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds.
+
+    Works for files and directories: the caller decides what it writes at the yielded path.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        if final.is_dir() and tmp.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def dumps(obj: Any) -> str:
+    """Canonical JSON: sorted keys and raw UTF-8, so equal data gives equal bytes."""
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]], *, if_empty: str | None = None) -> int:
+    """Write rows atomically, one canonical JSON object per line; return the row count.
+
+    With `if_empty`, writing no row is an error with that message, and nothing is left at `path`.
+    """
+    count = 0
+    with atomic_path(path) as tmp:
+        with jsonlines.open(tmp, mode="w", dumps=dumps) as writer:
+            for row in rows:
+                writer.write(row)
+                count += 1
+        if count == 0 and if_empty is not None:
+            raise PipelineError(if_empty)
+    return count
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Yield the objects of a JSONL file; a bad line raises an error naming file and line."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise PipelineError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise PipelineError(f"{path}:{lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise PipelineError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield row
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Progress:
+    """Log `done/total`, rate and ETA at most every `every` seconds, for long stages' logs."""
+
+    def __init__(self, desc: str, total: int | None, every: float = 10.0) -> None:
+        self.desc, self.total, self.every = desc, total, every
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every or (self.total is not None and self.done >= self.total):
+            self.last = now
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            log.info("%s: %d/%d (%.1f/s, ETA %.0fs)", self.desc, self.done, self.total, rate, eta)
+        else:
+            log.info("%s: %d (%.1f/s)", self.desc, self.done, rate)

@@ -1,0 +1,43 @@
+"""Merge stage: fold the LoRA adapter into the full-precision base and save a standalone model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import PipelineError, atomic_path, write_json
+from .model import load_model, load_tokenizer
+
+log = logging.getLogger("sftpipe")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def merge_adapter(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Merge in fp32 (never into a quantized base, which would round the update away), then cast and save."""
+    from peft import PeftModel
+
+    if dtype not in DTYPES:
+        raise PipelineError(f"config key 'merge.dtype': '{dtype}' is not one of {', '.join(DTYPES)}")
+    base = load_model(base_dir, trust_remote_code, dtype=torch.float32)
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = merged.to(DTYPES[dtype])
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    info = {"base": str(base_dir), "adapter": str(adapter_dir), "dtype": dtype}
+    with atomic_path(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "sftpipe_merge.json", info)
+    log.info("merged %s into %s (%s)", adapter_dir, base_dir, dtype)
+    return info

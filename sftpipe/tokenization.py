@@ -1,0 +1,129 @@
+"""Tokenize-and-split stage: hydrated JSONL to train/validation/test token JSONL with masked labels."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .io import PipelineError, Progress, read_jsonl, write_json, write_jsonl
+from .model import load_tokenizer
+
+log = logging.getLogger("sftpipe")
+
+IGNORE_INDEX = -100
+SPLITS = ("train", "validation", "test")
+BATCH = 1024
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    seed: int = 0
+
+
+def assign_split(row_id: str, settings: SplitSettings) -> str:
+    """Hash the id, not the position, so appending rows never moves existing rows between splits."""
+    bucket = int(hashlib.sha256(f"{settings.seed}:{row_id}".encode()).hexdigest()[:12], 16) / 16**12
+    if bucket < settings.test_fraction:
+        return "test"
+    if bucket < settings.test_fraction + settings.validation_fraction:
+        return "validation"
+    return "train"
+
+
+def _batches(paths: list[str | Path]) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for path in paths:
+        for row in read_jsonl(path):
+            batch.append(row)
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[dict[str, Any] | None]:
+    """Token ids and labels per row; `None` for a row whose prompt leaves no room for its completion.
+
+    Prompt and completion are tokenized separately and joined, so the mask never depends on finding
+    a template string in the token stream; EOS ends every completion and is learned.
+    """
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]
+    completions = tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
+    out: list[dict[str, Any] | None] = []
+    for row, prompt_ids, completion_ids in zip(rows, prompts, completions):
+        completion_ids = [*completion_ids, tokenizer.eos_token_id]
+        input_ids = (prompt_ids + completion_ids)[:max_length]
+        n_completion = len(input_ids) - len(prompt_ids)
+        if n_completion <= 0:
+            out.append(None)
+            continue
+        out.append(
+            {
+                **row,
+                "input_ids": input_ids,
+                "labels": [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids) :],
+                "truncated": len(prompt_ids) + len(completion_ids) > max_length,
+            }
+        )
+    return out
+
+
+def tokenize_and_split(
+    hydrated_paths: list[str | Path],
+    tokenizer_dir: str | Path,
+    out_paths: dict[str, str | Path],
+    stats_path: str | Path,
+    max_length: int,
+    split: SplitSettings,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Write one token JSONL per split (`out_paths[split]`) and the stats; return the stats."""
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise PipelineError(f"{tokenizer_dir}: the tokenizer's pad token must exist and differ from EOS")
+    total = sum(1 for path in hydrated_paths for _ in read_jsonl(path))
+    progress = Progress("tokenize", total)
+    stats: dict[str, Any] = {
+        split_name: {"rows": 0, "tokens": 0, "completion_tokens": 0, "truncated": 0, "dropped_too_long": 0, "datasets": {}}
+        for split_name in SPLITS
+    }
+    seen: set[str] = set()
+    buckets: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    for batch in _batches(hydrated_paths):
+        for row in batch:
+            if row["id"] in seen:
+                raise PipelineError(f"dataset '{row['dataset']}': row id '{row['id']}' appears twice")
+            seen.add(row["id"])
+        for row, encoded in zip(batch, encode_rows(batch, tokenizer, max_length)):
+            split_name = assign_split(row["id"], split)
+            s = stats[split_name]
+            if encoded is None:
+                s["dropped_too_long"] += 1
+                continue
+            s["datasets"][row["dataset"]] = s["datasets"].get(row["dataset"], 0) + 1
+            s["rows"] += 1
+            s["tokens"] += len(encoded["input_ids"])
+            s["completion_tokens"] += sum(1 for label in encoded["labels"] if label != IGNORE_INDEX)
+            s["truncated"] += encoded.pop("truncated")
+            buckets[split_name].append(encoded)
+        progress.update(len(batch))
+    for name in SPLITS:
+        write_jsonl(out_paths[name], buckets[name])
+    stats["settings"] = {
+        "max_length": max_length,
+        "validation_fraction": split.validation_fraction,
+        "test_fraction": split.test_fraction,
+        "seed": split.seed,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+    }
+    write_json(stats_path, stats)
+    log.info("tokenized: %s", {name: stats[name]["rows"] for name in SPLITS})
+    return stats

@@ -1,0 +1,172 @@
+"""Train stage: LoRA supervised fine-tuning with peft + TRL on the tokenized train split."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import PipelineError, Progress, atomic_path, read_jsonl, write_json
+from .model import load_model, load_tokenizer
+
+log = logging.getLogger("sftpipe")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The `train:` config section, key for key."""
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    eval_steps: int = 50
+    logging_steps: int = 10
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    padding_free: bool = True
+    gradient_checkpointing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` picks bf16 where the hardware runs it natively (CUDA with bf16, or a CPU with AMX/AVX512-BF16)."""
+    if precision != "auto":
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise PipelineError("config key 'train.precision': fp16 needs CUDA; use bf16 or fp32 on CPU")
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_has_native_bf16() else "fp32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class StepProgress(TrainerCallback):
+        """Steps done, rate and ETA in the log, since tqdm bars are unreadable in log files."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress = Progress("train steps", state.max_steps, every=30.0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.progress.update()
+
+    return StepProgress()
+
+
+def _load_split(path: str | Path):
+    from datasets import Dataset
+
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
+    if not rows:
+        raise PipelineError(f"{path}: the split is empty; lower the validation/test fractions or add data")
+    return Dataset.from_list(rows)
+
+
+def train_lora(
+    base_dir: str | Path,
+    train_path: str | Path,
+    validation_path: str | Path,
+    adapter_dir: str | Path,
+    history_path: str | Path,
+    settings: TrainSettings,
+    work_dir: str | Path,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Train a LoRA adapter; write it (safetensors) to `adapter_dir` and the log history to `history_path`."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    precision = resolve_precision(settings.precision)
+    torch.manual_seed(settings.seed)
+    tokenizer = load_tokenizer(base_dir, trust_remote_code)
+    model = load_model(base_dir, trust_remote_code)
+    train_set, eval_set = _load_split(train_path), _load_split(validation_path)
+    lora = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=str(work_dir),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,  # transformers 5: a value below 1 is a fraction of all steps
+        weight_decay=settings.weight_decay,
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        logging_steps=settings.logging_steps,
+        save_strategy="no",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        # Padding-free batches carry no pad tokens; sequences stay isolated through position_ids.
+        padding_free=settings.padding_free,
+        activation_checkpointing=settings.gradient_checkpointing,
+        max_length=None,  # the tokenize stage already truncated to max_length
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **settings.extra,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[_progress_callback()],
+    )
+    log.info("training: %d train rows, %d validation rows, precision %s", len(train_set), len(eval_set), precision)
+    result = trainer.train()
+    final_eval = trainer.evaluate()
+    history = trainer.state.log_history
+    summary = {
+        "train_loss": result.training_loss,
+        "eval_loss": final_eval.get("eval_loss"),
+        "eval_perplexity": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
+        "steps": trainer.state.global_step,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_rows": len(train_set),
+        "validation_rows": len(eval_set),
+        "precision": precision,
+        "settings": asdict(settings),
+    }
+    with atomic_path(adapter_dir) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_json(history_path, {"summary": summary, "log_history": history})
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return summary

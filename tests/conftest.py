@@ -1,0 +1,59 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Every test runs as an air-gapped user would: the Hub is unreachable.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "alpaca" / "alpaca_5000.json").exists():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny-random Llama with the SmolLM2 tokenizer, materialized once per session."""
+    from sftpipe.model import ModelSource, materialize_base_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    materialize_base_model(ModelSource("tiny-random"), out)
+    return out
+
+
+GUANACO_ROWS = [
+    {"text": "### Human: What is the boiling point of water at sea level?### Assistant: It boils at 100 degrees Celsius."},
+    {
+        "text": "### Human: Name a primary color.### Assistant: Red is a primary color.### Human: "
+        "Name another one.### Assistant: Blue is another primary color."
+    },
+]
+
+DOLPHIN_ROWS = [
+    {
+        "instruction": "You are an AI assistant. You will be given a task. You must generate a detailed answer.",
+        "input": "Translate to French: Good morning.",
+        "output": "Bonjour.",
+    },
+    {
+        "instruction": "You are a helpful assistant who answers briefly.",
+        "input": "What is two plus two?",
+        "output": "Four.",
+    },
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

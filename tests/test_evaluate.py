@@ -1,0 +1,110 @@
+"""Evaluate stage: exact-match scoring, batched generation, lm-eval on local copies of official tasks."""
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from sftpipe.evaluate import (
+    TaskSpec,
+    exact_match_eval,
+    generate_greedy,
+    lm_eval_tasks,
+    normalize_answer,
+    task_config,
+)
+from sftpipe.io import PipelineError, read_jsonl
+from sftpipe.model import load_model, load_tokenizer
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "equal"),
+    [
+        ("The Answer.", "answer", True),
+        ("  an  apple ", "apple", True),
+        ("Paris!", "paris", True),
+        ("42", "43", False),
+        ("river lamp", "lamp river", False),
+    ],
+)
+def test_normalize_answer(prediction, reference, equal):
+    assert (normalize_answer(prediction) == normalize_answer(reference)) is equal
+
+
+def test_batched_generation_equals_one_by_one(tiny_model):
+    tokenizer, model = load_tokenizer(tiny_model), load_model(tiny_model).eval()
+    prompts = ["Hello", "What is the tallest mountain on earth?", "2 + 2 =", "A much longer prompt about a river and a lamp"]
+    batched = generate_greedy(model, tokenizer, prompts, max_new_tokens=8, batch_size=4)
+    single = [generate_greedy(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert all(batched)
+
+
+def test_exact_match_scores_predictions_against_references(tmp_path, tiny_model):
+    tokenizer, model = load_tokenizer(tiny_model), load_model(tiny_model).eval()
+    prompts = ["Say something:", "Another prompt:", "Third:"]
+    outputs = generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    # One reference equals the model's own greedy answer, one differs only in case and punctuation, one is wrong.
+    references = [outputs[0], outputs[1].upper() + "!", "definitely not this"]
+    test = write_jsonl(tmp_path / "test.jsonl", [
+        {"id": str(i), "dataset": "d", "prompt": p, "completion": r} for i, (p, r) in enumerate(zip(prompts, references))
+    ])
+    metrics = exact_match_eval(tiny_model, test, tmp_path / "m.json", tmp_path / "p.jsonl", max_new_tokens=6, batch_size=2)
+    predictions = list(read_jsonl(tmp_path / "p.jsonl"))
+    assert [p["prediction"] for p in predictions] == outputs
+    assert [p["exact_match"] for p in predictions] == [True, outputs[1].strip() == references[1].strip(), False]
+    assert metrics["normalized_exact_match"] == pytest.approx(2 / 3) or not normalize_answer(outputs[1])
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == 3
+
+
+def test_empty_test_split_is_an_error(tmp_path, tiny_model):
+    (tmp_path / "test.jsonl").write_text("")
+    with pytest.raises(PipelineError, match="test_fraction"):
+        exact_match_eval(tiny_model, tmp_path / "test.jsonl", tmp_path / "m.json", tmp_path / "p.jsonl")
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    from lm_eval.tasks import TaskManager
+
+    from sftpipe.evaluate import PACKAGE_TASKS
+
+    return TaskManager(include_path=str(PACKAGE_TASKS))
+
+
+def test_local_arc_config_keeps_official_prompt_and_metrics(task_manager, shared_data, tmp_path):
+    mirror = tmp_path / "mirror" / "allenai" / "ai2_arc" / "ARC-Challenge"
+    mirror.mkdir(parents=True)
+    (mirror / "test.jsonl").symlink_to(shared_data / "arc" / "hf_schema" / "ARC-Challenge-test.jsonl")
+    local = task_config(task_manager, TaskSpec("arc_challenge"), str(tmp_path / "mirror"))
+    assert local["dataset_path"] == "json"
+    assert local["dataset_kwargs"] == {"data_files": {"test": str(mirror / "test.jsonl")}}
+    assert local["doc_to_text"] == "Question: {{question}}\nAnswer:"
+    assert [m["metric"] for m in local["metric_list"]] == ["acc", "acc_norm"]
+    assert local["training_split"] is None and local["test_split"] == "test"
+    # Without local data the task is left to lm-eval as named (it reads the Hub).
+    assert task_config(task_manager, TaskSpec("arc_challenge"), None) == "arc_challenge"
+
+
+def test_unknown_task_and_missing_file_name_the_config_key(task_manager, tmp_path):
+    with pytest.raises(PipelineError, match="eval.lm_eval.tasks.*no_such_task"):
+        task_config(task_manager, TaskSpec("no_such_task"), None)
+    with pytest.raises(PipelineError, match="eval.lm_eval.tasks.*not found"):
+        task_config(task_manager, TaskSpec("arc_easy", data_files={"test": str(tmp_path / "missing.jsonl")}), None)
+
+
+def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_data):
+    arc = shared_data / "arc" / "hf_schema"
+    tasks = [
+        TaskSpec("arc_easy", limit=8, data_files={"test": str(arc / "ARC-Easy-test.jsonl")}),
+        TaskSpec("hellaswag", limit=8, data_files={"validation": str(shared_data / "hellaswag" / "hellaswag_val_sample1000.jsonl")}),
+    ]
+    summary = lm_eval_tasks(tiny_model, tasks, tmp_path / "lm_eval.json", batch_size=8)
+    for name in ("arc_easy", "hellaswag"):
+        metrics = summary["tasks"][name]["metrics"]
+        assert 0.0 <= metrics["acc,none"] <= 1.0 and "acc_norm_stderr,none" in metrics
+        assert summary["tasks"][name]["n_samples"]["effective"] == 8
+        assert summary["tasks"][name]["data"] == "local"
+    assert summary["tasks"]["hellaswag"]["n_samples"]["original"] == 1000
+    assert json.loads((tmp_path / "lm_eval.json").read_text()) == json.loads(json.dumps(summary))

@@ -1,0 +1,160 @@
+"""Snakemake itself, end to end on a tiny config: real Alpaca/ARC/HellaSwag samples through a mirror,
+Dolphin and Guanaco fixtures in their real schemas, the tiny-random model. Then caching: a second run
+has nothing to do, and an evaluation-only change reruns no training job."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DOLPHIN_ROWS, GUANACO_ROWS, REPO, write_jsonl
+
+pytestmark = pytest.mark.slow
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*SNAKEMAKE, "-d", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def planned_jobs(workdir: Path, configfile: Path) -> dict[str, int]:
+    """Rule -> job count from a dry run's job table."""
+    out = snakemake(workdir, "-n", "--configfile", str(configfile)).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("Reasons:")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def link(target: Path, source: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_data) -> Path:
+    work = tmp_path_factory.mktemp("pipeline")
+    mirror = work / "mirror"
+    link(mirror / "tatsu-lab" / "alpaca" / "train.json", shared_data / "alpaca" / "alpaca_5000.json")
+    arc = shared_data / "arc" / "hf_schema"
+    for split in ("train", "validation", "test"):
+        link(mirror / "allenai" / "ai2_arc" / "ARC-Easy" / f"{split}.jsonl", arc / f"ARC-Easy-{split}.jsonl")
+    link(mirror / "Rowan" / "hellaswag" / "validation.jsonl", shared_data / "hellaswag" / "hellaswag_val_sample1000.jsonl")
+    write_jsonl(work / "fixtures" / "dolphin.jsonl", DOLPHIN_ROWS * 10)
+    write_jsonl(work / "fixtures" / "guanaco.jsonl", GUANACO_ROWS * 10)
+    config = {
+        "experiment": "smoke",
+        "base_model": {"name": "tiny", "source": "tiny-random"},
+        "datasets": {
+            "alpaca": {"preset": "alpaca", "limit": 60},
+            "dolphin": {"preset": "dolphin", "path": "fixtures/dolphin.jsonl"},
+            "guanaco": {"preset": "guanaco", "path": "fixtures/guanaco.jsonl"},
+        },
+        "data": {"mirror_dir": "mirror", "max_length": 128, "split": {"validation_fraction": 0.1, "test_fraction": 0.15}},
+        "train": {"max_steps": 4, "batch_size": 4, "eval_steps": 2, "logging_steps": 1},
+        "eval": {
+            "exact_match": {"max_new_tokens": 8, "batch_size": 8, "limit": 12},
+            "lm_eval": {
+                "batch_size": 8,
+                "tasks": [
+                    {"name": "arc_easy", "limit": 6},
+                    {
+                        "name": "arc_challenge",
+                        "limit": 6,
+                        "data_files": {"test": str(arc / "ARC-Challenge-test.jsonl")},
+                    },
+                    {"name": "hellaswag", "limit": 6},
+                ],
+            },
+        },
+    }
+    (work / "smoke.yaml").write_text(yaml.safe_dump(config))
+    snakemake(work, "--cores", "2", "--resources", "gpu=1", "--configfile", "smoke.yaml")
+    return work
+
+
+def test_every_stage_wrote_its_artifacts(workdir):
+    results = workdir / "results"
+    for name in ("alpaca", "dolphin", "guanaco"):
+        manifest = json.loads((results / "data" / "raw" / f"{name}.manifest.json").read_text())
+        assert manifest["rows"] == (60 if name == "alpaca" else 20)
+        assert (results / "data" / "hydrated" / f"{name}.jsonl").stat().st_size > 0
+    assert json.loads((results / "data" / "raw" / "alpaca.manifest.json").read_text())["source"]["kind"] == "mirror"
+    stats = json.loads((results / "data" / "tokenized" / "smoke" / "stats.json").read_text())
+    assert sum(stats[s]["rows"] for s in ("train", "validation", "test")) == 100
+    assert (results / "train" / "smoke" / "adapter" / "adapter_model.safetensors").exists()
+    assert (results / "models" / "merged" / "smoke" / "model.safetensors").exists()
+    for variant in ("base", "tuned"):
+        lm = json.loads((results / "eval" / "smoke" / variant / "lm_eval.json").read_text())
+        assert set(lm["tasks"]) == {"arc_easy", "arc_challenge", "hellaswag"}
+        assert all(t["data"] == "local" for t in lm["tasks"].values())
+        em = json.loads((results / "eval" / "smoke" / variant / "exact_match.json").read_text())
+        assert em["rows"] == 12
+    report = (results / "report" / "smoke.md").read_text()
+    assert "| arc_easy | acc |" in report and "| hellaswag | acc_norm |" in report
+    assert "normalized_exact_match" in report
+    for rule in ("train_lora", "tokenize_and_split", "evaluate_lm_harness"):
+        assert any((results / "logs" / rule).rglob("*.log")), rule
+    assert (results / "benchmarks" / "train_lora" / "smoke.tsv").exists()
+
+
+def test_second_run_has_nothing_to_do(workdir):
+    assert planned_jobs(workdir, workdir / "smoke.yaml") == {}
+
+
+def test_changing_an_eval_setting_reruns_no_training(workdir):
+    config = yaml.safe_load((workdir / "smoke.yaml").read_text())
+    config["eval"]["lm_eval"]["tasks"][0]["limit"] = 7
+    changed = workdir / "smoke-eval-changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(workdir, changed)
+    assert jobs.get("evaluate_lm_harness") == 2 and jobs.get("report") == 1
+    assert not {"train_lora", "merge_adapter", "tokenize_and_split", "download_dataset"} & set(jobs)
+
+
+def test_changing_a_training_setting_reruns_training_but_not_data(workdir):
+    config = yaml.safe_load((workdir / "smoke.yaml").read_text())
+    config["train"]["learning_rate"] = 0.001
+    changed = workdir / "smoke-train-changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(workdir, changed)
+    assert jobs.get("train_lora") == 1
+    assert not {"download_dataset", "hydrate_dataset", "tokenize_and_split", "materialize_base_model"} & set(jobs)
+
+
+def test_default_config_dry_run_lists_every_stage(tmp_path):
+    jobs = planned_jobs(tmp_path, REPO / "config" / "config.yaml")
+    for rule in (
+        "materialize_base_model", "download_dataset", "hydrate_dataset", "tokenize_and_split", "train_lora",
+        "merge_adapter", "evaluate_lm_harness", "evaluate_exact_match", "report",
+    ):
+        assert rule in jobs, rule
+    assert jobs["download_dataset"] == 3
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake(tmp_path, "--lint", "--configfile", str(REPO / "config" / "config.yaml"), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_bad_config_names_the_key(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["train"]["learning_rate"] = "fast"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--configfile", "bad.yaml", check=False)
+    assert result.returncode != 0
+    assert "learning_rate" in result.stdout + result.stderr

@@ -1,0 +1,76 @@
+"""Tokenize-and-split: masks from token ids, EOS learned, distinct pad, stable hash split."""
+
+import json
+
+from conftest import write_jsonl
+from sftpipe.io import read_jsonl
+from sftpipe.model import load_tokenizer
+from sftpipe.tokenization import IGNORE_INDEX, SPLITS, SplitSettings, assign_split, tokenize_and_split
+
+
+def _rows(n, start=0):
+    return [
+        {"id": f"t-{i}", "dataset": "t", "prompt": f"### Human: Count to {i}.### Assistant:", "completion": f" {' '.join(map(str, range(i % 7 + 1)))}"}
+        for i in range(start, start + n)
+    ]
+
+
+def _run(tmp_path, tiny_model, rows, max_length=64, split=SplitSettings(0.2, 0.2, 0)):
+    hydrated = write_jsonl(tmp_path / "hydrated.jsonl", rows)
+    outs = {s: tmp_path / f"{s}.jsonl" for s in SPLITS}
+    stats = tokenize_and_split([hydrated], tiny_model, outs, tmp_path / "stats.json", max_length, split)
+    return {s: list(read_jsonl(outs[s])) for s in SPLITS}, stats
+
+
+def test_labels_are_exactly_completion_plus_eos(tmp_path, tiny_model):
+    splits, stats = _run(tmp_path, tiny_model, _rows(60))
+    tokenizer = load_tokenizer(tiny_model)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    rows = [r for s in SPLITS for r in splits[s]]
+    assert len(rows) == 60 == sum(stats[s]["rows"] for s in SPLITS)
+    for row in rows:
+        learned = [t for t in row["labels"] if t != IGNORE_INDEX]
+        assert tokenizer.decode(learned) == row["completion"] + tokenizer.eos_token
+        assert learned[-1] == tokenizer.eos_token_id
+        n_prompt = row["labels"].index(learned[0])
+        assert row["input_ids"][:n_prompt] == tokenizer(row["prompt"])["input_ids"]
+        assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+
+
+def test_truncation_and_drop_counts(tmp_path, tiny_model):
+    rows = [
+        {"id": "long-completion", "dataset": "t", "prompt": "Q:", "completion": " word" * 50},
+        {"id": "long-prompt", "dataset": "t", "prompt": "word " * 50, "completion": " A"},
+    ]
+    splits, stats = _run(tmp_path, tiny_model, rows, max_length=16, split=SplitSettings(0.0, 0.0, 0))
+    assert [r["id"] for r in splits["train"]] == ["long-completion"]
+    assert len(splits["train"][0]["input_ids"]) == 16
+    assert stats["train"]["truncated"] == 1 and stats["train"]["dropped_too_long"] == 1
+
+
+def test_split_is_stable_when_rows_are_appended(tmp_path, tiny_model):
+    first, _ = _run(tmp_path / "a", tiny_model, _rows(100))
+    second, _ = _run(tmp_path / "b", tiny_model, _rows(150))
+    for split in SPLITS:
+        before = {r["id"] for r in first[split]}
+        after = {r["id"] for r in second[split]}
+        assert before <= after
+        assert before == {r["id"] for r in second[split] if int(r["id"].split("-")[1]) < 100}
+    assert all(splits for splits in first.values())
+
+
+def test_split_fractions_are_respected():
+    counts = {s: 0 for s in SPLITS}
+    for i in range(20000):
+        counts[assign_split(f"row-{i}", SplitSettings(0.1, 0.05, 3))] += 1
+    assert abs(counts["validation"] / 20000 - 0.1) < 0.01
+    assert abs(counts["test"] / 20000 - 0.05) < 0.01
+
+
+def test_outputs_are_byte_identical_across_runs(tmp_path, tiny_model):
+    _run(tmp_path / "a", tiny_model, _rows(80))
+    _run(tmp_path / "b", tiny_model, _rows(80))
+    for name in [f"{s}.jsonl" for s in SPLITS] + ["stats.json"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["settings"]["pad_token"] != stats["settings"]["eos_token"]
