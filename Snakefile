@@ -15,6 +15,13 @@ validate(config, "config/schema.yaml", set_default=True)
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    experiment=EXPERIMENT,
+    model=BASE_MODEL,
+    variant="base|tuned",
 include: "rules/model.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"

@@ -10,16 +10,8 @@ TRUST_REMOTE_CODE = config["base_model"]["trust_remote_code"]
 PACKAGE = Path(workflow.basedir) / "sftpipe"
 
 
-wildcard_constraints:
-    dataset="|".join(DATASETS),
-    experiment=EXPERIMENT,
-    model=BASE_MODEL,
-    variant="base|tuned",
-    split="train|validation|test",
-
-
 def code(*modules):
-    """The package modules a rule runs: listed as inputs so that editing them reruns the rule."""
+    """The package modules a job runs, declared as inputs so that editing them reruns the job."""
     return [str(PACKAGE / m) for m in ("io.py", *modules)]
 
 
@@ -40,3 +32,9 @@ def lm_eval_data_files(wildcards):
         for task in config["eval"]["lm_eval"]["tasks"]
         for path in (task.get("data_files") or {}).values()
     ]
+
+
+def evaluated_model(wildcards):
+    if wildcards.variant == "base":
+        return rules.materialize_base_model.output[0].format(model=BASE_MODEL)
+    return rules.merge_adapter.output[0].format(experiment=wildcards.experiment)

@@ -90,6 +90,8 @@ rule build_demo_choice_task:
         seed=config["eval"]["demo_choice_task"]["seed"],
     log:
         "results/logs/build_demo_choice_task/sftpipe_demo_mc.log",
+    benchmark:
+        "results/benchmarks/build_demo_choice_task/sftpipe_demo_mc.tsv"
     conda:
         "../envs/data.yaml"
     script:

@@ -1,9 +1,3 @@
-def evaluated_model(wildcards):
-    if wildcards.variant == "base":
-        return rules.materialize_base_model.output[0].format(model=BASE_MODEL)
-    return rules.merge_adapter.output[0].format(experiment=wildcards.experiment)
-
-
 rule evaluate_lm_harness:
     output:
         "results/eval/{experiment}/{variant}/lm_eval.json",

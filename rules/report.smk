@@ -17,6 +17,8 @@ rule report:
         code=code("report.py"),
     log:
         "results/logs/report/{experiment}.log",
+    benchmark:
+        "results/benchmarks/report/{experiment}.tsv"
     conda:
         "../envs/report.yaml"
     script:

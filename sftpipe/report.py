@@ -15,8 +15,9 @@ def _lm_eval_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for task in sorted(results["base"]["tasks"]):
         base, tuned = results["base"]["tasks"][task], results["tuned"]["tasks"][task]
         for key, value in sorted(base["metrics"].items()):
-            metric, _, filter_name = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            metric, comma, filter_name = key.partition(",")
+            # Metric keys read "<metric>,<filter>"; others ("name", "sample_len") describe the run.
+            if not comma or metric.endswith("_stderr"):
                 continue
             stderr_key = f"{metric}_stderr,{filter_name}"
             rows.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class TrainSettings:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     padding_free: bool = True
     gradient_checkpointing: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_precision(precision: str) -> str:
@@ -59,6 +58,39 @@ def _cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _completion_only_trainer():
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class CompletionOnlySFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss projects only the completion positions onto the vocabulary.
+
+        Prompt positions carry label -100 and add nothing to the loss, yet computing their
+        vocabulary logits dominates a step when prompts are long and answers short.
+        """
+
+        tokens_seen = 0  # real (non-pad) tokens trained on, for the throughput figure
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                mask = inputs.get("attention_mask")
+                self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            labels = inputs["labels"][:, 1:]
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            hidden = causal_lm.get_decoder()(**model_inputs, use_cache=False).last_hidden_state[:, :-1]
+            mask = labels != -100
+            logits = causal_lm.get_output_embeddings()(hidden[mask]).float()
+            loss = F.cross_entropy(logits, labels[mask], reduction="sum")
+            count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, None) if return_outputs else loss
+
+    return CompletionOnlySFTTrainer
 
 
 def _progress_callback():
@@ -97,7 +129,7 @@ def train_lora(
 ) -> dict[str, Any]:
     """Train a LoRA adapter; write it (safetensors) to `adapter_dir` and the log history to `history_path`."""
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     precision = resolve_precision(settings.precision)
     torch.manual_seed(settings.seed)
@@ -138,9 +170,8 @@ def train_lora(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        **settings.extra,
     )
-    trainer = SFTTrainer(
+    trainer = _completion_only_trainer()(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -159,6 +190,8 @@ def train_lora(
         "eval_perplexity": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         "steps": trainer.state.global_step,
         "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_tokens": trainer.tokens_seen,
+        "train_tokens_per_s": trainer.tokens_seen / result.metrics["train_runtime"],
         "train_rows": len(train_set),
         "validation_rows": len(eval_set),
         "precision": precision,

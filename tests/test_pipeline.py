@@ -21,6 +21,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [*SNAKEMAKE, "-d", str(workdir), *args],
+        cwd=workdir,
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
@@ -106,6 +107,7 @@ def test_every_stage_wrote_its_artifacts(workdir):
     report = (results / "report" / "smoke.md").read_text()
     assert "| arc_easy | acc |" in report and "| hellaswag | acc_norm |" in report
     assert "normalized_exact_match" in report
+    assert "sample_len" not in report
     for rule in ("train_lora", "tokenize_and_split", "evaluate_lm_harness"):
         assert any((results / "logs" / rule).rglob("*.log")), rule
     assert (results / "benchmarks" / "train_lora" / "smoke.tsv").exists()
@@ -158,3 +160,19 @@ def test_bad_config_names_the_key(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", "bad.yaml", check=False)
     assert result.returncode != 0
     assert "learning_rate" in result.stdout + result.stderr
+
+
+def test_bad_input_fails_the_rule_with_file_and_line_and_leaves_no_artifact(tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": \n')
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["datasets"] = {"broken": {"preset": "alpaca", "path": "broken.jsonl"}}
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(
+        tmp_path, "results/data/raw/broken.jsonl", "--cores", "1", "--configfile", "broken.yaml", check=False
+    )
+    assert result.returncode != 0
+    log = (tmp_path / "results" / "logs" / "download_dataset" / "broken.log").read_text()
+    assert "broken.jsonl:2: malformed JSON" in log
+    assert "broken.jsonl:2: malformed JSON" in result.stdout + result.stderr
+    assert not (tmp_path / "results" / "data" / "raw" / "broken.jsonl").exists()
+    assert not (tmp_path / "results" / "data" / "raw" / "broken.manifest.json").exists()

