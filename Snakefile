@@ -14,6 +14,9 @@ if not workflow.overwrite_configfiles:
 validate(config, "config/schema.yaml", set_default=True)
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 
 
@@ -33,3 +36,4 @@ rule all:
     default_target: True
     input:
         report=rules.report.output.markdown.format(experiment=EXPERIMENT),
+        summary=rules.summarize_experiments.output[0],

@@ -13,7 +13,8 @@ rule evaluate_lm_harness:
         "results/logs/evaluate_lm_harness/{experiment}/{variant}.log",
     benchmark:
         "results/benchmarks/evaluate_lm_harness/{experiment}/{variant}.tsv"
-    threads: workflow.cores
+    # Capped at --cores on a workstation; on a cluster, the CPUs the job asks for.
+    threads: 8
     resources:
         gpu=1,
         mem_mb=8000,
@@ -39,7 +40,8 @@ rule evaluate_exact_match:
         "results/logs/evaluate_exact_match/{experiment}/{variant}.log",
     benchmark:
         "results/benchmarks/evaluate_exact_match/{experiment}/{variant}.tsv"
-    threads: workflow.cores
+    # Capped at --cores on a workstation; on a cluster, the CPUs the job asks for.
+    threads: 8
     resources:
         gpu=1,
         mem_mb=8000,

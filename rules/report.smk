@@ -1,20 +1,56 @@
 localrules:
     report,
+    summarize_experiments,
 
 
 rule report:
     output:
         markdown="results/report/{experiment}.md",
         summary="results/report/{experiment}.json",
+        loss_curves=report(
+            "results/report/{experiment}/loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="Training",
+        ),
+        eval_comparison=report(
+            "results/report/{experiment}/eval_comparison.png",
+            caption="../report/eval_comparison.rst",
+            category="Evaluation",
+        ),
+        exact_match_table=report(
+            "results/report/{experiment}/exact_match.html",
+            caption="../report/exact_match.rst",
+            category="Evaluation",
+        ),
+        sample_generations=report(
+            "results/report/{experiment}/sample_generations.html",
+            caption="../report/sample_generations.rst",
+            category="Evaluation",
+        ),
+        token_lengths=report(
+            "results/report/{experiment}/token_lengths.png",
+            caption="../report/token_lengths.rst",
+            category="Data",
+        ),
+        data_table=report(
+            "results/report/{experiment}/data.html",
+            caption="../report/data_stats.rst",
+            category="Data",
+        ),
     input:
         lm_eval=expand(rules.evaluate_lm_harness.output[0], variant=["base", "tuned"], allow_missing=True),
         exact_match=expand(
             rules.evaluate_exact_match.output.metrics, variant=["base", "tuned"], allow_missing=True
         ),
+        predictions=expand(
+            rules.evaluate_exact_match.output.predictions,
+            variant=["base", "tuned"],
+            allow_missing=True,
+        ),
         history=rules.train_lora.output.history,
         data_stats=rules.tokenize_and_split.output.stats,
         manifests=expand(rules.download_dataset.output.manifest, dataset=DATASETS),
-        code=code("report.py"),
+        code=code("report.py", "evaluate.py"),
     log:
         "results/logs/report/{experiment}.log",
     benchmark:
@@ -23,3 +59,19 @@ rule report:
         "../envs/report.yaml"
     script:
         "../scripts/report.py"
+
+
+rule summarize_experiments:
+    output:
+        "results/summary.json",
+    input:
+        reports=expand(rules.report.output.summary, experiment=[EXPERIMENT]),
+        code=code("report.py"),
+    log:
+        "results/logs/summarize_experiments/summary.log",
+    benchmark:
+        "results/benchmarks/summarize_experiments/summary.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../scripts/summarize_experiments.py"

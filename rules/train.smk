@@ -15,7 +15,8 @@ rule train_lora:
         "results/logs/train_lora/{experiment}.log",
     benchmark:
         "results/benchmarks/train_lora/{experiment}.tsv"
-    threads: workflow.cores
+    # Capped at --cores on a workstation; on a cluster, the CPUs the job asks for.
+    threads: 8
     resources:
         gpu=1,
         mem_mb=16000,

@@ -1,16 +1,23 @@
 from sftpipe.entry import run_stage
-from sftpipe.report import write_report
+from sftpipe.report import ReportInputs, ReportOutputs, write_report
+
+
+def by_variant(paths):
+    return dict(zip(("base", "tuned"), paths))
+
 
 run_stage(
     snakemake,
     lambda: write_report(
-        experiment=snakemake.wildcards.experiment,
-        lm_eval={"base": snakemake.input.lm_eval[0], "tuned": snakemake.input.lm_eval[1]},
-        exact_match={"base": snakemake.input.exact_match[0], "tuned": snakemake.input.exact_match[1]},
-        history_path=snakemake.input.history,
-        data_stats_path=snakemake.input.data_stats,
-        manifest_paths=list(snakemake.input.manifests),
-        markdown_path=snakemake.output.markdown,
-        summary_path=snakemake.output.summary,
+        snakemake.wildcards.experiment,
+        ReportInputs(
+            lm_eval=by_variant(snakemake.input.lm_eval),
+            exact_match=by_variant(snakemake.input.exact_match),
+            predictions=by_variant(snakemake.input.predictions),
+            history=snakemake.input.history,
+            data_stats=snakemake.input.data_stats,
+            manifests=list(snakemake.input.manifests),
+        ),
+        ReportOutputs(**{name: snakemake.output[name] for name in ReportOutputs.__dataclass_fields__}),
     ),
 )

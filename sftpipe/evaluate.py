@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import string
+from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -19,6 +20,7 @@ from .model import load_model, load_tokenizer
 log = logging.getLogger("sftpipe")
 
 PACKAGE_TASKS = Path(__file__).parent / "lm_eval_tasks"
+EXACT_MATCH_METRICS = ("exact_match", "normalized_exact_match", "token_f1")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -27,6 +29,18 @@ def normalize_answer(text: str) -> str:
     """SQuAD-style normalization: lower case, no punctuation, no articles, single spaces."""
     text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
     return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style F1 over the normalized tokens of prediction and reference."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
 
 
 def _device() -> str:
@@ -88,6 +102,7 @@ def exact_match_eval(
                 "prediction": prediction,
                 "exact_match": prediction.strip() == reference.strip(),
                 "normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference),
+                "token_f1": token_f1(prediction, reference),
             }
         )
     write_jsonl(predictions_path, scored)
@@ -106,7 +121,7 @@ def exact_match_eval(
 
 
 def _rates(scored: list[dict[str, Any]]) -> dict[str, float]:
-    return {key: sum(s[key] for s in scored) / len(scored) for key in ("exact_match", "normalized_exact_match")}
+    return {key: sum(s[key] for s in scored) / len(scored) for key in EXACT_MATCH_METRICS}
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,7 @@ class TaskSpec:
     num_fewshot: int = 0
     limit: int | None = None
     data_files: dict[str, str] | None = None
+    apply_chat_template: bool = False
 
 
 def _registered_config(task_manager, name: str) -> dict[str, Any]:
@@ -196,13 +212,14 @@ def lm_eval_tasks(
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
+            apply_chat_template=spec.apply_chat_template,
             log_samples=False,
         )
         metrics = output["results"][spec.name]
         results[spec.name] = {
             "metrics": {k: v for k, v in metrics.items() if k != "alias"},
             "n_samples": output["n-samples"][spec.name],
-            "settings": {**asdict(spec), "batch_size": batch_size, "seed": seed, "apply_chat_template": False},
+            "settings": {**asdict(spec), "batch_size": batch_size, "seed": seed},
             "data": "local" if isinstance(config, dict) else "hub",
         }
     summary = {"model": str(model_dir), "lm_eval_version": version("lm_eval"), "tasks": results}

@@ -1,16 +1,47 @@
-"""Report stage: base vs tuned on every metric, with the data and training behind them."""
+"""Report stage: base vs tuned on every metric, with the data and training behind them.
+
+Writes a markdown summary for the terminal, a JSON summary, and the figures and tables that
+`snakemake --report` puts into the HTML report.
+"""
 
 from __future__ import annotations
 
+import html
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_path, read_json, write_json
+from .evaluate import EXACT_MATCH_METRICS
+from .io import atomic_path, read_json, read_jsonl, write_json
 
 VARIANTS = ("base", "tuned")
+SAMPLE_GENERATIONS = 25
 
 
-def _lm_eval_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class ReportInputs:
+    lm_eval: dict[str, str | Path]  # variant -> lm_eval.json
+    exact_match: dict[str, str | Path]  # variant -> exact_match.json
+    predictions: dict[str, str | Path]  # variant -> predictions.jsonl
+    history: str | Path
+    data_stats: str | Path
+    manifests: list[str | Path]
+
+
+@dataclass(frozen=True)
+class ReportOutputs:
+    markdown: str | Path
+    summary: str | Path
+    loss_curves: str | Path
+    eval_comparison: str | Path
+    token_lengths: str | Path
+    exact_match_table: str | Path
+    sample_generations: str | Path
+    data_table: str | Path
+
+
+def lm_eval_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per task and metric: base and tuned values, their stderr, the delta and the settings."""
     rows = []
     for task in sorted(results["base"]["tasks"]):
         base, tuned = results["base"]["tasks"][task], results["tuned"]["tasks"][task]
@@ -31,6 +62,7 @@ def _lm_eval_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "delta": tuned["metrics"][key] - value,
                     "samples": base["n_samples"]["effective"],
                     "num_fewshot": base["settings"]["num_fewshot"],
+                    "apply_chat_template": base["settings"].get("apply_chat_template", False),
                     "data": base["data"],
                 }
             )
@@ -43,26 +75,106 @@ def _fmt(value: float | None, stderr: float | None = None) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
 
 
-def write_report(
-    experiment: str,
-    lm_eval: dict[str, str | Path],
-    exact_match: dict[str, str | Path],
-    history_path: str | Path,
-    data_stats_path: str | Path,
-    manifest_paths: list[str | Path],
-    markdown_path: str | Path,
-    summary_path: str | Path,
-) -> dict[str, Any]:
-    """Write the markdown summary and a JSON file with the same figures."""
-    harness = {v: read_json(lm_eval[v]) for v in VARIANTS}
-    em = {v: read_json(exact_match[v]) for v in VARIANTS}
-    training = read_json(history_path)["summary"]
-    stats = read_json(data_stats_path)
-    manifests = [read_json(p) for p in manifest_paths]
-    lm_rows = _lm_eval_rows(harness)
+def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td><pre>{html.escape(str(c))}</pre></td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_page(*tables: str) -> str:
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><style>"
+        "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
+        "pre{white-space:pre-wrap;margin:0;max-width:40em}</style></head>"
+        f"<body>{''.join(tables)}</body></html>\n"
+    )
+
+
+def _write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _save_figure(fig, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        # Fixed metadata keeps the PNG bytes a function of the data alone.
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_loss_curves(log_history: list[dict[str, Any]], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "training"), ("eval_loss", "validation")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+def plot_eval_comparison(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Grouped bars, base vs tuned, with lm-eval's standard errors as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['task']}\n{r['metric']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    width = 0.38
+    for offset, variant in ((-width / 2, "base"), (width / 2, "tuned")):
+        errors = [r.get(f"{variant}_stderr") or 0.0 for r in rows]
+        ax.bar([i + offset for i in range(len(rows))], [r[variant] for r in rows], width, yerr=errors, capsize=3, label=variant)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    _save_figure(fig, path)
+
+
+def plot_token_lengths(stats: dict[str, Any], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = stats["settings"]["histogram_bin_width"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split in ("train", "validation", "test"):
+        histogram = {int(k): v for k, v in stats[split]["length_histogram"].items()}
+        if histogram:
+            ax.bar(list(histogram), list(histogram.values()), width=width, align="edge", alpha=0.5, label=split)
+    ax.set_xlabel(f"tokens per example (bins of {width})")
+    ax.set_ylabel("examples")
+    ax.legend()
+    _save_figure(fig, path)
+
+
+def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs) -> dict[str, Any]:
+    """Write every report artifact; return the JSON summary."""
+    harness = {v: read_json(inputs.lm_eval[v]) for v in VARIANTS}
+    em = {v: read_json(inputs.exact_match[v]) for v in VARIANTS}
+    history = read_json(inputs.history)
+    training = history["summary"]
+    stats = read_json(inputs.data_stats)
+    manifests = [read_json(p) for p in inputs.manifests]
+    lm_rows = lm_eval_rows(harness)
     em_rows = [
         {"metric": key, "base": em["base"][key], "tuned": em["tuned"][key], "delta": em["tuned"][key] - em["base"][key]}
-        for key in ("exact_match", "normalized_exact_match")
+        for key in EXACT_MATCH_METRICS
     ]
 
     lines = [f"# sftpipe report: {experiment}", ""]
@@ -75,10 +187,13 @@ def write_report(
         tuned = em["tuned"]["per_dataset"][name]
         lines.append(f"| {name} | {base['rows']} | {base['normalized_exact_match']:.4f} | {tuned['normalized_exact_match']:.4f} |")
     lines += ["", "## lm-evaluation-harness", ""]
-    lines += ["| task | metric | base | tuned | delta | samples | few-shot | data |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| task | metric | base | tuned | delta | samples | few-shot | chat template | data |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     lines += [
         f"| {r['task']} | {r['metric']} | {_fmt(r['base'], r['base_stderr'])} | {_fmt(r['tuned'], r['tuned_stderr'])} "
-        f"| {r['delta']:+.4f} | {r['samples']} | {r['num_fewshot']} | {r['data']} |"
+        f"| {r['delta']:+.4f} | {r['samples']} | {r['num_fewshot']} | {r['apply_chat_template']} | {r['data']} |"
         for r in lm_rows
     ]
     lines += ["", "## Training", ""]
@@ -87,14 +202,44 @@ def write_report(
         f"- final train loss: {_fmt(training['train_loss'])}, validation loss: {_fmt(training['eval_loss'])}",
         f"- train rows: {training['train_rows']}, validation rows: {training['validation_rows']}",
     ]
+    data_rows = [[m["name"], m["source"]["kind"], m["rows"], m["sha256"][:16]] for m in manifests]
+    split_rows = [
+        [split, stats[split]["rows"], stats[split]["tokens"], stats[split]["truncated"], stats[split]["dropped_too_long"]]
+        for split in ("train", "validation", "test")
+    ]
     lines += ["", "## Data", "", "| dataset | source | rows | sha256 |", "|---|---|---|---|"]
-    lines += [f"| {m['name']} | {m['source']['kind']} | {m['rows']} | `{m['sha256'][:16]}` |" for m in manifests]
+    lines += [f"| {n} | {k} | {r} | `{h}` |" for n, k, r, h in data_rows]
     lines += ["", "| split | rows | tokens | truncated | dropped (too long) |", "|---|---|---|---|---|"]
-    for split in ("train", "validation", "test"):
-        s = stats[split]
-        lines.append(f"| {split} | {s['rows']} | {s['tokens']} | {s['truncated']} | {s['dropped_too_long']} |")
-    with atomic_path(markdown_path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in split_rows]
+    _write_text(outputs.markdown, "\n".join(lines) + "\n")
+
+    plot_loss_curves(history["log_history"], outputs.loss_curves)
+    em_as_rows = [{"task": "exact match", "metric": r["metric"], "base": r["base"], "tuned": r["tuned"]} for r in em_rows]
+    plot_eval_comparison(em_as_rows + lm_rows, outputs.eval_comparison)
+    plot_token_lengths(stats, outputs.token_lengths)
+    em_table = [[r["metric"], f"{r['base']:.4f}", f"{r['tuned']:.4f}", f"{r['delta']:+.4f}"] for r in em_rows]
+    _write_text(outputs.exact_match_table, _html_page(_html_table(["metric", "base", "tuned", "delta"], em_table)))
+    predictions = {v: list(read_jsonl(inputs.predictions[v]))[:SAMPLE_GENERATIONS] for v in VARIANTS}
+    samples = [
+        [b["id"], b["prompt"], b["reference"], b["prediction"], t["prediction"]]
+        for b, t in zip(predictions["base"], predictions["tuned"])
+    ]
+    _write_text(outputs.sample_generations, _html_page(_html_table(["id", "prompt", "reference", "base", "tuned"], samples)))
+    _write_text(
+        outputs.data_table,
+        _html_page(
+            _html_table(["dataset", "source", "rows", "sha256"], data_rows),
+            _html_table(["split", "rows", "tokens", "truncated", "dropped (too long)"], split_rows),
+        ),
+    )
     summary = {"experiment": experiment, "exact_match": em_rows, "lm_eval": lm_rows, "training": training}
-    write_json(summary_path, summary)
+    write_json(outputs.summary, summary)
+    return summary
+
+
+def write_summary(report_summaries: list[str | Path], out_path: str | Path) -> dict[str, Any]:
+    """`results/summary.json`: every experiment's figures side by side."""
+    experiments = [read_json(p) for p in report_summaries]
+    summary = {"experiments": {e["experiment"]: e for e in experiments}}
+    write_json(out_path, summary)
     return summary

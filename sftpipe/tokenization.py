@@ -17,6 +17,7 @@ log = logging.getLogger("sftpipe")
 IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 BATCH = 1024
+HISTOGRAM_BINS = 32
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,18 @@ def tokenize_and_split(
     total = sum(1 for path in hydrated_paths for _ in read_jsonl(path))
     progress = Progress("tokenize", total)
     stats: dict[str, Any] = {
-        split_name: {"rows": 0, "tokens": 0, "completion_tokens": 0, "truncated": 0, "dropped_too_long": 0, "datasets": {}}
+        split_name: {
+            "rows": 0,
+            "tokens": 0,
+            "completion_tokens": 0,
+            "truncated": 0,
+            "dropped_too_long": 0,
+            "datasets": {},
+            "length_histogram": {},
+        }
         for split_name in SPLITS
     }
+    bin_width = max(1, max_length // HISTOGRAM_BINS)
     seen: set[str] = set()
     buckets: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     for batch in _batches(hydrated_paths):
@@ -110,6 +120,8 @@ def tokenize_and_split(
             s["datasets"][row["dataset"]] = s["datasets"].get(row["dataset"], 0) + 1
             s["rows"] += 1
             s["tokens"] += len(encoded["input_ids"])
+            bin_start = str(len(encoded["input_ids"]) // bin_width * bin_width)
+            s["length_histogram"][bin_start] = s["length_histogram"].get(bin_start, 0) + 1
             s["completion_tokens"] += sum(1 for label in encoded["labels"] if label != IGNORE_INDEX)
             s["truncated"] += encoded.pop("truncated")
             buckets[split_name].append(encoded)
@@ -118,6 +130,7 @@ def tokenize_and_split(
         write_jsonl(out_paths[name], buckets[name])
     stats["settings"] = {
         "max_length": max_length,
+        "histogram_bin_width": bin_width,
         "validation_fraction": split.validation_fraction,
         "test_fraction": split.test_fraction,
         "seed": split.seed,

@@ -24,7 +24,7 @@ def test_download_local_alpaca_json_with_limit(tmp_path, shared_data):
     assert len(rows) == 25 == manifest["rows"]
     assert rows[0] == json.loads(source.read_text())[0]
     assert manifest["sha256"] == sha256_file(raw)
-    assert manifest["source"] == {"kind": "local", "path": str(source)}
+    assert manifest["source"] == {"kind": "local", "path": str(source.resolve())}
 
 
 def test_download_prefers_mirror_over_hub(tmp_path, shared_data):

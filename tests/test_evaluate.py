@@ -12,6 +12,7 @@ from sftpipe.evaluate import (
     lm_eval_tasks,
     normalize_answer,
     task_config,
+    token_f1,
 )
 from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.model import load_model, load_tokenizer
@@ -29,6 +30,20 @@ from sftpipe.model import load_model, load_tokenizer
 )
 def test_normalize_answer(prediction, reference, equal):
     assert (normalize_answer(prediction) == normalize_answer(reference)) is equal
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "f1"),
+    [
+        ("river lamp", "lamp river", 1.0),
+        ("the cat sat", "a cat", 2 * (1 / 2) * (1 / 1) / (1 / 2 + 1)),
+        ("42", "43", 0.0),
+        ("", "", 1.0),
+        ("", "answer", 0.0),
+    ],
+)
+def test_token_f1(prediction, reference, f1):
+    assert token_f1(prediction, reference) == pytest.approx(f1)
 
 
 def test_batched_generation_equals_one_by_one(tiny_model):
@@ -108,3 +123,45 @@ def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_dat
         assert summary["tasks"][name]["data"] == "local"
     assert summary["tasks"]["hellaswag"]["n_samples"]["original"] == 1000
     assert json.loads((tmp_path / "lm_eval.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_arc_easy_accuracy_equals_the_lm_eval_cli(tmp_path, tiny_model, shared_data, task_manager):
+    """Parity: the pipeline's number is exactly what plain `lm_eval` gives on the same data, model and settings."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    test_file = str(shared_data / "arc" / "hf_schema" / "ARC-Easy-test.jsonl")
+    ours = lm_eval_tasks(tiny_model, [TaskSpec("arc_easy", limit=24, data_files={"test": test_file})], tmp_path / "ours.json", batch_size=8)
+    ours = ours["tasks"]["arc_easy"]["metrics"]
+
+    # The CLI's own task: the official arc_easy YAML, included unchanged, reading the same local file.
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "arc_easy_cli.yaml").write_text(yaml.safe_dump({
+        "include": str(task_manager.task_index["arc_easy"].yaml_path),
+        "task": "arc_easy_cli",
+        "tag": [],
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": test_file}},
+        "training_split": None,
+        "validation_split": None,
+    }))
+    cli = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_model},dtype=float32",
+         "--tasks", "arc_easy_cli", "--include_path", str(tasks), "--limit", "24", "--batch_size", "8",
+         "--device", "cpu", "--output_path", str(tmp_path / "cli")],
+        capture_output=True, text=True, check=True,
+    )
+    printed = {}
+    for line in cli.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 8 and cells[5] in ("acc", "acc_norm"):
+            printed[cells[5]] = cells[7]
+    assert printed == {"acc": f"{ours['acc,none']:.4f}", "acc_norm": f"{ours['acc_norm,none']:.4f}"}
+    [cli_json] = (tmp_path / "cli").rglob("results_*.json")
+    cli_metrics = json.loads(cli_json.read_text())["results"]["arc_easy_cli"]
+    for key in ("acc,none", "acc_norm,none", "acc_stderr,none", "acc_norm_stderr,none"):
+        assert cli_metrics[key] == ours[key], key

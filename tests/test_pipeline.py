@@ -2,11 +2,13 @@
 Dolphin and Guanaco fixtures in their real schemas, the tiny-random model. Then caching: a second run
 has nothing to do, and an evaluation-only change reruns no training job."""
 
+import html
 import json
 import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,23 @@ def test_every_stage_wrote_its_artifacts(workdir):
     for rule in ("train_lora", "tokenize_and_split", "evaluate_lm_harness"):
         assert any((results / "logs" / rule).rglob("*.log")), rule
     assert (results / "benchmarks" / "train_lora" / "smoke.tsv").exists()
+
+
+def test_html_report_holds_plots_and_tables(workdir):
+    snakemake(workdir, "--report", "report.zip", "--configfile", "smoke.yaml")
+    with zipfile.ZipFile(workdir / "report.zip") as archive:
+        names = archive.namelist()
+        for artifact in ("loss_curves.png", "eval_comparison.png", "token_lengths.png"):
+            [image] = [n for n in names if n.endswith(artifact)]
+            assert archive.read(image).startswith(b"\x89PNG")
+        for table in ("exact_match.html", "sample_generations.html", "data.html"):
+            [page] = [n for n in names if n.endswith(table)]
+            assert b"<table>" in archive.read(page)
+    samples = (workdir / "results" / "report" / "smoke" / "sample_generations.html").read_text()
+    predictions = [json.loads(line) for line in (workdir / "results" / "eval" / "smoke" / "tuned" / "predictions.jsonl").open()]
+    assert html.escape(predictions[0]["reference"]) in samples
+    summary = json.loads((workdir / "results" / "summary.json").read_text())
+    assert summary["experiments"]["smoke"]["exact_match"][0]["metric"] == "exact_match"
 
 
 def test_second_run_has_nothing_to_do(workdir):
