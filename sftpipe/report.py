@@ -137,7 +137,7 @@ def plot_eval_comparison(rows: list[dict[str, Any]], path: str | Path) -> None:
     for offset, variant in ((-width / 2, "base"), (width / 2, "tuned")):
         errors = [r.get(f"{variant}_stderr") or 0.0 for r in rows]
         ax.bar([i + offset for i in range(len(rows))], [r[variant] for r in rows], width, yerr=errors, capsize=3, label=variant)
-    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
     ax.legend()

@@ -18,6 +18,8 @@ from conftest import DOLPHIN_ROWS, GUANACO_ROWS, REPO, write_jsonl
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+# Every run sees a Hub token, as a user's shell would; it must never be written anywhere.
+HF_TOKEN = "hf_sftpipeTestTokenNeverWritten"
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -26,7 +28,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
         cwd=workdir,
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_TOKEN": HF_TOKEN},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -130,6 +132,12 @@ def test_html_report_holds_plots_and_tables(workdir):
     assert html.escape(predictions[0]["reference"]) in samples
     summary = json.loads((workdir / "results" / "summary.json").read_text())
     assert summary["experiments"]["smoke"]["exact_match"][0]["metric"] == "exact_match"
+
+
+def test_hub_token_never_lands_in_logs_or_artifacts(workdir):
+    written = [p for p in workdir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(written) > 50
+    assert not [p for p in written if HF_TOKEN.encode() in p.read_bytes()]
 
 
 def test_second_run_has_nothing_to_do(workdir):
