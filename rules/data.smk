@@ -53,6 +53,38 @@ rule hydrate_dataset:
         "../scripts/hydrate_dataset.py"
 
 
+rule filter_and_mix:
+    output:
+        rows="results/data/mixed/{experiment}.jsonl",
+        stats="results/data/mixed/{experiment}.filters.json",
+        removed="results/data/mixed/{experiment}.removed.jsonl",
+    input:
+        hydrated=expand(rules.hydrate_dataset.output[0], dataset=DATASETS),
+        # Decontamination reads the configured evaluation sets.
+        eval_data=lm_eval_data_files,
+        code=code("filters.py", "tokenization.py", "evaluate.py"),
+    params:
+        filters=config["data"]["filters"],
+        weights={name: config["datasets"][name].get("weight") for name in DATASETS},
+        split=config["data"]["split"],
+        # Only what names the evaluation data: a change of limit or few-shot reruns no data stage.
+        eval_tasks=[
+            {"name": t["name"], "data_files": t.get("data_files")} for t in config["eval"]["lm_eval"]["tasks"]
+        ],
+        mirror_dir=config["data"]["mirror_dir"],
+    log:
+        "results/logs/filter_and_mix/{experiment}.log",
+    benchmark:
+        "results/benchmarks/filter_and_mix/{experiment}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/filter_and_mix.py"
+
+
 rule tokenize_and_split:
     output:
         train="results/data/tokenized/{experiment}/train.jsonl",
@@ -60,11 +92,11 @@ rule tokenize_and_split:
         test="results/data/tokenized/{experiment}/test.jsonl",
         stats="results/data/tokenized/{experiment}/stats.json",
     input:
-        hydrated=expand(rules.hydrate_dataset.output[0], dataset=DATASETS),
+        rows=rules.filter_and_mix.output.rows,
         tokenizer=rules.materialize_base_model.output[0].format(model=BASE_MODEL),
         code=code("tokenization.py", "model.py"),
     params:
-        max_length=config["data"]["max_length"],
+        lengths={key: config["data"][key] for key in ("max_length", "min_tokens", "overlong")},
         split=config["data"]["split"],
         trust_remote_code=TRUST_REMOTE_CODE,
     log:

@@ -49,6 +49,7 @@ rule report:
         ),
         history=rules.train_lora.output.history,
         data_stats=rules.tokenize_and_split.output.stats,
+        filters=rules.filter_and_mix.output.stats,
         manifests=expand(rules.download_dataset.output.manifest, dataset=DATASETS),
         code=code("report.py", "evaluate.py"),
     log:

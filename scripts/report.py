@@ -16,6 +16,7 @@ run_stage(
             predictions=by_variant(snakemake.input.predictions),
             history=snakemake.input.history,
             data_stats=snakemake.input.data_stats,
+            filters=snakemake.input.filters,
             manifests=list(snakemake.input.manifests),
         ),
         ReportOutputs(**{name: snakemake.output[name] for name in ReportOutputs.__dataclass_fields__}),

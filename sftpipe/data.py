@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import tempfile
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .demo import generate_demo_rows
-from .formats import FORMATS, PRESETS, TEMPLATES
+from .formats import FORMATS, PRESETS, TEMPLATES, UserTemplate
 from .io import PipelineError, Progress, read_jsonl, sha256_file, write_json, write_jsonl
 
 log = logging.getLogger("sftpipe")
@@ -26,13 +28,16 @@ class DatasetSpec:
 
     name: str
     format: str
-    template: str
+    template: str | dict[str, str]  # a named template, or {prompt, completion} Jinja templates
     hub_id: str | None = None
     hub_config: str | None = None
     split: str = "train"
     revision: str | None = None
     path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
     limit: int | None = None
+    weight: float | None = None  # mixing: a fraction (<= 1) or a row count (> 1, upsampling if needed)
     seed: int = 0
     builtin: bool = False
 
@@ -47,12 +52,14 @@ class DatasetSpec:
         template = cfg.get("template") or (preset.template if preset else None)
         if fmt is None or fmt not in FORMATS:
             raise PipelineError(f"{where}.format: '{fmt}' is not one of {', '.join(sorted(FORMATS))}")
-        if template is None or template not in TEMPLATES:
+        if isinstance(template, dict):
+            UserTemplate(name, template)  # a syntax error surfaces now, naming the key
+        elif template is None or template not in TEMPLATES:
             raise PipelineError(f"{where}.template: '{template}' is not one of {', '.join(sorted(TEMPLATES))}")
         hub_id = cfg.get("hub_id") or (preset.hub_id if preset else None)
         builtin = preset_name == "sftpipe_demo"
-        if not (builtin or hub_id or cfg.get("path")):
-            raise PipelineError(f"{where}: give a 'preset', a 'hub_id' or a local 'path'")
+        if not (builtin or hub_id or cfg.get("path") or cfg.get("url")):
+            raise PipelineError(f"{where}: give a 'preset', a 'hub_id', a local 'path' or a 'url'")
         return cls(
             name=name,
             format=fmt,
@@ -62,7 +69,10 @@ class DatasetSpec:
             split=cfg.get("split") or (preset.split if preset else "train"),
             revision=cfg.get("revision"),
             path=cfg.get("path"),
+            url=cfg.get("url"),
+            sha256=cfg.get("sha256"),
             limit=cfg.get("limit"),
+            weight=cfg.get("weight"),
             seed=cfg.get("seed", 0),
             builtin=builtin,
         )
@@ -146,11 +156,49 @@ def _resolve_hub_revision(spec: DatasetSpec) -> str | None:
         return spec.revision
 
 
+def fetch_url(spec: DatasetSpec, directory: Path) -> tuple[Path, str]:
+    """Download `spec.url` into `directory`; check the sha256 pin if there is one. Return (file, sha256)."""
+    import urllib.parse
+    import urllib.request
+
+    suffix = Path(urllib.parse.urlparse(spec.url).path).suffix
+    if suffix not in LOCAL_SUFFIXES:
+        raise PipelineError(
+            f"config key 'datasets.{spec.name}.url': cannot tell the file type of {spec.url} "
+            f"(the path must end in one of {', '.join(LOCAL_SUFFIXES)})"
+        )
+    target = directory / f"download{suffix}"
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(spec.url, timeout=60) as response, target.open("wb") as out:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+    except OSError as err:
+        raise PipelineError(f"config key 'datasets.{spec.name}.url': could not download {spec.url}: {err}") from None
+    if spec.sha256 and digest.hexdigest() != spec.sha256.lower():
+        raise PipelineError(
+            f"config key 'datasets.{spec.name}.sha256': {spec.url} has sha256 {digest.hexdigest()}, "
+            f"the config pins {spec.sha256}"
+        )
+    return target, digest.hexdigest()
+
+
 def download_dataset(spec: DatasetSpec, out_path: str | Path, manifest_path: str | Path, mirror_dir: str | None) -> dict:
     """Write the first `limit` rows of the dataset's source to `out_path`, and a manifest of where they came from."""
-    if spec.builtin:
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as scratch:
+        return _download(spec, out_path, manifest_path, mirror_dir, Path(scratch))
+
+
+def _download(spec: DatasetSpec, out_path, manifest_path, mirror_dir: str | None, scratch: Path) -> dict:
+    if spec.url:
+        file, digest = fetch_url(spec, scratch)
+        source = {"kind": "url", "url": spec.url, "sha256": digest}
+        rows: Iterator[dict[str, Any]] = read_local_rows(file)
+    elif spec.builtin:
         source = {"kind": "builtin", "generator": "sftpipe.demo", "seed": spec.seed}
-        rows: Iterator[dict[str, Any]] = iter(generate_demo_rows(spec.limit or 2000, seed=spec.seed))
+        rows = iter(generate_demo_rows(spec.limit or 2000, seed=spec.seed))
     elif spec.path:
         source = {"kind": "local", "path": str(Path(spec.path).resolve())}
         rows = read_local_rows(Path(spec.path))
@@ -206,24 +254,42 @@ def load_chat_template(tokenizer_dir: str | Path):
 
 
 def hydrate_dataset(spec: DatasetSpec, raw_path: str | Path, out_path: str | Path, tokenizer_dir: str | None = None) -> int:
-    """Render every raw row into `{id, dataset, prompt, completion}`; return the row count."""
-    parse = FORMATS[spec.format]
-    render = TEMPLATES[spec.template]
-    chat_template = load_chat_template(tokenizer_dir) if spec.template == "chat" else None
+    """Render every raw row into `{id, source_id, dataset, prompt, completion, content}`; return the row count.
+
+    `content` is the row's own text without the template, for dedup and decontamination.
+
+    A multi-turn row gives one row per assistant turn (its history in the prompt); they share the
+    `source_id` that the split hashes, so a conversation never straddles train and test.
+    """
+    if isinstance(spec.template, dict):
+        user_template = UserTemplate(spec.name, spec.template)
+
+        def render_row(row: dict[str, Any], where: str) -> list[tuple[str, str, str]]:
+            content = "\n".join(v for v in row.values() if isinstance(v, str))
+            return [(*user_template.render(row, where), content)]
+
+    else:
+        parse, render = FORMATS[spec.format], TEMPLATES[spec.template]
+        chat_template = load_chat_template(tokenizer_dir) if spec.template == "chat" else None
+
+        def render_row(row: dict[str, Any], where: str) -> list[tuple[str, str, str]]:
+            return [(*render(ex, where, chat_template), ex.content()) for ex in parse(row, where)]
 
     def rows() -> Iterator[dict[str, Any]]:
         for index, row in enumerate(read_jsonl(raw_path)):
             where = f"{raw_path}:{index + 1} (dataset '{spec.name}', format '{spec.format}')"
-            prompt, completion = render(parse(row, where), where, chat_template)
-            if not completion.strip():
-                raise PipelineError(f"{where}: empty completion")
-            row_id = row.get("id")
-            yield {
-                "id": str(row_id) if row_id is not None else f"{spec.name}-{index:07d}",
-                "dataset": spec.name,
-                "prompt": prompt,
-                "completion": completion,
-            }
+            row_id = str(row["id"]) if row.get("id") is not None else f"{spec.name}-{index:07d}"
+            turns = render_row(row, where)
+            for turn, (prompt, completion, content) in enumerate(turns):
+                if not completion.strip():
+                    raise PipelineError(f"{where}: empty completion")
+                yield {
+                    "id": row_id if len(turns) == 1 else f"{row_id}-t{turn}",
+                    "source_id": row_id,
+                    "dataset": spec.name,
+                    "prompt": prompt,
+                    "completion": completion,
+                    "content": content,
+                }
 
     return write_jsonl(out_path, rows(), if_empty=f"{raw_path}: no rows to hydrate")
-

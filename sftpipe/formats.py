@@ -47,6 +47,11 @@ class Example:
     system: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (user, assistant) turns
 
+    def content(self) -> str:
+        """The example's words with no template around them."""
+        parts = [self.system or "", *(text for turn in self.history for text in turn), self.instruction, self.input, self.output]
+        return "\n".join(p for p in parts if p)
+
 
 def _field(row: dict[str, Any], key: str, where: str, *, optional: bool = False) -> str:
     if key not in row:
@@ -61,27 +66,36 @@ def _field(row: dict[str, Any], key: str, where: str, *, optional: bool = False)
     return value
 
 
-def parse_alpaca(row: dict[str, Any], where: str) -> Example:
-    return Example(
-        instruction=_field(row, "instruction", where),
-        input=_field(row, "input", where, optional=True),
-        output=_field(row, "output", where),
-    )
+def parse_alpaca(row: dict[str, Any], where: str) -> list[Example]:
+    return [
+        Example(
+            instruction=_field(row, "instruction", where),
+            input=_field(row, "input", where, optional=True),
+            output=_field(row, "output", where),
+        )
+    ]
 
 
-def parse_dolphin(row: dict[str, Any], where: str) -> Example:
-    return Example(
-        system=_field(row, "instruction", where) or None,
-        instruction=_field(row, "input", where),
-        output=_field(row, "output", where),
-    )
+def parse_dolphin(row: dict[str, Any], where: str) -> list[Example]:
+    return [
+        Example(
+            system=_field(row, "instruction", where) or None,
+            instruction=_field(row, "input", where),
+            output=_field(row, "output", where),
+        )
+    ]
 
 
 _GUANACO_TURN = re.compile(r"### (Human|Assistant):")
 
 
-def parse_guanaco(row: dict[str, Any], where: str) -> Example:
-    """Split `### Human: ... ### Assistant: ...` text into turns; the last assistant turn is the target."""
+def _per_turn(pairs: list[tuple[str, str]], system: str | None = None) -> list[Example]:
+    """One example per assistant turn, each with the conversation so far as its history."""
+    return [Example(instruction=user, output=reply, system=system, history=pairs[:i]) for i, (user, reply) in enumerate(pairs)]
+
+
+def parse_guanaco(row: dict[str, Any], where: str) -> list[Example]:
+    """Split `### Human: ... ### Assistant: ...` text into turns; every assistant turn is a target."""
     text = _field(row, "text", where)
     parts = _GUANACO_TURN.split(text)
     if parts[0].strip():
@@ -90,24 +104,57 @@ def parse_guanaco(row: dict[str, Any], where: str) -> Example:
     roles = [role for role, _ in turns]
     if len(turns) < 2 or roles != ["Human", "Assistant"] * (len(turns) // 2) or len(turns) % 2:
         raise PipelineError(f"{where}: field 'text' must alternate '### Human:' and '### Assistant:' turns")
-    pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
-    return Example(instruction=pairs[-1][0], output=pairs[-1][1], history=pairs[:-1])
+    return _per_turn([(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)])
 
 
-def parse_qa(row: dict[str, Any], where: str) -> Example:
-    return Example(instruction=_field(row, "question", where), output=_field(row, "answer", where))
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def parse_demo(row: dict[str, Any], where: str) -> Example:
-    return Example(instruction=_field(row, "instruction", where), output=_field(row, "output", where))
+def parse_messages(row: dict[str, Any], where: str) -> list[Example]:
+    """OpenAI `messages` ([{role, content}]) or ShareGPT `conversations` ([{from, value}])."""
+    key, role_key, text_key = ("messages", "role", "content") if "messages" in row else ("conversations", "from", "value")
+    messages = row.get(key)
+    if not isinstance(messages, list) or not messages:
+        raise PipelineError(f"{where}: field 'messages' (or 'conversations') must be a non-empty list")
+    system, pairs, pending = None, [], None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or _SHAREGPT_ROLES.get(message.get(role_key)) is None:
+            raise PipelineError(f"{where}: {key}[{i}] needs '{role_key}' as one of {sorted(_SHAREGPT_ROLES)}")
+        role, text = _SHAREGPT_ROLES[message[role_key]], _field(message, text_key, f"{where}: {key}[{i}]")
+        if role == "system" and i == 0:
+            system = text
+        elif role == "user" and pending is None:
+            pending = text
+        elif role == "assistant" and pending is not None:
+            pairs.append((pending, text))
+            pending = None
+        else:
+            raise PipelineError(f"{where}: {key}[{i}]: turns must alternate user and assistant after an optional system")
+    if not pairs:
+        raise PipelineError(f"{where}: '{key}' holds no assistant turn")
+    return _per_turn(pairs, system)
 
 
-FORMATS: dict[str, Callable[[dict[str, Any], str], Example]] = {
+def parse_qa(row: dict[str, Any], where: str) -> list[Example]:
+    return [Example(instruction=_field(row, "question", where), output=_field(row, "answer", where))]
+
+
+def parse_demo(row: dict[str, Any], where: str) -> list[Example]:
+    return [Example(instruction=_field(row, "instruction", where), output=_field(row, "output", where))]
+
+
+def parse_text(row: dict[str, Any], where: str) -> list[Example]:
+    return [Example(instruction="", output=_field(row, "text", where))]
+
+
+FORMATS: dict[str, Callable[[dict[str, Any], str], list[Example]]] = {
     "alpaca": parse_alpaca,
     "dolphin": parse_dolphin,
     "guanaco": parse_guanaco,
+    "messages": parse_messages,
     "qa": parse_qa,
     "demo": parse_demo,
+    "text": parse_text,
 }
 
 ALPACA_WITH_INPUT = (
@@ -155,9 +202,52 @@ def render_chat(ex: Example, where: str, chat_template: Callable | None) -> tupl
     return chat_template(messages), ex.output
 
 
+def render_raw(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
+    """Plain text, every token learned: for continued pre-training on documents."""
+    if ex.instruction or ex.history:
+        raise PipelineError(f"{where}: the 'raw' template takes only a text field (format 'text')")
+    return "", ex.output
+
+
 TEMPLATES: dict[str, Callable[[Example, str, Callable | None], tuple[str, str]]] = {
     "alpaca": render_alpaca,
     "guanaco": render_guanaco,
     "qa": render_qa,
     "chat": render_chat,
+    "raw": render_raw,
 }
+
+
+class UserTemplate:
+    """A prompt/completion pair of Jinja templates from the config, rendered in a sandbox over the raw row.
+
+    The sandbox keeps a config from reaching Python internals; a field the row lacks is an error,
+    not an empty string.
+    """
+
+    def __init__(self, dataset: str, templates: dict[str, str]) -> None:
+        from jinja2 import StrictUndefined, TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+        self.dataset = dataset
+        self.templates = {}
+        for part in ("prompt", "completion"):
+            try:
+                self.templates[part] = env.from_string(templates[part])
+            except TemplateSyntaxError as err:
+                raise PipelineError(f"config key 'datasets.{dataset}.template.{part}': {err.message} (line {err.lineno})") from None
+
+    def render(self, row: dict[str, Any], where: str) -> tuple[str, str]:
+        from jinja2 import UndefinedError
+        from jinja2.exceptions import SecurityError
+
+        out = []
+        for part in ("prompt", "completion"):
+            try:
+                out.append(self.templates[part].render(**row))
+            except UndefinedError as err:
+                raise PipelineError(f"{where}: template 'datasets.{self.dataset}.template.{part}': {err.message}") from None
+            except SecurityError as err:
+                raise PipelineError(f"{where}: template 'datasets.{self.dataset}.template.{part}' is unsafe: {err}") from None
+        return out[0], out[1]

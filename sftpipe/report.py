@@ -25,6 +25,7 @@ class ReportInputs:
     predictions: dict[str, str | Path]  # variant -> predictions.jsonl
     history: str | Path
     data_stats: str | Path
+    filters: str | Path
     manifests: list[str | Path]
 
 
@@ -170,6 +171,7 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs) 
     history = read_json(inputs.history)
     training = history["summary"]
     stats = read_json(inputs.data_stats)
+    filters = read_json(inputs.filters)
     manifests = [read_json(p) for p in inputs.manifests]
     lm_rows = lm_eval_rows(harness)
     em_rows = [
@@ -209,6 +211,16 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs) 
     ]
     lines += ["", "## Data", "", "| dataset | source | rows | sha256 |", "|---|---|---|---|"]
     lines += [f"| {n} | {k} | {r} | `{h}` |" for n, k, r, h in data_rows]
+    filter_headers = [
+        "dataset", "rows in", "exact dup", "near dup", "eval contamination", "test overlap", "after filters", "weight", "rows out",
+    ]
+    filter_rows = [
+        [name, f["rows_in"], f["exact_duplicate"], f["near_duplicate"], f["eval_contamination"], f["test_overlap"],
+         f["rows_after_filters"], f["weight"] if f["weight"] is not None else "all", f["rows_out"]]
+        for name, f in filters["datasets"].items()
+    ]
+    lines += ["", "| " + " | ".join(filter_headers) + " |", "|" + "---|" * len(filter_headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in filter_rows]
     lines += ["", "| split | rows | tokens | truncated | dropped (too long) |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in split_rows]
     _write_text(outputs.markdown, "\n".join(lines) + "\n")
@@ -229,6 +241,7 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs) 
         outputs.data_table,
         _html_page(
             _html_table(["dataset", "source", "rows", "sha256"], data_rows),
+            _html_table(filter_headers, filter_rows),
             _html_table(["split", "rows", "tokens", "truncated", "dropped (too long)"], split_rows),
         ),
     )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import PipelineError, Progress, read_jsonl, write_json, write_jsonl
+from .io import PipelineError, Progress, read_jsonl, sha256_file, write_json, write_jsonl
 from .model import load_tokenizer
 
 log = logging.getLogger("sftpipe")
@@ -49,6 +50,13 @@ def _batches(paths: list[str | Path]) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
+@dataclass(frozen=True)
+class LengthSettings:
+    max_length: int = 512
+    min_tokens: int = 1
+    overlong: str = "truncate"  # truncate | drop
+
+
 def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[dict[str, Any] | None]:
     """Token ids and labels per row; `None` for a row whose prompt leaves no room for its completion.
 
@@ -76,16 +84,33 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[
     return out
 
 
+def fingerprint(tokenizer_dir: str | Path, data_paths: list[str | Path], settings: dict[str, Any]) -> str:
+    """Content hash of everything the token ids depend on: tokenizer files, data (which embeds the
+    template text), this module's code and the settings. Never a file name or an mtime."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(tokenizer_dir).iterdir()):
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            digest.update(path.name.encode() + sha256_file(path).encode())
+    for path in data_paths:
+        digest.update(sha256_file(path).encode())
+    digest.update(Path(__file__).read_bytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def tokenize_and_split(
     hydrated_paths: list[str | Path],
     tokenizer_dir: str | Path,
     out_paths: dict[str, str | Path],
     stats_path: str | Path,
-    max_length: int,
+    lengths: LengthSettings,
     split: SplitSettings,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Write one token JSONL per split (`out_paths[split]`) and the stats; return the stats."""
+    if lengths.overlong not in ("truncate", "drop"):
+        raise PipelineError(f"config key 'data.overlong': '{lengths.overlong}' is not 'truncate' or 'drop'")
+    max_length = lengths.max_length
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise PipelineError(f"{tokenizer_dir}: the tokenizer's pad token must exist and differ from EOS")
@@ -98,6 +123,7 @@ def tokenize_and_split(
             "completion_tokens": 0,
             "truncated": 0,
             "dropped_too_long": 0,
+            "dropped_too_short": 0,
             "datasets": {},
             "length_histogram": {},
         }
@@ -112,10 +138,13 @@ def tokenize_and_split(
                 raise PipelineError(f"dataset '{row['dataset']}': row id '{row['id']}' appears twice")
             seen.add(row["id"])
         for row, encoded in zip(batch, encode_rows(batch, tokenizer, max_length)):
-            split_name = assign_split(row["id"], split)
+            split_name = assign_split(row.get("source_id", row["id"]), split)
             s = stats[split_name]
-            if encoded is None:
+            if encoded is None or (encoded["truncated"] and lengths.overlong == "drop"):
                 s["dropped_too_long"] += 1
+                continue
+            if len(encoded["input_ids"]) < lengths.min_tokens:
+                s["dropped_too_short"] += 1
                 continue
             s["datasets"][row["dataset"]] = s["datasets"].get(row["dataset"], 0) + 1
             s["rows"] += 1
@@ -130,6 +159,8 @@ def tokenize_and_split(
         write_jsonl(out_paths[name], buckets[name])
     stats["settings"] = {
         "max_length": max_length,
+        "min_tokens": lengths.min_tokens,
+        "overlong": lengths.overlong,
         "histogram_bin_width": bin_width,
         "validation_fraction": split.validation_fraction,
         "test_fraction": split.test_fraction,
@@ -137,6 +168,7 @@ def tokenize_and_split(
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
     }
+    stats["fingerprint"] = fingerprint(tokenizer_dir, hydrated_paths, stats["settings"])
     write_json(stats_path, stats)
     log.info("tokenized: %s", {name: stats[name]["rows"] for name in SPLITS})
     return stats

@@ -107,12 +107,18 @@ def test_hydrate_alpaca_with_and_without_input(tmp_path):
     assert [h["id"] for h in hydrated] == ["alpaca-0000000", "alpaca-0000001"]
 
 
-def test_hydrate_guanaco_multi_turn_keeps_history_in_prompt(tmp_path):
+def test_hydrate_guanaco_trains_every_assistant_turn(tmp_path):
     hydrated = _hydrate(tmp_path, "guanaco", {"preset": "guanaco"}, GUANACO_ROWS)
     assert hydrated[0]["prompt"] == "### Human: What is the boiling point of water at sea level?### Assistant:"
     assert hydrated[0]["completion"] == " It boils at 100 degrees Celsius."
-    # The last assistant turn is the target; the earlier exchange is context, in the original layout.
-    assert hydrated[1]["prompt"] + hydrated[1]["completion"] == GUANACO_ROWS[1]["text"]
+    # The two-turn conversation gives one row per assistant turn, the earlier exchange as context.
+    first, second = hydrated[1], hydrated[2]
+    assert (first["id"], second["id"]) == ("guanaco-0000001-t0", "guanaco-0000001-t1")
+    assert first["source_id"] == second["source_id"] == "guanaco-0000001"
+    assert first["prompt"] == "### Human: Name a primary color.### Assistant:"
+    assert first["completion"] == " Red is a primary color."
+    assert second["prompt"] + second["completion"] == GUANACO_ROWS[1]["text"]
+    assert len(hydrated) == 3
 
 
 def test_hydrate_dolphin_uses_system_prompt_in_chat_template(tmp_path, tiny_model):
@@ -158,3 +164,97 @@ def test_download_and_hydrate_are_byte_identical_across_runs(tmp_path, shared_da
         hydrate_dataset(spec, raw, tmp_path / run / "hydrated.jsonl")
         outputs.append((raw.read_bytes(), (tmp_path / run / "hydrated.jsonl").read_bytes()))
     assert outputs[0] == outputs[1]
+
+
+@pytest.fixture
+def http_server(shared_data):
+    """A local HTTP server on 127.0.0.1 serving ../shared/data."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shared_data))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_source_with_sha256_pin(tmp_path, http_server, shared_data):
+    url = f"{http_server}/alpaca/alpaca_5000.json"
+    pin = sha256_file(shared_data / "alpaca" / "alpaca_5000.json")
+    _, raw, manifest = _download(tmp_path, "alpaca", {"preset": "alpaca", "url": url, "sha256": pin, "limit": 30})
+    assert manifest["source"] == {"kind": "url", "url": url, "sha256": pin}
+    assert list(read_jsonl(raw)) == json.loads((shared_data / "alpaca" / "alpaca_5000.json").read_text())[:30]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca.jsonl", "alpaca.manifest.json"]
+
+
+def test_url_sha256_mismatch_is_an_error_and_leaves_nothing(tmp_path, http_server):
+    url = f"{http_server}/alpaca/alpaca_5000.json"
+    with pytest.raises(PipelineError, match=r"datasets\.alpaca\.sha256'.*the config pins 0000"):
+        _download(tmp_path, "alpaca", {"preset": "alpaca", "url": url, "sha256": "0" * 64})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_url_that_does_not_answer_names_the_key(tmp_path, http_server):
+    with pytest.raises(PipelineError, match=r"datasets\.alpaca\.url'.*could not download"):
+        _download(tmp_path, "alpaca", {"preset": "alpaca", "url": f"{http_server}/missing.jsonl"})
+
+
+def test_user_jinja_template_renders_raw_fields(tmp_path):
+    template = {"prompt": "Q: {{ question | trim }}\nA:", "completion": " {{ answer }}"}
+    hydrated = _hydrate(tmp_path, "qa", {"format": "qa", "template": template, "path": "x"}, [{"question": " Why? ", "answer": "Because."}])
+    assert (hydrated[0]["prompt"], hydrated[0]["completion"]) == ("Q: Why?\nA:", " Because.")
+
+
+def test_user_template_missing_field_names_template_field_and_row(tmp_path):
+    template = {"prompt": "{{ question }} {{ context }}", "completion": "{{ answer }}"}
+    rows = [{"question": "a", "context": "b", "answer": "c"}, {"question": "a", "answer": "c"}]
+    with pytest.raises(PipelineError, match=r"qa\.raw\.jsonl:2 .*template 'datasets\.qa\.template\.prompt': 'context' is undefined"):
+        _hydrate(tmp_path, "qa", {"format": "qa", "template": template, "path": "x"}, rows)
+    assert not (tmp_path / "qa.jsonl").exists()
+
+
+def test_user_template_runs_in_a_sandbox(tmp_path):
+    template = {"prompt": "{{ question.__class__.__mro__[1].__subclasses__() }}", "completion": "{{ answer }}"}
+    with pytest.raises(PipelineError, match="is unsafe|undefined"):
+        _hydrate(tmp_path, "qa", {"format": "qa", "template": template, "path": "x"}, [{"question": "a", "answer": "b"}])
+
+
+def test_user_template_syntax_error_names_the_key():
+    with pytest.raises(PipelineError, match=r"datasets\.qa\.template\.prompt'"):
+        DatasetSpec.from_config("qa", {"format": "qa", "template": {"prompt": "{{ oops", "completion": "x"}, "path": "x"})
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+                      {"role": "assistant", "content": "Goodbye."}]},
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                           {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Bye"},
+                           {"from": "gpt", "value": "Goodbye."}]},
+    ],
+    ids=["openai", "sharegpt"],
+)
+def test_chat_messages_formats_train_every_assistant_turn(tmp_path, tiny_model, row):
+    hydrated = _hydrate(tmp_path, "chat", {"format": "messages", "template": "chat", "path": "x"}, [row], tokenizer=tiny_model)
+    assert [h["completion"] for h in hydrated] == ["Hello.", "Goodbye."]
+    assert hydrated[1]["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert "<|im_start|>assistant\nHello.<|im_end|>" in hydrated[1]["prompt"]
+    assert hydrated[1]["prompt"].endswith("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_messages_must_alternate(tmp_path, tiny_model):
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    with pytest.raises(PipelineError, match=r"messages\[1\]: turns must alternate"):
+        _hydrate(tmp_path, "chat", {"format": "messages", "template": "chat", "path": "x"}, [row], tokenizer=tiny_model)
+
+
+def test_raw_text_format(tmp_path):
+    hydrated = _hydrate(tmp_path, "docs", {"format": "text", "template": "raw", "path": "x"}, [{"text": "A whole document."}])
+    assert (hydrated[0]["prompt"], hydrated[0]["completion"]) == ("", "A whole document.")

@@ -98,8 +98,13 @@ def test_every_stage_wrote_its_artifacts(workdir):
         assert manifest["rows"] == (60 if name == "alpaca" else 20)
         assert (results / "data" / "hydrated" / f"{name}.jsonl").stat().st_size > 0
     assert json.loads((results / "data" / "raw" / "alpaca.manifest.json").read_text())["source"]["kind"] == "mirror"
+    filters = json.loads((results / "data" / "mixed" / "smoke.filters.json").read_text())
+    # The fixtures repeat each Dolphin and Guanaco row ten times: exact dedup keeps one of each.
+    assert filters["datasets"]["dolphin"]["exact_duplicate"] == 18
+    assert filters["settings"]["eval_tasks"] == ["arc_easy", "arc_challenge", "hellaswag"]
+    rows_out = sum(f["rows_out"] for f in filters["datasets"].values())
     stats = json.loads((results / "data" / "tokenized" / "smoke" / "stats.json").read_text())
-    assert sum(stats[s]["rows"] for s in ("train", "validation", "test")) == 100
+    assert sum(stats[s]["rows"] for s in ("train", "validation", "test")) == rows_out
     assert (results / "train" / "smoke" / "adapter" / "adapter_model.safetensors").exists()
     assert (results / "models" / "merged" / "smoke" / "model.safetensors").exists()
     for variant in ("base", "tuned"):
@@ -151,7 +156,7 @@ def test_changing_an_eval_setting_reruns_no_training(workdir):
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(workdir, changed)
     assert jobs.get("evaluate_lm_harness") == 2 and jobs.get("report") == 1
-    assert not {"train_lora", "merge_adapter", "tokenize_and_split", "download_dataset"} & set(jobs)
+    assert not {"train_lora", "merge_adapter", "tokenize_and_split", "filter_and_mix", "download_dataset"} & set(jobs)
 
 
 def test_changing_a_training_setting_reruns_training_but_not_data(workdir):
@@ -167,7 +172,7 @@ def test_changing_a_training_setting_reruns_training_but_not_data(workdir):
 def test_default_config_dry_run_lists_every_stage(tmp_path):
     jobs = planned_jobs(tmp_path, REPO / "config" / "config.yaml")
     for rule in (
-        "materialize_base_model", "download_dataset", "hydrate_dataset", "tokenize_and_split", "train_lora",
+        "materialize_base_model", "download_dataset", "hydrate_dataset", "filter_and_mix", "tokenize_and_split", "train_lora",
         "merge_adapter", "evaluate_lm_harness", "evaluate_exact_match", "report",
     ):
         assert rule in jobs, rule

@@ -5,7 +5,7 @@ import json
 from conftest import write_jsonl
 from sftpipe.io import read_jsonl
 from sftpipe.model import load_tokenizer
-from sftpipe.tokenization import IGNORE_INDEX, SPLITS, SplitSettings, assign_split, tokenize_and_split
+from sftpipe.tokenization import IGNORE_INDEX, SPLITS, LengthSettings, SplitSettings, assign_split, tokenize_and_split
 
 
 def _rows(n, start=0):
@@ -15,10 +15,10 @@ def _rows(n, start=0):
     ]
 
 
-def _run(tmp_path, tiny_model, rows, max_length=64, split=SplitSettings(0.2, 0.2, 0)):
+def _run(tmp_path, tiny_model, rows, max_length=64, split=SplitSettings(0.2, 0.2, 0), **lengths):
     hydrated = write_jsonl(tmp_path / "hydrated.jsonl", rows)
     outs = {s: tmp_path / f"{s}.jsonl" for s in SPLITS}
-    stats = tokenize_and_split([hydrated], tiny_model, outs, tmp_path / "stats.json", max_length, split)
+    stats = tokenize_and_split([hydrated], tiny_model, outs, tmp_path / "stats.json", LengthSettings(max_length, **lengths), split)
     return {s: list(read_jsonl(outs[s])) for s in SPLITS}, stats
 
 
@@ -46,6 +46,23 @@ def test_truncation_and_drop_counts(tmp_path, tiny_model):
     assert [r["id"] for r in splits["train"]] == ["long-completion"]
     assert len(splits["train"][0]["input_ids"]) == 16
     assert stats["train"]["truncated"] == 1 and stats["train"]["dropped_too_long"] == 1
+    splits, stats = _run(tmp_path / "drop", tiny_model, rows, max_length=16, split=SplitSettings(0.0, 0.0, 0), overlong="drop")
+    assert splits["train"] == [] and stats["train"]["dropped_too_long"] == 2
+    short = [{"id": "tiny", "dataset": "t", "prompt": "Q:", "completion": " A"}, *rows[:1]]
+    splits, stats = _run(tmp_path / "min", tiny_model, short, max_length=128, split=SplitSettings(0.0, 0.0, 0), min_tokens=10)
+    assert [r["id"] for r in splits["train"]] == ["long-completion"] and stats["train"]["dropped_too_short"] == 1
+
+
+def test_turns_of_one_conversation_stay_in_one_split(tmp_path, tiny_model):
+    rows = [
+        {"id": f"c{i}-t{t}", "source_id": f"c{i}", "dataset": "t", "prompt": f"Turn {t} of {i}:", "completion": " ok"}
+        for i in range(40)
+        for t in range(3)
+    ]
+    splits, _ = _run(tmp_path, tiny_model, rows)
+    where = {r["source_id"]: s for s in SPLITS for r in splits[s]}
+    assert all(where[r["source_id"]] == s for s in SPLITS for r in splits[s])
+    assert len(set(where.values())) == 3
 
 
 def test_split_is_stable_when_rows_are_appended(tmp_path, tiny_model):
@@ -74,3 +91,19 @@ def test_outputs_are_byte_identical_across_runs(tmp_path, tiny_model):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     stats = json.loads((tmp_path / "a" / "stats.json").read_text())
     assert stats["settings"]["pad_token"] != stats["settings"]["eos_token"]
+    assert len(stats["fingerprint"]) == 64
+
+
+def test_fingerprint_follows_tokenizer_data_and_settings(tmp_path, tiny_model):
+    import shutil
+
+    base = _run(tmp_path / "a", tiny_model, _rows(30))[1]["fingerprint"]
+    assert _run(tmp_path / "b", tiny_model, _rows(30))[1]["fingerprint"] == base
+    assert _run(tmp_path / "c", tiny_model, _rows(30), max_length=48)[1]["fingerprint"] != base
+    assert _run(tmp_path / "d", tiny_model, _rows(31))[1]["fingerprint"] != base
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 12345
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    assert _run(tmp_path / "e", other, _rows(30))[1]["fingerprint"] != base

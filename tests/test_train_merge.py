@@ -9,7 +9,7 @@ from conftest import write_jsonl
 from sftpipe.io import PipelineError
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model
-from sftpipe.tokenization import SPLITS, SplitSettings, tokenize_and_split
+from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
 from sftpipe.train import TrainSettings, resolve_precision, train_lora
 
 
@@ -22,7 +22,7 @@ def tokenized(tmp_path_factory, tiny_model):
     ]
     hydrated = write_jsonl(out / "h.jsonl", rows)
     paths = {s: out / f"{s}.jsonl" for s in SPLITS}
-    tokenize_and_split([hydrated], tiny_model, paths, out / "stats.json", 32, SplitSettings(0.2, 0.1, 0))
+    tokenize_and_split([hydrated], tiny_model, paths, out / "stats.json", LengthSettings(32), SplitSettings(0.2, 0.1, 0))
     return paths
 
 

@@ -1,0 +1,19 @@
+from sftpipe.entry import run_stage
+from sftpipe.evaluate import TaskSpec
+from sftpipe.filters import FilterSettings, filter_and_mix
+from sftpipe.tokenization import SplitSettings
+
+run_stage(
+    snakemake,
+    lambda: filter_and_mix(
+        dict(zip(snakemake.params.weights, snakemake.input.hydrated)),
+        snakemake.params.weights,
+        snakemake.output.rows,
+        snakemake.output.stats,
+        snakemake.output.removed,
+        FilterSettings(**snakemake.params.filters),
+        SplitSettings(**snakemake.params.split),
+        [TaskSpec(**task) for task in snakemake.params.eval_tasks],
+        snakemake.params.mirror_dir,
+    ),
+)

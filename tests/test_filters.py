@@ -1,0 +1,112 @@
+"""Filter-and-mix: dedup, near-dedup, decontamination against real ARC questions, mixing ratios."""
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from sftpipe.evaluate import TaskSpec
+from sftpipe.filters import FilterSettings, filter_and_mix, mix
+from sftpipe.formats import ALPACA_NO_INPUT
+from sftpipe.io import read_jsonl
+from sftpipe.tokenization import SplitSettings
+
+
+def _alpaca_rows(shared_data, n):
+    raw = json.loads((shared_data / "alpaca" / "alpaca_5000.json").read_text())[:n]
+    return [_alpaca_row(f"alpaca-{i}", r["instruction"] + (" " + r["input"] if r["input"] else ""), r["output"]) for i, r in enumerate(raw)]
+
+
+def _alpaca_row(row_id, instruction, output):
+    return {
+        "id": row_id, "source_id": row_id, "dataset": "alpaca", "prompt": ALPACA_NO_INPUT.format(instruction=instruction),
+        "completion": output, "content": f"{instruction}\n{output}",
+    }
+
+
+def _run(tmp_path, datasets, weights=None, settings=FilterSettings(), tasks=None):
+    paths = {name: write_jsonl(tmp_path / f"{name}.hydrated.jsonl", rows) for name, rows in datasets.items()}
+    stats = filter_and_mix(
+        paths, weights or {}, tmp_path / "mixed.jsonl", tmp_path / "filters.json", tmp_path / "removed.jsonl",
+        settings, SplitSettings(0.1, 0.1, 0), tasks or [], None,
+    )
+    return stats, list(read_jsonl(tmp_path / "mixed.jsonl")), list(read_jsonl(tmp_path / "removed.jsonl"))
+
+
+def test_exact_and_near_duplicates_are_removed(tmp_path, shared_data):
+    rows = _alpaca_rows(shared_data, 60)
+    exact = {**rows[3], "id": "dup-exact", "content": rows[3]["content"].upper() + "  "}
+    near = {**rows[5], "id": "dup-near", "content": rows[5]["content"] + " Indeed."}
+    settings = FilterSettings(decontaminate=False, near_dedup_threshold=0.7)
+    stats, mixed, removed = _run(tmp_path, {"alpaca": rows + [exact, near]}, settings=settings)
+    assert {r["id"]: (r["reason"], r["match"]) for r in removed} == {
+        "dup-exact": ("exact_duplicate", "alpaca-3"),
+        "dup-near": ("near_duplicate", "alpaca-5"),
+    }
+    assert [r["id"] for r in mixed] == [r["id"] for r in rows]
+    assert stats["datasets"]["alpaca"]["exact_duplicate"] == 1 and stats["datasets"]["alpaca"]["near_duplicate"] == 1
+
+
+def test_planted_arc_questions_are_removed_with_their_match(tmp_path, shared_data):
+    arc_file = shared_data / "arc" / "hf_schema" / "ARC-Easy-test.jsonl"
+    arc = list(read_jsonl(arc_file))
+    planted = [
+        _alpaca_row(f"planted-{i}", q["question"], q["choices"]["text"][q["choices"]["label"].index(q["answerKey"])])
+        for i, q in enumerate(arc[:200:40])
+    ]
+    rows = _alpaca_rows(shared_data, 300)
+    tasks = [TaskSpec("arc_easy", data_files={"test": str(arc_file)})]
+    stats, mixed, removed = _run(tmp_path, {"alpaca": rows[:150] + planted + rows[150:]}, tasks=tasks)
+    contaminated = {r["id"]: r for r in removed if r["reason"] == "eval_contamination"}
+    assert set(contaminated) == {p["id"] for p in planted}
+    for i, row in enumerate(planted):
+        assert contaminated[row["id"]]["match"] == f"arc_easy#{40 * i}"
+    assert not {p["id"] for p in planted} & {r["id"] for r in mixed}
+    assert stats["datasets"]["alpaca"]["eval_contamination"] == len(planted)
+    assert stats["settings"]["eval_tasks"] == ["arc_easy"]
+
+
+def test_train_rows_overlapping_held_out_rows_are_removed(tmp_path, shared_data):
+    from sftpipe.tokenization import assign_split
+
+    rows = _alpaca_rows(shared_data, 200)
+    test_row = next(r for r in rows if assign_split(r["source_id"], SplitSettings(0.1, 0.1, 0)) == "test")
+    # A training row that asks the held-out question again, worded around it, with another answer.
+    leak_id = next(f"leak-{i}" for i in range(1000) if assign_split(f"leak-{i}", SplitSettings(0.1, 0.1, 0)) == "train")
+    leak = _alpaca_row(leak_id, "Please answer this: " + test_row["content"], "Something else entirely.")
+    settings = FilterSettings(near_dedup=False)
+    _, mixed, removed = _run(tmp_path, {"alpaca": rows + [leak]}, settings=settings)
+    assert [(r["id"], r["reason"], r["match"]) for r in removed] == [(leak_id, "test_overlap", test_row["id"])]
+    assert test_row["id"] in {r["id"] for r in mixed}
+
+
+def test_mixing_fraction_count_and_upsampling():
+    rows = [{"id": f"r{i}", "source_id": f"r{i}"} for i in range(10)]
+    half = mix(rows, 0.5, seed=1)
+    assert len(half) == 5 and half == mix(rows, 0.5, seed=1) and half != mix(rows, 0.5, seed=2)
+    assert [r["id"] for r in half] == sorted((r["id"] for r in half), key=lambda x: int(x[1:]))
+    assert len(mix(rows, 3, seed=0)) == 3
+    up = mix(rows, 25, seed=0)
+    assert len(up) == 25 and len({r["id"] for r in up}) == 25
+    assert {r["source_id"] for r in up} == {r["id"] for r in rows}
+    assert mix(rows, None, seed=0) == rows
+
+
+def test_mixing_ratios_across_datasets(tmp_path):
+    a = [{"id": f"a{i}", "source_id": f"a{i}", "dataset": "a", "prompt": f"alpha question {i} " * 3, "completion": f"answer {i}"} for i in range(40)]
+    b = [{"id": f"b{i}", "source_id": f"b{i}", "dataset": "b", "prompt": f"beta prompt number {i} " * 3, "completion": f"reply {i}"} for i in range(10)]
+    settings = FilterSettings(near_dedup=False, decontaminate=False)
+    stats, mixed, _ = _run(tmp_path, {"a": a, "b": b}, weights={"a": 0.25, "b": 30}, settings=settings)
+    counts = {name: sum(r["dataset"] == name for r in mixed) for name in ("a", "b")}
+    assert counts == {"a": 10, "b": 30}
+    assert stats["datasets"]["b"] == {
+        "rows_in": 10, "exact_duplicate": 0, "near_duplicate": 0, "eval_contamination": 0, "test_overlap": 0,
+        "rows_after_filters": 10, "weight": 30, "rows_out": 30,
+    }
+
+
+def test_everything_filtered_is_an_error_and_leaves_no_mixture(tmp_path):
+    rows = [{"id": "x", "source_id": "x", "dataset": "a", "prompt": "p", "completion": "c"}]
+    with pytest.raises(Exception, match="every row was filtered out"):
+        _run(tmp_path, {"a": rows}, weights={"a": 0.01}, settings=FilterSettings(near_dedup=False, decontaminate=False))
+    assert not (tmp_path / "mixed.jsonl").exists()
