@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonlines
+import orjson
 
 log = logging.getLogger("sftpipe")
 
@@ -48,9 +49,10 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def dumps(obj: Any) -> str:
-    """Canonical JSON: sorted keys and raw UTF-8, so equal data gives equal bytes."""
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+def dumps(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys and raw UTF-8, so equal data gives equal bytes (orjson: token id
+    lists dominate the data artifacts, and the stdlib encoder was a third of tokenization time)."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -69,7 +71,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]], *, if_e
     """
     count = 0
     with atomic_path(path) as tmp:
-        with jsonlines.open(tmp, mode="w", dumps=dumps) as writer:
+        with open(tmp, "wb") as handle, jsonlines.Writer(handle, dumps=dumps) as writer:
             for row in rows:
                 writer.write(row)
                 count += 1
@@ -83,16 +85,19 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     path = Path(path)
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise PipelineError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not text.strip():
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path}:{lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+                row = orjson.loads(raw)
+            except orjson.JSONDecodeError as err:
+                # Re-parse with the stdlib for its readable reason and column.
+                try:
+                    json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as utf8:
+                    raise PipelineError(f"{path}:{lineno}: not valid UTF-8 ({utf8.reason} at byte {utf8.start})") from None
+                except json.JSONDecodeError as detail:
+                    raise PipelineError(f"{path}:{lineno}: malformed JSON ({detail.msg}, column {detail.colno})") from None
+                raise PipelineError(f"{path}:{lineno}: malformed JSON ({err})") from None
             if not isinstance(row, dict):
                 raise PipelineError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield row

@@ -142,13 +142,20 @@ def test_hydrate_lamini_docs_matches_course_template(tmp_path, shared_data):
     [
         ([{"instruction": "x", "input": ""}], r"alpaca.raw.jsonl:1 .*missing field 'output'"),
         ([{"instruction": "x", "output": 3}], r"alpaca.raw.jsonl:1 .*field 'output' must be a string, got int"),
-        ([{"instruction": "x", "output": "y"}, {"instruction": "x", "output": " "}], r"alpaca.raw.jsonl:2 .*empty completion"),
     ],
 )
 def test_hydrate_bad_rows_name_file_line_and_field(tmp_path, rows, message):
     with pytest.raises(PipelineError, match=message):
         _hydrate(tmp_path, "alpaca", {"preset": "alpaca"}, rows)
     assert not (tmp_path / "alpaca.jsonl").exists()
+
+
+def test_empty_completions_are_skipped_with_a_warning(tmp_path, caplog):
+    rows = [{"instruction": "x", "output": "y"}, {"instruction": "Retrieve data", "input": "", "output": ""}]
+    with caplog.at_level("WARNING", logger="sftpipe"):
+        hydrated = _hydrate(tmp_path, "alpaca", {"preset": "alpaca"}, rows)
+    assert [h["id"] for h in hydrated] == ["alpaca-0000000"]
+    assert "alpaca.raw.jsonl:2 (dataset 'alpaca', format 'alpaca'): empty completion, row skipped" in caplog.text
 
 
 def test_guanaco_text_without_turns_is_an_error(tmp_path):
