@@ -33,6 +33,7 @@ rule merge_adapter:
     input:
         base=rules.materialize_base_model.output[0].format(model=BASE_MODEL),
         adapter=rules.train_lora.output.adapter,
+        history=rules.train_lora.output.history,
         code=code("merge.py", "model.py"),
     params:
         dtype=config["merge"]["dtype"],

@@ -9,5 +9,6 @@ run_stage(
         snakemake.output[0],
         snakemake.params.dtype,
         snakemake.params.trust_remote_code,
+        snakemake.input.history,
     ),
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import shutil
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .io import PipelineError, Progress, atomic_path, read_jsonl, write_json
+from .io import PipelineError, Progress, atomic_path, read_jsonl, sha256_file, write_json
 from .model import load_model, load_tokenizer
 
 log = logging.getLogger("sftpipe")
@@ -25,6 +27,10 @@ class TrainSettings:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    quantization: str = "none"  # none | qlora (4-bit NF4 base, CUDA only)
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
@@ -39,6 +45,7 @@ class TrainSettings:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     padding_free: bool = True
     gradient_checkpointing: bool = False
+    save_steps: int = 100  # checkpoint interval; a killed run resumes from the last one
 
 
 def resolve_precision(precision: str) -> str:
@@ -108,6 +115,29 @@ def _progress_callback():
     return StepProgress()
 
 
+def run_fingerprint(base_dir: str | Path, train_path: str | Path, validation_path: str | Path, settings: TrainSettings) -> str:
+    """What a checkpoint belongs to: a run resumes only from checkpoints of the same base, data and settings."""
+    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    for path in (Path(base_dir) / "config.json", train_path, validation_path):
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def _quantization_config(settings: TrainSettings):
+    if settings.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise PipelineError("config key 'train.quantization': QLoRA needs CUDA (bitsandbytes 4-bit); set it to 'none' on CPU")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
 def _load_split(path: str | Path):
     from datasets import Dataset
 
@@ -129,22 +159,39 @@ def train_lora(
 ) -> dict[str, Any]:
     """Train a LoRA adapter; write it (safetensors) to `adapter_dir` and the log history to `history_path`."""
     from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
     precision = resolve_precision(settings.precision)
+    quantization = _quantization_config(settings)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
-    model = load_model(base_dir, trust_remote_code)
+    if quantization is None:
+        model = load_model(base_dir, trust_remote_code)
+    else:
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=quantization, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     train_set, eval_set = _load_split(train_path), _load_split(validation_path)
     lora = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
+        use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora,
+        modules_to_save=settings.modules_to_save,
         task_type="CAUSAL_LM",
     )
+    # Checkpoints live outside the rule's outputs, keyed by what they belong to, so a rerun after a
+    # kill resumes while a changed config starts afresh.
+    checkpoints = Path(work_dir) / run_fingerprint(base_dir, train_path, validation_path, settings)
     args = SFTConfig(
-        output_dir=str(work_dir),
+        output_dir=str(checkpoints),
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
         per_device_train_batch_size=settings.batch_size,
@@ -157,7 +204,9 @@ def train_lora(
         eval_strategy="steps",
         eval_steps=settings.eval_steps,
         logging_steps=settings.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
         seed=settings.seed,
         data_seed=settings.seed,
         bf16=precision == "bf16",
@@ -165,6 +214,8 @@ def train_lora(
         use_cpu=not torch.cuda.is_available(),
         # Padding-free batches carry no pad tokens; sequences stay isolated through position_ids.
         padding_free=settings.padding_free,
+        # Without padding-free batches, similar lengths share a batch so little compute goes to padding.
+        train_sampling_strategy="random" if settings.padding_free else "group_by_length",
         activation_checkpointing=settings.gradient_checkpointing,
         max_length=None,  # the tokenize stage already truncated to max_length
         report_to="none",
@@ -181,7 +232,11 @@ def train_lora(
         callbacks=[_progress_callback()],
     )
     log.info("training: %d train rows, %d validation rows, precision %s", len(train_set), len(eval_set), precision)
-    result = trainer.train()
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    resumed_from = int(resume.rsplit("-", 1)[1]) if resume else 0
+    if resume:
+        log.info("resuming from %s (step %d)", resume, resumed_from)
+    result = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate()
     history = trainer.state.log_history
     summary = {
@@ -189,6 +244,7 @@ def train_lora(
         "eval_loss": final_eval.get("eval_loss"),
         "eval_perplexity": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_tokens": trainer.tokens_seen,
         "train_tokens_per_s": trainer.tokens_seen / result.metrics["train_runtime"],

@@ -8,7 +8,7 @@ import torch
 from conftest import write_jsonl
 from sftpipe.io import PipelineError
 from sftpipe.merge import merge_adapter
-from sftpipe.model import load_model
+from sftpipe.model import load_model, load_tokenizer
 from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
 from sftpipe.train import TrainSettings, resolve_precision, train_lora
 
@@ -80,3 +80,135 @@ def test_precision_resolution():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_precision_is_bf16_or_fp16():
     assert resolve_precision("auto") in {"bf16", "fp16"}
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [{"use_rslora": True}, {"use_dora": True}, {"modules_to_save": ["norm"]}],
+    ids=["rslora", "dora", "modules_to_save"],
+)
+def test_each_adapter_type_trains_and_lowers_the_loss(tmp_path, tiny_model, tokenized, adapter):
+    settings = TrainSettings(max_steps=16, batch_size=8, learning_rate=5e-3, eval_steps=16, logging_steps=4, lora_dropout=0.0, **adapter)
+    train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "adapter", tmp_path / "h.json", settings, tmp_path / "work")
+    history = json.loads((tmp_path / "h.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    for key, value in adapter.items():
+        assert config[key] == value or (key == "modules_to_save" and set(value) <= set(config[key]))
+
+
+def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model, tokenized):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: QLoRA runs")
+    with pytest.raises(PipelineError, match="train.quantization.*QLoRA needs CUDA"):
+        train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "a", tmp_path / "h.json",
+                   TrainSettings(quantization="qlora", max_steps=2), tmp_path / "work")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and bitsandbytes")
+def test_qlora_trains_on_cuda(tmp_path, tiny_model, tokenized):
+    settings = TrainSettings(quantization="qlora", max_steps=8, batch_size=8, learning_rate=5e-3, logging_steps=2)
+    summary = train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "a", tmp_path / "h.json", settings, tmp_path / "work")
+    assert summary["steps"] == 8
+
+
+def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_model, tokenized):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = dict(max_steps=80, batch_size=4, learning_rate=1e-3, eval_steps=80, logging_steps=5, save_steps=10)
+    call = (
+        "from sftpipe.train import TrainSettings, train_lora\n"
+        f"train_lora({str(tiny_model)!r}, {str(tokenized['train'])!r}, {str(tokenized['validation'])!r}, "
+        f"{str(tmp_path / 'adapter')!r}, {str(tmp_path / 'h.json')!r}, TrainSettings(**{settings!r}), {str(tmp_path / 'work')!r})\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", call], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "work").glob("*/checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "adapter").exists()
+    saved = max(int(p.parent.name.split("-")[1]) for p in (tmp_path / "work").glob("*/checkpoint-*/trainer_state.json"))
+
+    summary = train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "adapter", tmp_path / "h.json",
+                         TrainSettings(**settings), tmp_path / "work")
+    assert 10 <= summary["resumed_from_step"] == saved < 80
+    assert summary["steps"] == 80
+    history = json.loads((tmp_path / "h.json").read_text())["log_history"]
+    steps = [h["step"] for h in history if "loss" in h]
+    assert steps == sorted(steps) and steps[-1] == 80  # the step counter continued past the checkpoint
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_changed_config_does_not_resume_an_old_checkpoint(tmp_path, tiny_model, tokenized):
+    from sftpipe.train import run_fingerprint
+
+    base = TrainSettings(max_steps=4)
+    assert run_fingerprint(tiny_model, tokenized["train"], tokenized["validation"], base) == run_fingerprint(
+        tiny_model, tokenized["train"], tokenized["validation"], TrainSettings(max_steps=4)
+    )
+    assert run_fingerprint(tiny_model, tokenized["train"], tokenized["validation"], base) != run_fingerprint(
+        tiny_model, tokenized["train"], tokenized["validation"], TrainSettings(max_steps=4, learning_rate=1e-3)
+    )
+
+
+def test_merged_model_card_and_generate_command(tmp_path, tiny_model, trained):
+    import subprocess
+    import sys
+
+    from sftpipe.generate import generate, render_prompt
+
+    out, summary = trained
+    merge_adapter(tiny_model, out / "adapter", tmp_path / "merged", history_path=out / "history.json")
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "`tiny-random`" in card and f"{summary['steps']} steps" in card and "| learning_rate | 0.005 |" in card
+
+    tokenizer = load_tokenizer(tmp_path / "merged")
+    assert render_prompt("Hi", "qa", tokenizer) == "### Question:\nHi\n\n### Answer:"
+    assert render_prompt("Hi", "chat", tokenizer).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    merged = generate(tmp_path / "merged", ["Repeat: red"], "qa", max_new_tokens=6)
+    via_adapter = generate(tiny_model, ["Repeat: red"], "qa", adapter_dir=out / "adapter", max_new_tokens=6)
+    assert merged == via_adapter
+    cli = subprocess.run(
+        [sys.executable, "-m", "sftpipe.generate", "--model", str(tmp_path / "merged"), "--template", "qa",
+         "--max-new-tokens", "6", "Repeat: red"],
+        capture_output=True, text=True, check=True,
+    )
+    assert cli.stdout.strip() == merged[0].strip()
+    bad = subprocess.run([sys.executable, "-m", "sftpipe.generate", "--model", str(tmp_path / "merged"), "--template", "nope", "x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--template: 'nope'" in bad.stderr
+
+
+def test_padding_free_batches_keep_examples_isolated(tiny_model, tokenized):
+    """The padding-free batch the trainer sees gives each example the loss it has alone: no attention
+    crosses from one example into the next."""
+    import torch.nn.functional as F
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sftpipe.io import read_jsonl
+
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in list(read_jsonl(tokenized["train"]))[:4]]
+    model = load_model(tiny_model).eval()
+
+    def token_losses(input_ids, labels, **kwargs):
+        logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[0, :-1]  # as in training
+        return F.cross_entropy(logits, labels[0, 1:].clamp(min=0), reduction="none")[labels[0, 1:] != -100]
+
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    with torch.no_grad():
+        together = token_losses(packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
+        alone = torch.cat([token_losses(torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])) for r in rows])
+        leaky = token_losses(packed["input_ids"], packed["labels"])  # one long sequence: attention crosses examples
+    assert together.shape == alone.shape
+    assert (together - alone).abs().max().item() <= 1e-4
+    assert (leaky - alone).abs().max().item() > 1e-3  # the comparison can see leakage
