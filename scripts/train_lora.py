@@ -1,9 +1,9 @@
 from sftpipe.entry import run_stage
-from sftpipe.train import TrainSettings, train_lora
+from sftpipe.train import TrainSettings, train
 
 run_stage(
     snakemake,
-    lambda: train_lora(
+    lambda: train(
         snakemake.input.base,
         snakemake.input.train,
         snakemake.input.validation,
@@ -12,5 +12,6 @@ run_stage(
         TrainSettings(**snakemake.params.settings),
         snakemake.params.work_dir,
         snakemake.params.trust_remote_code,
+        snakemake.threads,
     ),
 )

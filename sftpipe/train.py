@@ -6,14 +6,18 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .io import PipelineError, Progress, atomic_path, read_jsonl, sha256_file, write_json
+from .io import PipelineError, Progress, atomic_path, read_json, read_jsonl, sha256_file, write_json
 from .model import load_model, load_tokenizer
 
 log = logging.getLogger("sftpipe")
@@ -46,6 +50,7 @@ class TrainSettings:
     padding_free: bool = True
     gradient_checkpointing: bool = False
     save_steps: int = 100  # checkpoint interval; a killed run resumes from the last one
+    processes: int = 1  # data-parallel processes (DDP): one per GPU, or gloo processes on CPU
 
 
 def resolve_precision(precision: str) -> str:
@@ -85,13 +90,16 @@ def _completion_only_trainer():
                 mask = inputs.get("attention_mask")
                 self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             labels = inputs["labels"][:, 1:]
+            # Positions whose next token is learned; `logits_to_keep` makes the model project only
+            # those onto the vocabulary, while the forward still runs through any DDP wrapper.
+            keep = (labels != -100).any(dim=0).nonzero().squeeze(-1)
             model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-            hidden = causal_lm.get_decoder()(**model_inputs, use_cache=False).last_hidden_state[:, :-1]
-            mask = labels != -100
-            logits = causal_lm.get_output_embeddings()(hidden[mask]).float()
-            loss = F.cross_entropy(logits, labels[mask], reduction="sum")
-            count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
+            targets = labels[:, keep]
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
             loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
@@ -190,6 +198,8 @@ def train_lora(
     # Checkpoints live outside the rule's outputs, keyed by what they belong to, so a rerun after a
     # kill resumes while a changed config starts afresh.
     checkpoints = Path(work_dir) / run_fingerprint(base_dir, train_path, validation_path, settings)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    main_process = int(os.environ.get("RANK", "0")) == 0
     args = SFTConfig(
         output_dir=str(checkpoints),
         num_train_epochs=settings.epochs,
@@ -221,6 +231,7 @@ def train_lora(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        ddp_backend=None if torch.cuda.is_available() or world_size == 1 else "gloo",
     )
     trainer = _completion_only_trainer()(
         model=model,
@@ -251,11 +262,50 @@ def train_lora(
         "train_rows": len(train_set),
         "validation_rows": len(eval_set),
         "precision": precision,
+        "world_size": world_size,
         "settings": asdict(settings),
     }
-    with atomic_path(adapter_dir) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    write_json(history_path, {"summary": summary, "log_history": history})
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if main_process:
+        with atomic_path(adapter_dir) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        write_json(history_path, {"summary": summary, "log_history": history})
+        shutil.rmtree(work_dir, ignore_errors=True)
     return summary
+
+
+def train(
+    base_dir: str | Path,
+    train_path: str | Path,
+    validation_path: str | Path,
+    adapter_dir: str | Path,
+    history_path: str | Path,
+    settings: TrainSettings,
+    work_dir: str | Path,
+    trust_remote_code: bool = False,
+    threads: int = 1,
+) -> dict[str, Any] | None:
+    """`train_lora` in this process, or under torchrun with `settings.processes` data-parallel workers
+    (NCCL on GPUs, gloo on CPU), each with its share of the threads."""
+    arguments = [str(base_dir), str(train_path), str(validation_path), str(adapter_dir), str(history_path),
+                 asdict(settings), str(work_dir), trust_remote_code]
+    if settings.processes <= 1:
+        return train_lora(*arguments[:5], settings, *arguments[6:])
+    with tempfile.TemporaryDirectory() as scratch:
+        call = Path(scratch) / "call.json"
+        call.write_text(json.dumps(arguments))
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // settings.processes))}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={settings.processes}",
+                   "-m", "sftpipe.train", str(call)]
+        log.info("launching %d training processes: %s", settings.processes, " ".join(command))
+        result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise PipelineError(f"distributed training failed (torchrun exit {result.returncode}); see the log above")
+    return read_json(history_path)["summary"]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base, train_file, validation_file, adapter, history_file, settings_dict, work, trust = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    train_lora(base, train_file, validation_file, adapter, history_file, TrainSettings(**settings_dict), work, trust)

@@ -212,3 +212,14 @@ def test_padding_free_batches_keep_examples_isolated(tiny_model, tokenized):
     assert together.shape == alone.shape
     assert (together - alone).abs().max().item() <= 1e-4
     assert (leaky - alone).abs().max().item() > 1e-3  # the comparison can see leakage
+
+
+def test_two_process_cpu_training_with_gloo(tmp_path, tiny_model, tokenized):
+    from sftpipe.train import train
+
+    settings = TrainSettings(max_steps=6, batch_size=4, learning_rate=5e-3, eval_steps=6, logging_steps=2, processes=2)
+    summary = train(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "adapter", tmp_path / "h.json",
+                    settings, tmp_path / "work", threads=2)
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "work").exists()
