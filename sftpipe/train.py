@@ -284,13 +284,13 @@ def train(
     work_dir: str | Path,
     trust_remote_code: bool = False,
     threads: int = 1,
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """`train_lora` in this process, or under torchrun with `settings.processes` data-parallel workers
     (NCCL on GPUs, gloo on CPU), each with its share of the threads."""
+    if settings.processes <= 1:
+        return train_lora(base_dir, train_path, validation_path, adapter_dir, history_path, settings, work_dir, trust_remote_code)
     arguments = [str(base_dir), str(train_path), str(validation_path), str(adapter_dir), str(history_path),
                  asdict(settings), str(work_dir), trust_remote_code]
-    if settings.processes <= 1:
-        return train_lora(*arguments[:5], settings, *arguments[6:])
     with tempfile.TemporaryDirectory() as scratch:
         call = Path(scratch) / "call.json"
         call.write_text(json.dumps(arguments))
