@@ -51,6 +51,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     save_steps: int = 100  # checkpoint interval; a killed run resumes from the last one
     processes: int = 1  # data-parallel processes (DDP): one per GPU, or gloo processes on CPU
+    early_stopping_patience: int | None = None  # stop after this many evaluations without a better eval loss
 
 
 def resolve_precision(precision: str) -> str:
@@ -167,6 +168,7 @@ def train_lora(
 ) -> dict[str, Any]:
     """Train a LoRA adapter; write it (safetensors) to `adapter_dir` and the log history to `history_path`."""
     from peft import LoraConfig
+    from transformers import EarlyStoppingCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
@@ -199,6 +201,9 @@ def train_lora(
     # kill resumes while a changed config starts afresh.
     checkpoints = Path(work_dir) / run_fingerprint(base_dir, train_path, validation_path, settings)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    early_stopping = settings.early_stopping_patience is not None
+    # Early stopping keeps the best checkpoint, so checkpoints must fall on evaluation steps.
+    save_steps = -(-settings.save_steps // settings.eval_steps) * settings.eval_steps if early_stopping else settings.save_steps
     main_process = int(os.environ.get("RANK", "0")) == 0
     args = SFTConfig(
         output_dir=str(checkpoints),
@@ -215,7 +220,10 @@ def train_lora(
         eval_steps=settings.eval_steps,
         logging_steps=settings.logging_steps,
         save_strategy="steps",
-        save_steps=settings.save_steps,
+        save_steps=save_steps,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
+        greater_is_better=False if early_stopping else None,
         save_total_limit=2,
         seed=settings.seed,
         data_seed=settings.seed,
@@ -240,7 +248,9 @@ def train_lora(
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[_progress_callback()],
+        callbacks=[_progress_callback()] + (
+            [EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience)] if early_stopping else []
+        ),
     )
     log.info("training: %d train rows, %d validation rows, precision %s", len(train_set), len(eval_set), precision)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None

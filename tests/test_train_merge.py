@@ -223,3 +223,13 @@ def test_two_process_cpu_training_with_gloo(tmp_path, tiny_model, tokenized):
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "work").exists()
+
+
+def test_early_stopping_ends_training_when_validation_loss_stalls(tmp_path, tiny_model, tokenized):
+    # A zero learning rate leaves the validation loss flat: the first evaluation is the best one.
+    settings = TrainSettings(max_steps=40, batch_size=4, learning_rate=0.0, eval_steps=4, logging_steps=4, early_stopping_patience=2)
+    summary = train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "adapter", tmp_path / "h.json",
+                         settings, tmp_path / "work")
+    assert summary["steps"] == 12
+    evals = [h["step"] for h in json.loads((tmp_path / "h.json").read_text())["log_history"] if "eval_loss" in h]
+    assert evals[:3] == [4, 8, 12]
