@@ -8,7 +8,7 @@ import io
 import json
 import tempfile
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -240,17 +240,22 @@ def _download(spec: DatasetSpec, out_path, manifest_path, mirror_dir: str | None
     return manifest
 
 
-def load_chat_template(tokenizer_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if not tokenizer.chat_template:
-        raise PipelineError(f"{tokenizer_dir}: the tokenizer has no chat template; pick another 'template'")
+def chat_renderer(tokenizer) -> Callable[[list[dict[str, str]]], str]:
+    """The tokenizer's chat template as a function of the messages, ending where the assistant answers."""
 
     def render(messages: list[dict[str, str]]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     return render
+
+
+def load_chat_template(tokenizer_dir: str | Path) -> Callable[[list[dict[str, str]]], str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not tokenizer.chat_template:
+        raise PipelineError(f"{tokenizer_dir}: the tokenizer has no chat template; pick another 'template'")
+    return chat_renderer(tokenizer)
 
 
 def hydrate_dataset(spec: DatasetSpec, raw_path: str | Path, out_path: str | Path, tokenizer_dir: str | None = None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import Progress, read_jsonl, write_json, write_jsonl
-from .tokenization import SplitSettings, assign_split
+from .tokenization import SplitSettings, row_split
 
 log = logging.getLogger("sftpipe")
 
@@ -186,9 +186,10 @@ def filter_and_mix(
         for row_id, hit in contaminated(kept, references, settings.ngram).items():
             removed[row_id] = {"reason": "eval_contamination", **hit}
         # Train/validation rows that share content with held-out test rows would inflate exact match.
-        test = [r for r in kept if r["id"] not in removed and assign_split(r.get("source_id", r["id"]), split) == "test"]
-        others = [r for r in kept if r["id"] not in removed and assign_split(r.get("source_id", r["id"]), split) != "test"]
-        held_out = [(r["id"], words(_content(r))) for r in test]
+        remaining = [r for r in kept if r["id"] not in removed]
+        in_test = [row_split(r, split) == "test" for r in remaining]
+        others = [r for r, test in zip(remaining, in_test) if not test]
+        held_out = [(r["id"], words(_content(r))) for r, test in zip(remaining, in_test) if test]
         for row_id, hit in contaminated(others, held_out, settings.ngram).items():
             removed[row_id] = {"reason": "test_overlap", **hit}
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .data import chat_renderer
 from .evaluate import generate_greedy
 from .formats import TEMPLATES, Example
 from .io import PipelineError
@@ -21,11 +22,8 @@ def render_prompt(instruction: str, template: str, tokenizer, system: str | None
     """The prompt exactly as hydration renders it for training, for a single user turn."""
     if template not in TEMPLATES:
         raise PipelineError(f"--template: '{template}' is not one of {', '.join(sorted(TEMPLATES))}")
-
-    def chat_template(messages):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    prompt, _ = TEMPLATES[template](Example(instruction=instruction, output="", system=system), "--prompt", chat_template)
+    example = Example(instruction=instruction, output="", system=system)
+    prompt, _ = TEMPLATES[template](example, "--prompt", chat_renderer(tokenizer))
     return prompt
 
 

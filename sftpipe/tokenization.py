@@ -38,6 +38,11 @@ def assign_split(row_id: str, settings: SplitSettings) -> str:
     return "train"
 
 
+def row_split(row: dict[str, Any], settings: SplitSettings) -> str:
+    """The split of a hydrated row: every turn of a conversation shares its `source_id`, hence its split."""
+    return assign_split(row.get("source_id", row["id"]), settings)
+
+
 def _batches(paths: list[str | Path]) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for path in paths:
@@ -112,7 +117,7 @@ def _collect(
         if row["id"] in seen:
             raise PipelineError(f"dataset '{row['dataset']}': row id '{row['id']}' appears twice")
         seen.add(row["id"])
-        split_name = assign_split(row.get("source_id", row["id"]), split)
+        split_name = row_split(row, split)
         s = stats[split_name]
         if encoded is None or (encoded["truncated"] and lengths.overlong == "drop"):
             s["dropped_too_long"] += 1
