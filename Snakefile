@@ -21,10 +21,13 @@ include: "rules/common.smk"
 
 
 wildcard_constraints:
-    dataset="|".join(DATASETS),
-    experiment=EXPERIMENT,
-    model=BASE_MODEL,
+    dataset=one_of(DATASETS),
+    experiment=one_of(EXPERIMENTS),
+    model=one_of(BASE_MODELS),
+    renderer=one_of([TEMPLATE_RENDERER, *BASE_MODELS]),
     variant="base|tuned",
+
+
 include: "rules/model.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
@@ -35,5 +38,5 @@ include: "rules/report.smk"
 rule all:
     default_target: True
     input:
-        report=rules.report.output.markdown.format(experiment=EXPERIMENT),
-        summary=rules.summarize_experiments.output[0],
+        reports=expand(rules.report.output.markdown, experiment=EXPERIMENTS),
+        summary=rules.summarize_experiments.output.summary,

@@ -77,12 +77,12 @@ def run_baseline(work: Path, steps: int) -> dict:
 
 
 def run_sftpipe(work: Path, steps: int) -> dict:
-    from sftpipe.train import TrainSettings, train_lora
+    from sftpipe.train import TrainJob, TrainSettings, train_lora
 
     settings = TrainSettings(lora_r=8, lora_alpha=16, lora_dropout=0.0, batch_size=8, max_steps=steps, learning_rate=2e-4,
                              logging_steps=1, eval_steps=10_000, save_steps=10_000)
-    summary = train_lora(MODEL, work / "train.jsonl", work / "heldout.jsonl", work / "sftpipe-adapter",
-                         work / "history.json", settings, work / "ckpt")
+    summary = train_lora(TrainJob(MODEL, work / "train.jsonl", work / "heldout.jsonl", work / "sftpipe-adapter",
+                                  work / "history.json", work / "ckpt", settings))
     history = json.loads((work / "history.json").read_text())["log_history"]
     return {"seconds": summary["train_runtime_s"], "real_tokens": summary["train_tokens"],
             "final_train_loss": [h["loss"] for h in history if "loss" in h][-1], "precision": summary["precision"]}

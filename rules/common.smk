@@ -1,13 +1,34 @@
 # Helpers that turn the validated config into paths and per-rule parameters. Each rule gets only
 # the config section it needs, so an unrelated edit reruns nothing.
 import json
+import re
 from pathlib import Path
 
-EXPERIMENT = config["experiment"]
-BASE_MODEL = config["base_model"]["name"]
-DATASETS = sorted(config["datasets"])
-TRUST_REMOTE_CODE = config["base_model"]["trust_remote_code"]
+from snakemake.exceptions import WorkflowError
+
+from sftpipe.experiments import expand_experiments
+from sftpipe.io import PipelineError
+
+try:
+    EXPERIMENTS = expand_experiments(config)
+except PipelineError as error:
+    raise WorkflowError(str(error)) from None
+for _experiment in EXPERIMENTS.values():
+    try:
+        validate(_experiment.train, "../config/experiment_train.schema.yaml")
+    except WorkflowError as error:
+        raise WorkflowError(f"config key 'experiments.{_experiment.name}.train': {error}") from None
+
+BASE_MODELS = {e.model: e.base_model for e in EXPERIMENTS.values()}
+DATASETS = sorted({d for e in EXPERIMENTS.values() for d in e.datasets})
 PACKAGE = Path(workflow.basedir) / "sftpipe"
+# Hydrated rows that do not depend on a tokenizer are shared by every base model.
+TEMPLATE_RENDERER = "template"
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (dots in a name are literal)."""
+    return "|".join(re.escape(name) for name in names)
 
 
 def code(*modules):
@@ -25,6 +46,31 @@ def uses_chat_template(name):
     return DatasetSpec.from_config(name, config["datasets"][name]).template == "chat"
 
 
+def experiment_of(wildcards):
+    return EXPERIMENTS[wildcards.experiment]
+
+
+def base_model_dir(model):
+    return f"results/models/base/{model}"
+
+
+def experiment_base_model(wildcards):
+    return base_model_dir(experiment_of(wildcards).model)
+
+
+def trust_remote_code(wildcards):
+    return experiment_of(wildcards).base_model["trust_remote_code"]
+
+
+def hydrated_rows(wildcards):
+    """The experiment's datasets as hydrated rows; 'chat'-templated ones are rendered per base model."""
+    experiment = experiment_of(wildcards)
+    return [
+        f"results/data/hydrated/{experiment.model if uses_chat_template(d) else TEMPLATE_RENDERER}/{d}.jsonl"
+        for d in experiment.datasets
+    ]
+
+
 def lm_eval_data_files(wildcards):
     """Local data files named by the configured lm-eval tasks, so Snakemake builds or checks them first."""
     return [
@@ -36,5 +82,5 @@ def lm_eval_data_files(wildcards):
 
 def evaluated_model(wildcards):
     if wildcards.variant == "base":
-        return rules.materialize_base_model.output[0].format(model=BASE_MODEL)
-    return rules.merge_adapter.output[0].format(experiment=wildcards.experiment)
+        return experiment_base_model(wildcards)
+    return f"results/models/merged/{wildcards.experiment}"

@@ -28,22 +28,19 @@ rule download_dataset:
 
 rule hydrate_dataset:
     output:
-        "results/data/hydrated/{dataset}.jsonl",
+        # The renderer is 'template' or, for the 'chat' template, the base model whose own chat
+        # template renders the rows.
+        "results/data/hydrated/{renderer}/{dataset}.jsonl",
     input:
         rows=rules.download_dataset.output.rows,
-        # The 'chat' template renders with the base model's own chat template.
-        tokenizer=lambda wildcards: (
-            rules.materialize_base_model.output[0].format(model=BASE_MODEL)
-            if uses_chat_template(wildcards.dataset)
-            else []
-        ),
+        tokenizer=lambda wildcards: [] if wildcards.renderer == TEMPLATE_RENDERER else base_model_dir(wildcards.renderer),
         code=code("data.py", "formats.py"),
     params:
         dataset=lambda wildcards: dataset_config(wildcards.dataset),
     log:
-        "results/logs/hydrate_dataset/{dataset}.log",
+        "results/logs/hydrate_dataset/{renderer}/{dataset}.log",
     benchmark:
-        "results/benchmarks/hydrate_dataset/{dataset}.tsv"
+        "results/benchmarks/hydrate_dataset/{renderer}/{dataset}.tsv"
     resources:
         mem_mb=2000,
         runtime=30,
@@ -59,13 +56,13 @@ rule filter_and_mix:
         stats="results/data/mixed/{experiment}.filters.json",
         removed="results/data/mixed/{experiment}.removed.jsonl",
     input:
-        hydrated=expand(rules.hydrate_dataset.output[0], dataset=DATASETS),
+        hydrated=hydrated_rows,
         # Decontamination reads the configured evaluation sets.
         eval_data=lm_eval_data_files,
         code=code("filters.py", "tokenization.py", "evaluate.py"),
     params:
         filters=config["data"]["filters"],
-        weights={name: config["datasets"][name].get("weight") for name in DATASETS},
+        weights=lambda wildcards: {name: config["datasets"][name].get("weight") for name in experiment_of(wildcards).datasets},
         split=config["data"]["split"],
         # Only what names the evaluation data: a change of limit or few-shot reruns no data stage.
         eval_tasks=[
@@ -93,12 +90,12 @@ rule tokenize_and_split:
         stats="results/data/tokenized/{experiment}/stats.json",
     input:
         rows=rules.filter_and_mix.output.rows,
-        tokenizer=rules.materialize_base_model.output[0].format(model=BASE_MODEL),
+        tokenizer=experiment_base_model,
         code=code("tokenization.py", "model.py"),
     params:
         lengths={key: config["data"][key] for key in ("max_length", "min_tokens", "overlong")},
         split=config["data"]["split"],
-        trust_remote_code=TRUST_REMOTE_CODE,
+        trust_remote_code=trust_remote_code,
     log:
         "results/logs/tokenize_and_split/{experiment}.log",
     benchmark:

@@ -1,18 +1,18 @@
 rule evaluate_lm_harness:
     output:
-        "results/eval/{experiment}/{variant}/lm_eval.json",
+        "results/eval/{experiment}/tuned/lm_eval.json",
     input:
-        model=evaluated_model,
+        model=rules.merge_adapter.output[0],
         data_files=lm_eval_data_files,
         code=code("evaluate.py", "model.py", "data.py"),
     params:
         settings=config["eval"]["lm_eval"],
         mirror_dir=config["data"]["mirror_dir"],
-        trust_remote_code=TRUST_REMOTE_CODE,
+        trust_remote_code=trust_remote_code,
     log:
-        "results/logs/evaluate_lm_harness/{experiment}/{variant}.log",
+        "results/logs/evaluate_lm_harness/{experiment}/tuned.log",
     benchmark:
-        "results/benchmarks/evaluate_lm_harness/{experiment}/{variant}.tsv"
+        "results/benchmarks/evaluate_lm_harness/{experiment}/tuned.tsv"
     # Capped at --cores on a workstation; on a cluster, the CPUs the job asks for.
     threads: 8
     resources:
@@ -25,6 +25,24 @@ rule evaluate_lm_harness:
         "../scripts/evaluate_lm_harness.py"
 
 
+# The base model's scores depend on the model alone, so the experiments that share it share them.
+use rule evaluate_lm_harness as evaluate_base_lm_harness with:
+    output:
+        "results/eval/base_model/{model}/lm_eval.json",
+    input:
+        model=base_model_dir("{model}"),
+        data_files=lm_eval_data_files,
+        code=code("evaluate.py", "model.py", "data.py"),
+    params:
+        settings=config["eval"]["lm_eval"],
+        mirror_dir=config["data"]["mirror_dir"],
+        trust_remote_code=lambda wildcards: BASE_MODELS[wildcards.model]["trust_remote_code"],
+    log:
+        "results/logs/evaluate_base_lm_harness/{model}.log",
+    benchmark:
+        "results/benchmarks/evaluate_base_lm_harness/{model}.tsv"
+
+
 rule evaluate_exact_match:
     output:
         metrics="results/eval/{experiment}/{variant}/exact_match.json",
@@ -35,7 +53,7 @@ rule evaluate_exact_match:
         code=code("evaluate.py", "model.py"),
     params:
         settings=config["eval"]["exact_match"],
-        trust_remote_code=TRUST_REMOTE_CODE,
+        trust_remote_code=trust_remote_code,
     log:
         "results/logs/evaluate_exact_match/{experiment}/{variant}.log",
     benchmark:

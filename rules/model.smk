@@ -5,13 +5,13 @@ localrules:
 
 rule materialize_base_model:
     output:
-        directory("results/models/base/{model}"),
+        directory(base_model_dir("{model}")),
     input:
         code=code("model.py"),
     params:
-        source=config["base_model"]["source"],
-        revision=config["base_model"]["revision"],
-        trust_remote_code=TRUST_REMOTE_CODE,
+        source=lambda wildcards: BASE_MODELS[wildcards.model]["source"],
+        revision=lambda wildcards: BASE_MODELS[wildcards.model]["revision"],
+        trust_remote_code=lambda wildcards: BASE_MODELS[wildcards.model]["trust_remote_code"],
     log:
         "results/logs/materialize_base_model/{model}.log",
     benchmark:

@@ -38,7 +38,11 @@ rule report:
             category="Data",
         ),
     input:
-        lm_eval=expand(rules.evaluate_lm_harness.output[0], variant=["base", "tuned"], allow_missing=True),
+        # base, then tuned
+        lm_eval=lambda wildcards: [
+            rules.evaluate_base_lm_harness.output[0].format(model=experiment_of(wildcards).model),
+            rules.evaluate_lm_harness.output[0].format(experiment=wildcards.experiment),
+        ],
         exact_match=expand(
             rules.evaluate_exact_match.output.metrics, variant=["base", "tuned"], allow_missing=True
         ),
@@ -50,8 +54,10 @@ rule report:
         history=rules.train_lora.output.history,
         data_stats=rules.tokenize_and_split.output.stats,
         filters=rules.filter_and_mix.output.stats,
-        manifests=expand(rules.download_dataset.output.manifest, dataset=DATASETS),
+        manifests=lambda wildcards: expand(rules.download_dataset.output.manifest, dataset=experiment_of(wildcards).datasets),
         code=code("report.py", "evaluate.py"),
+    params:
+        setup=lambda wildcards: experiment_of(wildcards).describe(),
     log:
         "results/logs/report/{experiment}.log",
     benchmark:
@@ -64,9 +70,14 @@ rule report:
 
 rule summarize_experiments:
     output:
-        "results/summary.json",
+        summary="results/summary.json",
+        comparison=report(
+            "results/report/experiments.html",
+            caption="../report/experiments.rst",
+            category="Experiments",
+        ),
     input:
-        reports=expand(rules.report.output.summary, experiment=[EXPERIMENT]),
+        reports=expand(rules.report.output.summary, experiment=EXPERIMENTS),
         code=code("report.py"),
     log:
         "results/logs/summarize_experiments/summary.log",

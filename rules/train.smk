@@ -3,14 +3,14 @@ rule train_lora:
         adapter=directory("results/train/{experiment}/adapter"),
         history="results/train/{experiment}/history.json",
     input:
-        base=rules.materialize_base_model.output[0].format(model=BASE_MODEL),
+        base=experiment_base_model,
         train=rules.tokenize_and_split.output.train,
         validation=rules.tokenize_and_split.output.validation,
         code=code("train.py", "model.py"),
     params:
-        settings=config["train"],
+        settings=lambda wildcards: experiment_of(wildcards).train,
         work_dir=lambda wildcards: f"results/train/{wildcards.experiment}/work",
-        trust_remote_code=TRUST_REMOTE_CODE,
+        trust_remote_code=trust_remote_code,
     log:
         "results/logs/train_lora/{experiment}.log",
     benchmark:
@@ -18,7 +18,8 @@ rule train_lora:
     # Capped at --cores on a workstation; on a cluster, the CPUs the job asks for.
     threads: 8
     resources:
-        gpu=1,
+        # More than one GPU launches one DDP process per GPU.
+        gpu=lambda wildcards: experiment_of(wildcards).train["gpus"],
         mem_mb=16000,
         runtime=720,
     conda:
@@ -31,13 +32,13 @@ rule merge_adapter:
     output:
         directory("results/models/merged/{experiment}"),
     input:
-        base=rules.materialize_base_model.output[0].format(model=BASE_MODEL),
+        base=experiment_base_model,
         adapter=rules.train_lora.output.adapter,
         history=rules.train_lora.output.history,
         code=code("merge.py", "model.py"),
     params:
         dtype=config["merge"]["dtype"],
-        trust_remote_code=TRUST_REMOTE_CODE,
+        trust_remote_code=trust_remote_code,
     log:
         "results/logs/merge_adapter/{experiment}.log",
     benchmark:

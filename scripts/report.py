@@ -20,5 +20,6 @@ run_stage(
             manifests=list(snakemake.input.manifests),
         ),
         ReportOutputs(**{name: snakemake.output[name] for name in ReportOutputs.__dataclass_fields__}),
+        snakemake.params.setup,
     ),
 )

@@ -1,17 +1,20 @@
 from sftpipe.entry import run_stage
-from sftpipe.train import TrainSettings, train
+from sftpipe.train import TrainJob, TrainSettings, train
 
 run_stage(
     snakemake,
     lambda: train(
-        snakemake.input.base,
-        snakemake.input.train,
-        snakemake.input.validation,
-        snakemake.output.adapter,
-        snakemake.output.history,
-        TrainSettings(**snakemake.params.settings),
-        snakemake.params.work_dir,
-        snakemake.params.trust_remote_code,
-        snakemake.threads,
+        TrainJob(
+            base_dir=snakemake.input.base,
+            train_path=snakemake.input.train,
+            validation_path=snakemake.input.validation,
+            adapter_dir=snakemake.output.adapter,
+            history_path=snakemake.output.history,
+            work_dir=snakemake.params.work_dir,
+            settings=TrainSettings(**snakemake.params.settings),
+            trust_remote_code=snakemake.params.trust_remote_code,
+        ),
+        gpus=snakemake.resources.gpu,
+        threads=snakemake.threads,
     ),
 )

@@ -164,8 +164,9 @@ def plot_token_lengths(stats: dict[str, Any], path: str | Path) -> None:
     _save_figure(fig, path)
 
 
-def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs) -> dict[str, Any]:
-    """Write every report artifact; return the JSON summary."""
+def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, setup: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write every report artifact; return the JSON summary. `setup` records the experiment's
+    datasets, base model and training settings (see `Experiment.describe`)."""
     harness = {v: read_json(inputs.lm_eval[v]) for v in VARIANTS}
     em = {v: read_json(inputs.exact_match[v]) for v in VARIANTS}
     history = read_json(inputs.history)
@@ -245,14 +246,51 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs) 
             _html_table(["split", "rows", "tokens", "truncated", "dropped (too long)"], split_rows),
         ),
     )
-    summary = {"experiment": experiment, "exact_match": em_rows, "lm_eval": lm_rows, "training": training}
+    summary = {"experiment": experiment, "setup": setup or {}, "exact_match": em_rows, "lm_eval": lm_rows, "training": training}
     write_json(outputs.summary, summary)
     return summary
 
 
-def write_summary(report_summaries: list[str | Path], out_path: str | Path) -> dict[str, Any]:
-    """`results/summary.json`: every experiment's figures side by side."""
+def comparison_rows(experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per experiment: what sets it apart (the training settings that vary across the sweep)
+    and its headline figures."""
+    settings = [e["setup"].get("train", {}) for e in experiments]
+    varying = sorted({k for s in settings for k in s if len({repr(t.get(k)) for t in settings}) > 1})
+    rows = []
+    for e, train in zip(experiments, settings):
+        em = {r["metric"]: r for r in e["exact_match"]}
+        rows.append(
+            {
+                "experiment": e["experiment"],
+                "base_model": e["setup"].get("base_model", {}).get("name"),
+                "datasets": e["setup"].get("datasets"),
+                "train": {k: train.get(k) for k in varying},
+                "train_loss": e["training"]["train_loss"],
+                "eval_loss": e["training"]["eval_loss"],
+                "exact_match": {v: em["normalized_exact_match"][v] for v in VARIANTS},
+                "lm_eval": {f"{r['task']} {r['metric']}": {v: r[v] for v in VARIANTS} for r in e["lm_eval"]},
+            }
+        )
+    return rows
+
+
+def write_summary(report_summaries: list[str | Path], out_path: str | Path, comparison_path: str | Path) -> dict[str, Any]:
+    """`results/summary.json` and an HTML table for the report: every experiment's figures side by side."""
     experiments = [read_json(p) for p in report_summaries]
-    summary = {"experiments": {e["experiment"]: e for e in experiments}}
+    rows = comparison_rows(experiments)
+    metrics = sorted({m for r in rows for m in r["lm_eval"]})
+    headers = ["experiment", "base model", "datasets", "settings", "train loss", "validation loss", "exact match", *metrics]
+
+    def base_to_tuned(pair: dict[str, float] | None) -> str:
+        return "n/a" if pair is None else f"{pair['base']:.4f} → {pair['tuned']:.4f}"
+
+    table = [
+        [r["experiment"], r["base_model"], ", ".join(r["datasets"] or []),
+         ", ".join(f"{k}={v}" for k, v in r["train"].items()), _fmt(r["train_loss"]), _fmt(r["eval_loss"]),
+         base_to_tuned(r["exact_match"]), *(base_to_tuned(r["lm_eval"].get(m)) for m in metrics)]
+        for r in rows
+    ]
+    _write_text(comparison_path, _html_page(_html_table(headers, table)))
+    summary = {"comparison": rows, "experiments": {e["experiment"]: e for e in experiments}}
     write_json(out_path, summary)
     return summary

@@ -51,7 +51,30 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     save_steps: int = 100  # checkpoint interval; a killed run resumes from the last one
     processes: int = 1  # data-parallel processes (DDP): one per GPU, or gloo processes on CPU
+    gpus: int = 1  # GPUs the job asks the scheduler for; more than one means one process per GPU
     early_stopping_patience: int | None = None  # stop after this many evaluations without a better eval loss
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run: what it reads, what it writes, and how."""
+
+    base_dir: str | Path
+    train_path: str | Path
+    validation_path: str | Path
+    adapter_dir: str | Path
+    history_path: str | Path
+    work_dir: str | Path  # checkpoints, outside the stage's outputs so that a rerun finds them
+    settings: TrainSettings
+    trust_remote_code: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainJob:
+        fields = json.loads(text)
+        return cls(**{**fields, "settings": TrainSettings(**fields["settings"])})
 
 
 def resolve_precision(precision: str) -> str:
@@ -156,22 +179,15 @@ def _load_split(path: str | Path):
     return Dataset.from_list(rows)
 
 
-def train_lora(
-    base_dir: str | Path,
-    train_path: str | Path,
-    validation_path: str | Path,
-    adapter_dir: str | Path,
-    history_path: str | Path,
-    settings: TrainSettings,
-    work_dir: str | Path,
-    trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """Train a LoRA adapter; write it (safetensors) to `adapter_dir` and the log history to `history_path`."""
+def train_lora(job: TrainJob) -> dict[str, Any]:
+    """Train a LoRA adapter in this process (one rank under torchrun); write it (safetensors) to
+    `job.adapter_dir` and the log history to `job.history_path`."""
     from peft import LoraConfig
     from transformers import EarlyStoppingCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
+    settings, base_dir, trust_remote_code = job.settings, job.base_dir, job.trust_remote_code
     precision = resolve_precision(settings.precision)
     quantization = _quantization_config(settings)
     torch.manual_seed(settings.seed)
@@ -186,7 +202,7 @@ def train_lora(
             base_dir, quantization_config=quantization, trust_remote_code=trust_remote_code, use_safetensors=True
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
-    train_set, eval_set = _load_split(train_path), _load_split(validation_path)
+    train_set, eval_set = _load_split(job.train_path), _load_split(job.validation_path)
     lora = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
@@ -199,7 +215,7 @@ def train_lora(
     )
     # Checkpoints live outside the rule's outputs, keyed by what they belong to, so a rerun after a
     # kill resumes while a changed config starts afresh.
-    checkpoints = Path(work_dir) / run_fingerprint(base_dir, train_path, validation_path, settings)
+    checkpoints = Path(job.work_dir) / run_fingerprint(base_dir, job.train_path, job.validation_path, settings)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     early_stopping = settings.early_stopping_patience is not None
     # Early stopping keeps the best checkpoint, so checkpoints must fall on evaluation steps.
@@ -276,46 +292,39 @@ def train_lora(
         "settings": asdict(settings),
     }
     if main_process:
-        with atomic_path(adapter_dir) as tmp:
+        with atomic_path(job.adapter_dir) as tmp:
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        write_json(history_path, {"summary": summary, "log_history": history})
-        shutil.rmtree(work_dir, ignore_errors=True)
+        write_json(job.history_path, {"summary": summary, "log_history": history})
+        shutil.rmtree(job.work_dir, ignore_errors=True)
     return summary
 
 
-def train(
-    base_dir: str | Path,
-    train_path: str | Path,
-    validation_path: str | Path,
-    adapter_dir: str | Path,
-    history_path: str | Path,
-    settings: TrainSettings,
-    work_dir: str | Path,
-    trust_remote_code: bool = False,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """`train_lora` in this process, or under torchrun with `settings.processes` data-parallel workers
-    (NCCL on GPUs, gloo on CPU), each with its share of the threads."""
-    if settings.processes <= 1:
-        return train_lora(base_dir, train_path, validation_path, adapter_dir, history_path, settings, work_dir, trust_remote_code)
-    arguments = [str(base_dir), str(train_path), str(validation_path), str(adapter_dir), str(history_path),
-                 asdict(settings), str(work_dir), trust_remote_code]
+def processes_for(settings: TrainSettings, gpus: int) -> int:
+    """One process per GPU when the job holds several; otherwise `train.processes` (gloo on CPU)."""
+    return gpus if gpus > 1 else settings.processes
+
+
+def train(job: TrainJob, gpus: int = 1, threads: int = 1) -> dict[str, Any]:
+    """`train_lora` in this process, or under torchrun with one data-parallel worker per GPU the job
+    holds (NCCL) or `train.processes` workers on CPU (gloo), each with its share of the threads."""
+    processes = processes_for(job.settings, gpus)
+    if processes <= 1:
+        return train_lora(job)
     with tempfile.TemporaryDirectory() as scratch:
-        call = Path(scratch) / "call.json"
-        call.write_text(json.dumps(arguments))
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // settings.processes))}
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={settings.processes}",
+        call = Path(scratch) / "job.json"
+        call.write_text(job.to_json())
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    "-m", "sftpipe.train", str(call)]
-        log.info("launching %d training processes: %s", settings.processes, " ".join(command))
+        log.info("launching %d training processes: %s", processes, " ".join(command))
         result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise PipelineError(f"distributed training failed (torchrun exit {result.returncode}); see the log above")
-    return read_json(history_path)["summary"]
+    return read_json(job.history_path)["summary"]
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base, train_file, validation_file, adapter, history_file, settings_dict, work, trust = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    train_lora(base, train_file, validation_file, adapter, history_file, TrainSettings(**settings_dict), work, trust)
+    train_lora(TrainJob.from_json(Path(sys.argv[1]).read_text()))

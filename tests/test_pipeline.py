@@ -22,13 +22,13 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 HF_TOKEN = "hf_sftpipeTestTokenNeverWritten"
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [*SNAKEMAKE, "-d", str(workdir), *args],
         cwd=workdir,
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_TOKEN": HF_TOKEN},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_TOKEN": HF_TOKEN, **(env or {})},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -44,14 +44,28 @@ def planned_jobs(workdir: Path, configfile: Path) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
+def concurrency(log: str) -> list[list[str]]:
+    """The rules running at each job start, replayed from Snakemake's own job log."""
+    running: dict[str, str] = {}
+    snapshots = []
+    events = re.finditer(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    jobid: (\d+)|^Finished jobid: (\d+)", log, re.M)
+    for event in events:
+        if event[1]:
+            running[event[2]] = event[1]
+            snapshots.append(list(running.values()))
+        else:
+            running.pop(event[3], None)
+    return snapshots
+
+
 def link(target: Path, source: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(source)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data) -> Path:
-    work = tmp_path_factory.mktemp("pipeline")
+def smoke_config(work: Path, shared_data: Path) -> Path:
+    """A sweep of two experiments over real Alpaca (through a mirror), Dolphin and Guanaco fixtures,
+    and real ARC/HellaSwag eval sets, on the tiny-random model; returns the config file."""
     mirror = work / "mirror"
     link(mirror / "tatsu-lab" / "alpaca" / "train.json", shared_data / "alpaca" / "alpaca_5000.json")
     arc = shared_data / "arc" / "hf_schema"
@@ -61,7 +75,7 @@ def workdir(tmp_path_factory, shared_data) -> Path:
     write_jsonl(work / "fixtures" / "dolphin.jsonl", DOLPHIN_ROWS * 10)
     write_jsonl(work / "fixtures" / "guanaco.jsonl", GUANACO_ROWS * 10)
     config = {
-        "experiment": "smoke",
+        "experiments": {"smoke": {}, "smoke-r4": {"datasets": ["alpaca", "guanaco"], "train": {"lora_r": 4}}},
         "base_model": {"name": "tiny", "source": "tiny-random"},
         "datasets": {
             "alpaca": {"preset": "alpaca", "limit": 60},
@@ -86,9 +100,22 @@ def workdir(tmp_path_factory, shared_data) -> Path:
             },
         },
     }
-    (work / "smoke.yaml").write_text(yaml.safe_dump(config))
-    snakemake(work, "--cores", "2", "--resources", "gpu=1", "--configfile", "smoke.yaml")
-    return work
+    path = work / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory, shared_data) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp("pipeline")
+    smoke_config(work, shared_data)
+    # Snakemake reports its job list on stderr.
+    return work, snakemake(work, "--cores", "2", "--resources", "gpu=1", "--configfile", "smoke.yaml").stderr
+
+
+@pytest.fixture(scope="module")
+def workdir(sweep_run) -> Path:
+    return sweep_run[0]
 
 
 def test_every_stage_wrote_its_artifacts(workdir):
@@ -96,7 +123,9 @@ def test_every_stage_wrote_its_artifacts(workdir):
     for name in ("alpaca", "dolphin", "guanaco"):
         manifest = json.loads((results / "data" / "raw" / f"{name}.manifest.json").read_text())
         assert manifest["rows"] == (60 if name == "alpaca" else 20)
-        assert (results / "data" / "hydrated" / f"{name}.jsonl").stat().st_size > 0
+        [hydrated] = (results / "data" / "hydrated").glob(f"*/{name}.jsonl")
+        # Dolphin's ChatML renders with the base model's own chat template, the others with a named one.
+        assert hydrated.parent.name == ("tiny" if name == "dolphin" else "template") and hydrated.stat().st_size > 0
     assert json.loads((results / "data" / "raw" / "alpaca.manifest.json").read_text())["source"]["kind"] == "mirror"
     filters = json.loads((results / "data" / "mixed" / "smoke.filters.json").read_text())
     # The fixtures repeat each Dolphin and Guanaco row ten times: exact dedup keeps one of each.
@@ -107,10 +136,11 @@ def test_every_stage_wrote_its_artifacts(workdir):
     assert sum(stats[s]["rows"] for s in ("train", "validation", "test")) == rows_out
     assert (results / "train" / "smoke" / "adapter" / "adapter_model.safetensors").exists()
     assert (results / "models" / "merged" / "smoke" / "model.safetensors").exists()
-    for variant in ("base", "tuned"):
-        lm = json.loads((results / "eval" / "smoke" / variant / "lm_eval.json").read_text())
+    for lm_eval in ("base_model/tiny", "smoke/tuned"):
+        lm = json.loads((results / "eval" / lm_eval / "lm_eval.json").read_text())
         assert set(lm["tasks"]) == {"arc_easy", "arc_challenge", "hellaswag"}
         assert all(t["data"] == "local" for t in lm["tasks"].values())
+    for variant in ("base", "tuned"):
         em = json.loads((results / "eval" / "smoke" / variant / "exact_match.json").read_text())
         assert em["rows"] == 12
     report = (results / "report" / "smoke.md").read_text()
@@ -127,11 +157,13 @@ def test_html_report_holds_plots_and_tables(workdir):
     with zipfile.ZipFile(workdir / "report.zip") as archive:
         names = archive.namelist()
         for artifact in ("loss_curves.png", "eval_comparison.png", "token_lengths.png"):
-            [image] = [n for n in names if n.endswith(artifact)]
-            assert archive.read(image).startswith(b"\x89PNG")
-        for table in ("exact_match.html", "sample_generations.html", "data.html"):
-            [page] = [n for n in names if n.endswith(table)]
-            assert b"<table>" in archive.read(page)
+            images = [n for n in names if n.endswith(artifact)]
+            assert len(images) == 2  # one per experiment
+            assert all(archive.read(image).startswith(b"\x89PNG") for image in images)
+        for table in ("exact_match.html", "sample_generations.html", "data.html", "experiments.html"):
+            pages = [n for n in names if n.endswith(table)]
+            assert len(pages) == (1 if table == "experiments.html" else 2)
+            assert all(b"<table>" in archive.read(page) for page in pages)
     samples = (workdir / "results" / "report" / "smoke" / "sample_generations.html").read_text()
     predictions = [json.loads(line) for line in (workdir / "results" / "eval" / "smoke" / "tuned" / "predictions.jsonl").open()]
     assert html.escape(predictions[0]["reference"]) in samples
@@ -155,7 +187,8 @@ def test_changing_an_eval_setting_reruns_no_training(workdir):
     changed = workdir / "smoke-eval-changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(workdir, changed)
-    assert jobs.get("evaluate_lm_harness") == 2 and jobs.get("report") == 1
+    assert jobs.get("evaluate_base_lm_harness") == 1
+    assert jobs.get("evaluate_lm_harness") == 2 and jobs.get("report") == 2
     assert not {"train_lora", "merge_adapter", "tokenize_and_split", "filter_and_mix", "download_dataset"} & set(jobs)
 
 
@@ -165,8 +198,42 @@ def test_changing_a_training_setting_reruns_training_but_not_data(workdir):
     changed = workdir / "smoke-train-changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(workdir, changed)
-    assert jobs.get("train_lora") == 1
+    assert jobs.get("train_lora") == 2
     assert not {"download_dataset", "hydrate_dataset", "tokenize_and_split", "materialize_base_model"} & set(jobs)
+
+
+def test_changing_one_experiment_reruns_only_that_experiment(workdir):
+    config = yaml.safe_load((workdir / "smoke.yaml").read_text())
+    config["experiments"]["smoke-r4"]["train"]["lora_r"] = 2
+    changed = workdir / "smoke-one-changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(workdir, changed)
+    assert jobs.get("train_lora") == 1 and jobs.get("report") == 1 and jobs.get("evaluate_exact_match") == 1
+    assert "evaluate_base_lm_harness" not in jobs and "tokenize_and_split" not in jobs
+
+
+def test_sweep_shares_stages_runs_data_jobs_in_parallel_and_one_gpu_job_at_a_time(sweep_run):
+    workdir, log = sweep_run
+    started = re.findall(r"^(?:local)?rule (\w+):", log, re.M)
+    counts = {rule: started.count(rule) for rule in set(started)}
+    # Shared by both experiments, hence once: the base model, each dataset's download and hydration,
+    # and the base model's lm-eval scores.
+    assert counts["materialize_base_model"] == 1 and counts["evaluate_base_lm_harness"] == 1
+    assert counts["download_dataset"] == 3 and counts["hydrate_dataset"] == 3
+    # Per experiment: its data mix, training, merge, tuned scores, and exact match of base and tuned
+    # on its own held-out rows.
+    assert counts["filter_and_mix"] == counts["train_lora"] == counts["merge_adapter"] == counts["report"] == 2
+    assert counts["evaluate_exact_match"] == 4
+    gpu_rules = {"train_lora", "evaluate_lm_harness", "evaluate_base_lm_harness", "evaluate_exact_match"}
+    snapshots = concurrency(log)
+    assert max(len([r for r in running if r in gpu_rules]) for running in snapshots) == 1
+    assert any(len([r for r in running if r not in gpu_rules]) >= 2 for running in snapshots)
+    summary = json.loads((workdir / "results" / "summary.json").read_text())
+    assert [row["experiment"] for row in summary["comparison"]] == ["smoke", "smoke-r4"]
+    assert [row["train"] for row in summary["comparison"]] == [{"lora_r": 16}, {"lora_r": 4}]
+    assert summary["comparison"][1]["datasets"] == ["alpaca", "guanaco"]
+    comparison = (workdir / "results" / "report" / "experiments.html").read_text()
+    assert "smoke-r4" in comparison and "lora_r=4" in comparison
 
 
 def test_default_config_dry_run_lists_every_stage(tmp_path):
@@ -192,6 +259,17 @@ def test_bad_config_names_the_key(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", "bad.yaml", check=False)
     assert result.returncode != 0
     assert "learning_rate" in result.stdout + result.stderr
+
+
+def test_bad_experiment_override_names_the_experiment_and_key(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    del config["experiment"]
+    config["experiments"] = {"fast": {"train": {"learning_rate": 1e-3}}, "broken": {"train": {"lora_r": "big"}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--configfile", "bad.yaml", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "experiments.broken.train" in output and "lora_r" in output
 
 
 def test_bad_input_fails_the_rule_with_file_and_line_and_leaves_no_artifact(tmp_path):

@@ -10,7 +10,12 @@ from sftpipe.io import PipelineError
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
-from sftpipe.train import TrainSettings, resolve_precision, train_lora
+from sftpipe.train import TrainJob, TrainSettings, resolve_precision, train_lora
+
+
+def job(model, tokenized, out, settings, adapter="adapter", history="h.json") -> TrainJob:
+    """A run on the tokenized fixture, writing under `out`."""
+    return TrainJob(model, tokenized["train"], tokenized["validation"], out / adapter, out / history, out / "work", settings)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def tokenized(tmp_path_factory, tiny_model):
 def trained(tmp_path_factory, tiny_model, tokenized):
     out = tmp_path_factory.mktemp("train")
     settings = TrainSettings(max_steps=24, batch_size=8, learning_rate=5e-3, eval_steps=12, logging_steps=4, lora_dropout=0.0)
-    summary = train_lora(tiny_model, tokenized["train"], tokenized["validation"], out / "adapter", out / "history.json", settings, out / "work")
+    summary = train_lora(job(tiny_model, tokenized, out, settings, history="history.json"))
     return out, summary
 
 
@@ -89,7 +94,7 @@ def test_cuda_precision_is_bf16_or_fp16():
 )
 def test_each_adapter_type_trains_and_lowers_the_loss(tmp_path, tiny_model, tokenized, adapter):
     settings = TrainSettings(max_steps=16, batch_size=8, learning_rate=5e-3, eval_steps=16, logging_steps=4, lora_dropout=0.0, **adapter)
-    train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "adapter", tmp_path / "h.json", settings, tmp_path / "work")
+    train_lora(job(tiny_model, tokenized, tmp_path, settings))
     history = json.loads((tmp_path / "h.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0]
@@ -102,15 +107,14 @@ def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model, tokenized):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: QLoRA runs")
     with pytest.raises(PipelineError, match="train.quantization.*QLoRA needs CUDA"):
-        train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "a", tmp_path / "h.json",
-                   TrainSettings(quantization="qlora", max_steps=2), tmp_path / "work")
+        train_lora(job(tiny_model, tokenized, tmp_path, TrainSettings(quantization="qlora", max_steps=2), adapter="a"))
     assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and bitsandbytes")
 def test_qlora_trains_on_cuda(tmp_path, tiny_model, tokenized):
     settings = TrainSettings(quantization="qlora", max_steps=8, batch_size=8, learning_rate=5e-3, logging_steps=2)
-    summary = train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "a", tmp_path / "h.json", settings, tmp_path / "work")
+    summary = train_lora(job(tiny_model, tokenized, tmp_path, settings, adapter="a"))
     assert summary["steps"] == 8
 
 
@@ -122,11 +126,8 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
     import time
 
     settings = dict(max_steps=80, batch_size=4, learning_rate=1e-3, eval_steps=80, logging_steps=5, save_steps=10)
-    call = (
-        "from sftpipe.train import TrainSettings, train_lora\n"
-        f"train_lora({str(tiny_model)!r}, {str(tokenized['train'])!r}, {str(tokenized['validation'])!r}, "
-        f"{str(tmp_path / 'adapter')!r}, {str(tmp_path / 'h.json')!r}, TrainSettings(**{settings!r}), {str(tmp_path / 'work')!r})\n"
-    )
+    run = job(tiny_model, tokenized, tmp_path, TrainSettings(**settings))
+    call = f"from sftpipe.train import TrainJob, train_lora\ntrain_lora(TrainJob.from_json({run.to_json()!r}))\n"
     process = subprocess.Popen([sys.executable, "-c", call], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
     while not list((tmp_path / "work").glob("*/checkpoint-*/trainer_state.json")):
@@ -138,8 +139,7 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
     assert not (tmp_path / "adapter").exists()
     saved = max(int(p.parent.name.split("-")[1]) for p in (tmp_path / "work").glob("*/checkpoint-*/trainer_state.json"))
 
-    summary = train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "adapter", tmp_path / "h.json",
-                         TrainSettings(**settings), tmp_path / "work")
+    summary = train_lora(run)
     assert 10 <= summary["resumed_from_step"] == saved < 80
     assert summary["steps"] == 80
     history = json.loads((tmp_path / "h.json").read_text())["log_history"]
@@ -214,12 +214,14 @@ def test_padding_free_batches_keep_examples_isolated(tiny_model, tokenized):
     assert (leaky - alone).abs().max().item() > 1e-3  # the comparison can see leakage
 
 
-def test_two_process_cpu_training_with_gloo(tmp_path, tiny_model, tokenized):
+@pytest.mark.parametrize(
+    ("processes", "gpus"), [(2, 1), (1, 2)], ids=["train.processes=2", "a job holding 2 gpus"]
+)
+def test_two_process_cpu_training_with_gloo(tmp_path, tiny_model, tokenized, processes, gpus):
     from sftpipe.train import train
 
-    settings = TrainSettings(max_steps=6, batch_size=4, learning_rate=5e-3, eval_steps=6, logging_steps=2, processes=2)
-    summary = train(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "adapter", tmp_path / "h.json",
-                    settings, tmp_path / "work", threads=2)
+    settings = TrainSettings(max_steps=6, batch_size=4, learning_rate=5e-3, eval_steps=6, logging_steps=2, processes=processes)
+    summary = train(job(tiny_model, tokenized, tmp_path, settings), gpus=gpus, threads=2)
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "work").exists()
@@ -228,8 +230,7 @@ def test_two_process_cpu_training_with_gloo(tmp_path, tiny_model, tokenized):
 def test_early_stopping_ends_training_when_validation_loss_stalls(tmp_path, tiny_model, tokenized):
     # A zero learning rate leaves the validation loss flat: the first evaluation is the best one.
     settings = TrainSettings(max_steps=40, batch_size=4, learning_rate=0.0, eval_steps=4, logging_steps=4, early_stopping_patience=2)
-    summary = train_lora(tiny_model, tokenized["train"], tokenized["validation"], tmp_path / "adapter", tmp_path / "h.json",
-                         settings, tmp_path / "work")
+    summary = train_lora(job(tiny_model, tokenized, tmp_path, settings))
     assert summary["steps"] == 12
     evals = [h["step"] for h in json.loads((tmp_path / "h.json").read_text())["log_history"] if "eval_loss" in h]
     assert evals[:3] == [4, 8, 12]

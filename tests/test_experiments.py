@@ -1,0 +1,50 @@
+"""Sweeps: how `experiments:` resolves against the top-level sections, and its config errors."""
+
+import pytest
+
+from sftpipe.experiments import expand_experiments
+from sftpipe.io import PipelineError
+
+BASE = {"name": "smol", "source": "packaged:smollm2-135m-instruct"}
+DATASETS = {"alpaca": {"preset": "alpaca"}, "guanaco": {"preset": "guanaco"}}
+
+
+def config(**extra):
+    return {"base_model": BASE, "datasets": DATASETS, "train": {"lora_r": 16, "learning_rate": 2e-4}, **extra}
+
+
+def test_a_single_experiment_uses_every_dataset_and_the_top_level_sections():
+    [run] = expand_experiments(config(experiment="one")).values()
+    assert run.name == "one" and run.datasets == ("alpaca", "guanaco")
+    assert run.model == "smol" and run.train == {"lora_r": 16, "learning_rate": 2e-4}
+
+
+def test_experiments_override_datasets_model_and_single_training_keys():
+    tiny = {"name": "tiny", "source": "tiny-random"}
+    runs = expand_experiments(
+        config(experiments={"a": {}, "b": {"datasets": ["guanaco"], "base_model": tiny, "train": {"lora_r": 4}}})
+    )
+    assert runs["a"].datasets == ("alpaca", "guanaco") and runs["a"].model == "smol"
+    assert runs["b"].datasets == ("guanaco",) and runs["b"].model == "tiny"
+    # An override replaces its key only: the sweep keeps the top-level learning rate.
+    assert runs["b"].train == {"lora_r": 4, "learning_rate": 2e-4}
+    assert runs["a"].train["lora_r"] == 16
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"experiment": "x", "experiments": {"y": {}}}, "either 'experiment'"),
+        ({}, "either 'experiment'"),
+        ({"experiments": {"a": {"datasets": ["alpaca", "dolphin"]}}}, r"'experiments.a.datasets': dolphin not defined"),
+        ({"experiments": {"base_model": {}}}, "'experiments.base_model': 'base_model' is reserved"),
+        (
+            {"experiments": {"a": {}, "b": {"base_model": {"name": "smol", "source": "tiny-random"}}}},
+            "'experiments.b.base_model': the name 'smol' is also used by experiment 'a'",
+        ),
+    ],
+    ids=["both", "neither", "unknown dataset", "reserved name", "one name two models"],
+)
+def test_config_errors_name_the_key(extra, message):
+    with pytest.raises(PipelineError, match=message):
+        expand_experiments(config(**extra))
