@@ -1,3 +1,5 @@
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -13,6 +15,12 @@ if not workflow.overwrite_configfiles:
 
 validate(config, "config/schema.yaml", set_default=True)
 
+# A job on a cluster's compute node reads what the download rules (localrules, on the submitting
+# host) fetched: compute nodes often have no internet, and a silent Hub fetch there would hang.
+if workflow.remote_exec:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 
 report: "report/workflow.rst"
 
@@ -26,6 +34,7 @@ wildcard_constraints:
     model=one_of(BASE_MODELS),
     renderer=one_of([TEMPLATE_RENDERER, *BASE_MODELS]),
     variant="base|tuned",
+    task=one_of(DOWNLOADED_TASKS),
 
 
 include: "rules/model.smk"

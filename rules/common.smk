@@ -71,12 +71,28 @@ def hydrated_rows(wildcards):
     ]
 
 
+def eval_data_dir(task):
+    return f"results/data/lm_eval/{task}"
+
+
+# lm-eval tasks whose data the pipeline downloads (the others name local files in the config).
+DOWNLOADED_TASKS = {t["name"]: t for t in config["eval"]["lm_eval"]["tasks"] if not t.get("data_files")}
+
+
+def lm_eval_task_specs():
+    """The configured lm-eval tasks, each reading local data: its own files or what was downloaded."""
+    return [
+        {**task, "data_dir": eval_data_dir(task["name"])} if task["name"] in DOWNLOADED_TASKS else task
+        for task in config["eval"]["lm_eval"]["tasks"]
+    ]
+
+
 def lm_eval_data_files(wildcards):
-    """Local data files named by the configured lm-eval tasks, so Snakemake builds or checks them first."""
+    """The local data of every configured lm-eval task, so Snakemake builds or checks it first."""
     return [
         path
-        for task in config["eval"]["lm_eval"]["tasks"]
-        for path in (task.get("data_files") or {}).values()
+        for task in lm_eval_task_specs()
+        for path in ([task["data_dir"]] if "data_dir" in task else task["data_files"].values())
     ]
 
 

@@ -1,6 +1,7 @@
 # Downloads need the network, which cluster compute nodes often lack.
 localrules:
     download_dataset,
+    download_eval_data,
     build_demo_choice_task,
 
 
@@ -66,9 +67,8 @@ rule filter_and_mix:
         split=config["data"]["split"],
         # Only what names the evaluation data: a change of limit or few-shot reruns no data stage.
         eval_tasks=[
-            {"name": t["name"], "data_files": t.get("data_files")} for t in config["eval"]["lm_eval"]["tasks"]
+            {key: t[key] for key in ("name", "data_files", "data_dir") if key in t} for t in lm_eval_task_specs()
         ],
-        mirror_dir=config["data"]["mirror_dir"],
     log:
         "results/logs/filter_and_mix/{experiment}.log",
     benchmark:
@@ -107,6 +107,31 @@ rule tokenize_and_split:
         "../envs/data.yaml"
     script:
         "../scripts/tokenize_and_split.py"
+
+
+rule download_eval_data:
+    output:
+        directory(eval_data_dir("{task}")),
+    input:
+        code=code("evaluate.py", "data.py"),
+    params:
+        # The splits to fetch depend on the task and on whether it is few-shot; not on its limit.
+        task=lambda wildcards: {
+            "name": wildcards.task,
+            "num_fewshot": DOWNLOADED_TASKS[wildcards.task]["num_fewshot"],
+        },
+        mirror_dir=config["data"]["mirror_dir"],
+    log:
+        "results/logs/download_eval_data/{task}.log",
+    benchmark:
+        "results/benchmarks/download_eval_data/{task}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../scripts/download_eval_data.py"
 
 
 rule build_demo_choice_task:

@@ -6,8 +6,7 @@ rule evaluate_lm_harness:
         data_files=lm_eval_data_files,
         code=code("evaluate.py", "model.py", "data.py"),
     params:
-        settings=config["eval"]["lm_eval"],
-        mirror_dir=config["data"]["mirror_dir"],
+        settings={**config["eval"]["lm_eval"], "tasks": lm_eval_task_specs()},
         trust_remote_code=trust_remote_code,
     log:
         "results/logs/evaluate_lm_harness/{experiment}/tuned.log",
@@ -34,8 +33,7 @@ use rule evaluate_lm_harness as evaluate_base_lm_harness with:
         data_files=lm_eval_data_files,
         code=code("evaluate.py", "model.py", "data.py"),
     params:
-        settings=config["eval"]["lm_eval"],
-        mirror_dir=config["data"]["mirror_dir"],
+        settings={**config["eval"]["lm_eval"], "tasks": lm_eval_task_specs()},
         trust_remote_code=lambda wildcards: BASE_MODELS[wildcards.model]["trust_remote_code"],
     log:
         "results/logs/evaluate_base_lm_harness/{model}.log",

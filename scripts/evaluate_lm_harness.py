@@ -10,7 +10,6 @@ run_stage(
         snakemake.output[0],
         batch_size=settings["batch_size"],
         seed=settings["seed"],
-        mirror_dir=snakemake.params.mirror_dir,
         trust_remote_code=snakemake.params.trust_remote_code,
     ),
 )

@@ -14,6 +14,5 @@ run_stage(
         FilterSettings(**snakemake.params.filters),
         SplitSettings(**snakemake.params.split),
         [TaskSpec(**task) for task in snakemake.params.eval_tasks],
-        snakemake.params.mirror_dir,
     ),
 )

@@ -20,6 +20,8 @@ def run_stage(smk: Any, stage: Callable[[], Any]) -> None:
         handler = logging.StreamHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+        hub = "offline" if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") else "online"
+        logging.getLogger("sftpipe").info("rule %s, Hugging Face Hub %s", smk.rule, hub)
         import torch
 
         torch.set_num_threads(max(1, smk.threads))

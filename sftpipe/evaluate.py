@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .data import mirror_location
-from .io import PipelineError, Progress, read_jsonl, write_json, write_jsonl
+from .data import mirror_location, read_local_rows
+from .io import PipelineError, Progress, atomic_path, read_jsonl, sha256_file, write_json, write_jsonl
 from .model import load_model, load_tokenizer
 
 log = logging.getLogger("sftpipe")
@@ -131,8 +131,9 @@ class TaskSpec:
     name: str
     num_fewshot: int = 0
     limit: int | None = None
-    data_files: dict[str, str] | None = None
+    data_files: dict[str, str] | None = None  # split -> local file, as configured
     apply_chat_template: bool = False
+    data_dir: str | None = None  # <split>.jsonl files written by `download_task_data`
 
 
 def _registered_config(task_manager, name: str) -> dict[str, Any]:
@@ -144,27 +145,27 @@ def _registered_config(task_manager, name: str) -> dict[str, Any]:
     return load_yaml(entry.yaml_path, resolve_func=True)
 
 
-def _local_data_files(config: dict[str, Any], spec: TaskSpec, mirror_dir: str | None) -> dict[str, str] | None:
+def task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(PACKAGE_TASKS))
+
+
+def _local_data_files(spec: TaskSpec) -> dict[str, str] | None:
     if spec.data_files:
         return dict(spec.data_files)
-    if not mirror_dir or config.get("dataset_path") in (None, "json", "parquet", "csv"):
-        return None
-    files = {}
-    for key in ("training_split", "validation_split", "test_split"):
-        split = config.get(key)
-        found = split and mirror_location(Path(mirror_dir), config["dataset_path"], config.get("dataset_name"), split)
-        if found:
-            files[split] = str(found)
-    return files or None
+    if spec.data_dir:
+        return {path.stem: str(path) for path in sorted(Path(spec.data_dir).glob("*.jsonl"))} or None
+    return None
 
 
-def task_config(task_manager, spec: TaskSpec, mirror_dir: str | None) -> str | dict[str, Any]:
+def task_config(task_manager, spec: TaskSpec) -> str | dict[str, Any]:
     """The task by name, or, when its data is local, the same task config reading local files.
 
     Only the data source changes: prompts, `process_docs`, choices and metrics stay the official ones.
     """
     config = _registered_config(task_manager, spec.name)
-    data_files = _local_data_files(config, spec, mirror_dir)
+    data_files = _local_data_files(spec)
     if data_files is None:
         return spec.name
     for name, path in data_files.items():
@@ -173,12 +174,45 @@ def task_config(task_manager, spec: TaskSpec, mirror_dir: str | None) -> str | d
     suffix = Path(next(iter(data_files.values()))).suffix.lstrip(".")
     local = {**config, "dataset_path": "parquet" if suffix == "parquet" else "json", "dataset_name": None}
     local["dataset_kwargs"] = {"data_files": data_files}
-    for key in ("training_split", "validation_split", "test_split"):
+    for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
         if local.get(key) not in data_files:
             local[key] = None
     if local.get("test_split") is None and local.get("validation_split") is None:
         raise PipelineError(f"config key 'eval.lm_eval.tasks' ({spec.name}): local data has neither its test nor its validation split")
     return local
+
+
+def needed_splits(config: dict[str, Any], num_fewshot: int) -> list[str]:
+    """The splits lm-eval reads for a task: its evaluation documents (test, else validation) and,
+    with few-shot, the split its examples come from."""
+    splits = [config.get("test_split") or config.get("validation_split")]
+    if num_fewshot:
+        splits.append(config.get("fewshot_split") or config.get("training_split") or config.get("validation_split"))
+    return list(dict.fromkeys(s for s in splits if s))
+
+
+def download_task_data(spec: TaskSpec, out_dir: str | Path, mirror_dir: str | None = None) -> dict[str, Any]:
+    """Fetch the splits the task reads, from the mirror or else the Hub, into `<out_dir>/<split>.jsonl`,
+    so that evaluation and decontamination read local files (on a cluster, compute nodes stay offline)."""
+    import datasets
+
+    config = _registered_config(task_manager(), spec.name)
+    hub_id, hub_config = config.get("dataset_path"), config.get("dataset_name")
+    sources = {}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for split in needed_splits(config, spec.num_fewshot):
+            mirrored = mirror_location(Path(mirror_dir), hub_id, hub_config, split) if mirror_dir else None
+            if mirrored is not None:
+                rows, source = read_local_rows(mirrored), {"kind": "mirror", "path": str(mirrored.resolve())}
+            else:
+                kwargs = config.get("dataset_kwargs") or {}
+                rows = datasets.load_dataset(hub_id, name=hub_config, split=split, **kwargs)
+                source = {"kind": "hub", "hub_id": hub_id, "config": hub_config, "fingerprint": rows._fingerprint}
+            count = write_jsonl(tmp / f"{split}.jsonl", rows, if_empty=f"lm-eval task '{spec.name}': split '{split}' has no rows")
+            sources[split] = {**source, "rows": count, "sha256": sha256_file(tmp / f"{split}.jsonl")}
+            log.info("lm-eval task %s: %d %s rows from %s", spec.name, count, split, source["kind"])
+    return sources
 
 
 def lm_eval_tasks(
@@ -187,17 +221,15 @@ def lm_eval_tasks(
     out_path: str | Path,
     batch_size: int = 16,
     seed: int = 0,
-    mirror_dir: str | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Run each task through lm-eval's `simple_evaluate`; record every setting beside every number."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=str(PACKAGE_TASKS))
+    manager = task_manager()
     results: dict[str, Any] = {}
     for spec in tasks:
-        config = task_config(task_manager, spec, mirror_dir)
+        config = task_config(manager, spec)
         log.info("lm-eval %s (%s data)", spec.name, "local" if isinstance(config, dict) else "Hub")
         output = simple_evaluate(
             model="hf",
@@ -207,7 +239,7 @@ def lm_eval_tasks(
             limit=spec.limit,
             batch_size=batch_size,
             device=_device(),
-            task_manager=task_manager,
+            task_manager=manager,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,

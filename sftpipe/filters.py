@@ -96,17 +96,15 @@ def _strip_common_affixes(texts: list[list[str]]) -> list[list[str]]:
     return [t[prefix : len(t) - suffix] for t in texts]
 
 
-def eval_references(tasks: Iterable[Any], mirror_dir: str | None) -> list[tuple[str, list[str]]]:
+def eval_references(tasks: Iterable[Any]) -> list[tuple[str, list[str]]]:
     """(task#doc, words) for every evaluation document: its question or context, alone and with its
     choices or target, with the task's prompt template stripped."""
-    from lm_eval.tasks import TaskManager
+    from .evaluate import task_config, task_manager
 
-    from .evaluate import PACKAGE_TASKS, task_config
-
-    manager = TaskManager(include_path=str(PACKAGE_TASKS))
+    manager = task_manager()
     references = []
     for spec in tasks:
-        built = manager.load_task_or_group([task_config(manager, spec, mirror_dir)])
+        built = manager.load_task_or_group([task_config(manager, spec)])
         for task in built.values():
             docs = list(task.eval_docs)
             questions = _strip_common_affixes([words(str(task.doc_to_text(doc))) for doc in docs])
@@ -170,7 +168,6 @@ def filter_and_mix(
     settings: FilterSettings,
     split: SplitSettings,
     eval_tasks: list[Any] | None = None,
-    mirror_dir: str | None = None,
 ) -> dict[str, Any]:
     """Filter each dataset (exact dedup, near dedup, decontamination), then mix them by weight."""
     rows = {name: list(read_jsonl(path)) for name, path in sorted(hydrated.items())}
@@ -182,7 +179,7 @@ def filter_and_mix(
         removed |= near_duplicates([r for r in everything if r["id"] not in removed], settings.near_dedup_threshold, settings.seed)
     if settings.decontaminate:
         kept = [r for r in everything if r["id"] not in removed]
-        references = eval_references(eval_tasks or [], mirror_dir)
+        references = eval_references(eval_tasks or [])
         for row_id, hit in contaminated(kept, references, settings.ngram).items():
             removed[row_id] = {"reason": "eval_contamination", **hit}
         # Train/validation rows that share content with held-out test rows would inflate exact match.

@@ -57,3 +57,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def sweep_run(tmp_path_factory, shared_data) -> tuple[Path, str]:
+    """The smoke sweep run locally with `--cores 2 --resources gpu=1`: its directory and Snakemake's job log."""
+    from workflow import smoke_config, snakemake
+
+    work = tmp_path_factory.mktemp("pipeline")
+    smoke_config(work, shared_data)
+    # Snakemake reports its job list on stderr.
+    return work, snakemake(work, "--cores", "2", "--resources", "gpu=1", "--configfile", "smoke.yaml").stderr

@@ -7,6 +7,7 @@ import pytest
 from conftest import write_jsonl
 from sftpipe.evaluate import (
     TaskSpec,
+    download_task_data,
     exact_match_eval,
     generate_greedy,
     lm_eval_tasks,
@@ -88,25 +89,34 @@ def task_manager():
     return TaskManager(include_path=str(PACKAGE_TASKS))
 
 
-def test_local_arc_config_keeps_official_prompt_and_metrics(task_manager, shared_data, tmp_path):
+@pytest.mark.parametrize(("num_fewshot", "splits"), [(0, ["test"]), (5, ["test", "train"])])
+def test_downloaded_arc_keeps_official_prompt_and_metrics(task_manager, shared_data, tmp_path, num_fewshot, splits):
     mirror = tmp_path / "mirror" / "allenai" / "ai2_arc" / "ARC-Challenge"
     mirror.mkdir(parents=True)
-    (mirror / "test.jsonl").symlink_to(shared_data / "arc" / "hf_schema" / "ARC-Challenge-test.jsonl")
-    local = task_config(task_manager, TaskSpec("arc_challenge"), str(tmp_path / "mirror"))
+    for split in ("train", "validation", "test"):
+        (mirror / f"{split}.jsonl").symlink_to(shared_data / "arc" / "hf_schema" / f"ARC-Challenge-{split}.jsonl")
+    spec = TaskSpec("arc_challenge", num_fewshot=num_fewshot, data_dir=str(tmp_path / "arc_challenge"))
+    sources = download_task_data(spec, spec.data_dir, str(tmp_path / "mirror"))
+    # Only what lm-eval reads: the evaluation split, and the few-shot examples' split when few-shot.
+    assert sorted(sources) == sorted(splits) and all(s["kind"] == "mirror" for s in sources.values())
+    original = [json.loads(line) for line in (mirror / "test.jsonl").open() if line.strip()]
+    assert list(read_jsonl(tmp_path / "arc_challenge" / "test.jsonl")) == original
+    assert sources["test"]["rows"] == len(original)
+    local = task_config(task_manager, spec)
     assert local["dataset_path"] == "json"
-    assert local["dataset_kwargs"] == {"data_files": {"test": str(mirror / "test.jsonl")}}
+    assert local["dataset_kwargs"] == {"data_files": {s: str(tmp_path / "arc_challenge" / f"{s}.jsonl") for s in sorted(splits)}}
     assert local["doc_to_text"] == "Question: {{question}}\nAnswer:"
     assert [m["metric"] for m in local["metric_list"]] == ["acc", "acc_norm"]
-    assert local["training_split"] is None and local["test_split"] == "test"
+    assert local["test_split"] == "test" and local["training_split"] == ("train" if num_fewshot else None)
     # Without local data the task is left to lm-eval as named (it reads the Hub).
-    assert task_config(task_manager, TaskSpec("arc_challenge"), None) == "arc_challenge"
+    assert task_config(task_manager, TaskSpec("arc_challenge")) == "arc_challenge"
 
 
 def test_unknown_task_and_missing_file_name_the_config_key(task_manager, tmp_path):
     with pytest.raises(PipelineError, match="eval.lm_eval.tasks.*no_such_task"):
-        task_config(task_manager, TaskSpec("no_such_task"), None)
+        task_config(task_manager, TaskSpec("no_such_task"))
     with pytest.raises(PipelineError, match="eval.lm_eval.tasks.*not found"):
-        task_config(task_manager, TaskSpec("arc_easy", data_files={"test": str(tmp_path / "missing.jsonl")}), None)
+        task_config(task_manager, TaskSpec("arc_easy", data_files={"test": str(tmp_path / "missing.jsonl")}))
 
 
 def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_data):

@@ -28,7 +28,7 @@ def _run(tmp_path, datasets, weights=None, settings=FilterSettings(), tasks=None
     paths = {name: write_jsonl(tmp_path / f"{name}.hydrated.jsonl", rows) for name, rows in datasets.items()}
     stats = filter_and_mix(
         paths, weights or {}, tmp_path / "mixed.jsonl", tmp_path / "filters.json", tmp_path / "removed.jsonl",
-        settings, SplitSettings(0.1, 0.1, 0), tasks or [], None,
+        settings, SplitSettings(0.1, 0.1, 0), tasks or [],
     )
     return stats, list(read_jsonl(tmp_path / "mixed.jsonl")), list(read_jsonl(tmp_path / "removed.jsonl"))
 
