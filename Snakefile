@@ -15,6 +15,10 @@ if not workflow.overwrite_configfiles:
 
 validate(config, "config/schema.yaml", set_default=True)
 
+# Jobs import this checkout's own sftpipe, the code their `code()` inputs declare, whatever the
+# environment: the project's venv, a conda env (--sdm conda) or a cluster job.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
+
 # A job on a cluster's compute node reads what the download rules (localrules, on the submitting
 # host) fetched: compute nodes often have no internet, and a silent Hub fetch there would hang.
 if workflow.remote_exec:

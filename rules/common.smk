@@ -32,8 +32,14 @@ def one_of(names):
 
 
 def code(*modules):
-    """The package modules a job runs, declared as inputs so that editing them reruns the job."""
+    """The package modules a job runs, declared as inputs so that editing them reruns the job
+    (tests/test_envs.py checks each rule lists every module its script imports)."""
     return [str(PACKAGE / m) for m in ("io.py", *modules)]
+
+
+# What reading a dataset or an lm-eval task pulls in.
+DATA_MODULES = ("data.py", "formats.py", "demo.py")
+EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", *DATA_MODULES)
 
 
 def dataset_config(name):

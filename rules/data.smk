@@ -10,7 +10,7 @@ rule download_dataset:
         rows="results/data/raw/{dataset}.jsonl",
         manifest="results/data/raw/{dataset}.manifest.json",
     input:
-        code=code("data.py", "formats.py", "demo.py"),
+        code=code(*DATA_MODULES),
     params:
         dataset=lambda wildcards: dataset_config(wildcards.dataset),
         mirror_dir=config["data"]["mirror_dir"],
@@ -35,7 +35,7 @@ rule hydrate_dataset:
     input:
         rows=rules.download_dataset.output.rows,
         tokenizer=lambda wildcards: [] if wildcards.renderer == TEMPLATE_RENDERER else base_model_dir(wildcards.renderer),
-        code=code("data.py", "formats.py"),
+        code=code(*DATA_MODULES),
     params:
         dataset=lambda wildcards: dataset_config(wildcards.dataset),
     log:
@@ -60,7 +60,7 @@ rule filter_and_mix:
         hydrated=hydrated_rows,
         # Decontamination reads the configured evaluation sets.
         eval_data=lm_eval_data_files,
-        code=code("filters.py", "tokenization.py", "evaluate.py"),
+        code=code("filters.py", "tokenization.py", *EVALUATE_MODULES),
     params:
         filters=config["data"]["filters"],
         weights=lambda wildcards: {name: config["datasets"][name].get("weight") for name in experiment_of(wildcards).datasets},
@@ -113,7 +113,7 @@ rule download_eval_data:
     output:
         directory(eval_data_dir("{task}")),
     input:
-        code=code("evaluate.py", "data.py"),
+        code=code(*EVALUATE_MODULES),
     params:
         # The splits to fetch depend on the task and on whether it is few-shot; not on its limit.
         task=lambda wildcards: {

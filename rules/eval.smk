@@ -4,7 +4,7 @@ rule evaluate_lm_harness:
     input:
         model=rules.merge_adapter.output[0],
         data_files=lm_eval_data_files,
-        code=code("evaluate.py", "model.py", "data.py"),
+        code=code(*EVALUATE_MODULES),
     params:
         settings={**config["eval"]["lm_eval"], "tasks": lm_eval_task_specs()},
         trust_remote_code=trust_remote_code,
@@ -31,7 +31,7 @@ use rule evaluate_lm_harness as evaluate_base_lm_harness with:
     input:
         model=base_model_dir("{model}"),
         data_files=lm_eval_data_files,
-        code=code("evaluate.py", "model.py", "data.py"),
+        code=code(*EVALUATE_MODULES),
     params:
         settings={**config["eval"]["lm_eval"], "tasks": lm_eval_task_specs()},
         trust_remote_code=lambda wildcards: BASE_MODELS[wildcards.model]["trust_remote_code"],
@@ -48,7 +48,7 @@ rule evaluate_exact_match:
     input:
         model=evaluated_model,
         test=rules.tokenize_and_split.output.test,
-        code=code("evaluate.py", "model.py"),
+        code=code(*EVALUATE_MODULES),
     params:
         settings=config["eval"]["exact_match"],
         trust_remote_code=trust_remote_code,

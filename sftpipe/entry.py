@@ -22,9 +22,9 @@ def run_stage(smk: Any, stage: Callable[[], Any]) -> None:
         logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
         hub = "offline" if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") else "online"
         logging.getLogger("sftpipe").info("rule %s, Hugging Face Hub %s", smk.rule, hub)
-        import torch
-
-        torch.set_num_threads(max(1, smk.threads))
+        # The stages that compute imported torch already; the report does not need it.
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(max(1, smk.threads))
         try:
             with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
                 stage()

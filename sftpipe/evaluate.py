@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
-import string
-from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -15,33 +12,12 @@ import torch
 
 from .data import mirror_location, read_local_rows
 from .io import PipelineError, Progress, atomic_path, read_jsonl, sha256_file, write_json, write_jsonl
+from .metrics import EXACT_MATCH_METRICS, normalize_answer, token_f1
 from .model import load_model, load_tokenizer
 
 log = logging.getLogger("sftpipe")
 
 PACKAGE_TASKS = Path(__file__).parent / "lm_eval_tasks"
-EXACT_MATCH_METRICS = ("exact_match", "normalized_exact_match", "token_f1")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalization: lower case, no punctuation, no articles, single spaces."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
-    return " ".join(text.split())
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style F1 over the normalized tokens of prediction and reference."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .evaluate import EXACT_MATCH_METRICS
 from .io import atomic_path, read_json, read_jsonl, write_json
+from .metrics import EXACT_MATCH_METRICS
 
 VARIANTS = ("base", "tuned")
 SAMPLE_GENERATIONS = 25

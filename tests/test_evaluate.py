@@ -11,11 +11,10 @@ from sftpipe.evaluate import (
     exact_match_eval,
     generate_greedy,
     lm_eval_tasks,
-    normalize_answer,
     task_config,
-    token_f1,
 )
 from sftpipe.io import PipelineError, read_jsonl
+from sftpipe.metrics import normalize_answer, token_f1
 from sftpipe.model import load_model, load_tokenizer
 
 

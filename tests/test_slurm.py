@@ -73,8 +73,9 @@ def slurm_jobs(log: str, env: dict[str, str]) -> dict[str, list[str]]:
         capture_output=True, text=True, check=True, env={**os.environ, **env},
     ).stdout
     jobs: dict[str, list[str]] = {}
+    # The plugin comments each job with rule_<rule>[_wildcards_<values>].
     for job_id, comment in (line.split() for line in listing.splitlines()):
-        jobs.setdefault(comment.removeprefix("rule_"), []).append(job_id)
+        jobs.setdefault(comment.removeprefix("rule_").split("_wildcards_")[0], []).append(job_id)
     return jobs
 
 
