@@ -17,12 +17,13 @@ from workflow import smoke_config, snakemake
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 CLUSTER = REPO / "cluster" / "local-slurm.sh"
 # Rules that run on the submitting host (`localrules`): downloads, the base model, the reports.
-LOCAL_RULES = {"download_dataset", "materialize_base_model", "report", "summarize_experiments", "all"}
+LOCAL_RULES = {"download_dataset", "download_eval_data", "materialize_base_model", "report", "summarize_experiments", "all"}
 GPU_RULES = {"train_lora", "evaluate_lm_harness", "evaluate_base_lm_harness", "evaluate_exact_match"}
 
 
-def cluster(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout, check=True)
+def cluster(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout, check=True,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def slurm(tmp_path_factory) -> dict[str, str]:
             pytest.skip("SLURM is not installed and cannot be here: run cluster/local-slurm.sh install as root")
         cluster("install", timeout=600)
     state = tmp_path_factory.mktemp("slurm-state")
-    exports = cluster("start", str(state)).stdout
+    # Two (device-less) GPUs, so that a training job can ask for both.
+    exports = cluster("start", str(state), env={"LOCAL_SLURM_GPUS": "2"}).stdout
     env = dict(re.findall(r"^export (\w+)=(\S+)$", exports, re.M))
     try:
         yield env
@@ -58,6 +60,8 @@ def slurm_run(slurm, tmp_path_factory, shared_data) -> tuple[Path, str]:
         "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "2",
         "--max-threads", "2",
+        # A training job holding two GPUs runs two DDP processes (gloo here: the GPUs have no device).
+        "--set-resources", "train_lora:gpu=2",
         "--latency-wait", "5",
         "--retries", "0",
         env={**slurm, "HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None},
@@ -81,8 +85,9 @@ def slurm_jobs(log: str, env: dict[str, str]) -> dict[str, list[str]]:
 
 def test_every_compute_job_ran_as_a_slurm_job(slurm_run, slurm):
     work, log = slurm_run
-    started = re.findall(r"^(?:local)?rule (\w+):", log, re.M)
-    compute = [rule for rule in started if rule not in LOCAL_RULES]
+    # Snakemake marks the jobs it runs itself "localrule", those it submits "rule".
+    assert set(re.findall(r"^localrule (\w+):", log, re.M)) == LOCAL_RULES
+    compute = re.findall(r"^rule (\w+):", log, re.M)
     jobs = slurm_jobs(log, slurm)
     assert {rule: len(ids) for rule, ids in jobs.items()} == {rule: compute.count(rule) for rule in set(compute)}
     assert not LOCAL_RULES & set(jobs)
@@ -95,14 +100,22 @@ def test_every_compute_job_ran_as_a_slurm_job(slurm_run, slurm):
 def test_gpu_rules_requested_the_gpu_gres_and_data_rules_did_not(slurm_run, slurm):
     jobs = slurm_jobs(slurm_run[1], slurm)
 
-    def tres(job_id: str) -> str:
-        return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                              check=True, env={**os.environ, **slurm}).stdout
+    def gpus(job_id: str) -> int:
+        record = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                                check=True, env={**os.environ, **slurm}).stdout
+        found = re.search(r"TresPerJob=gres:gpu:(\d+)", record)
+        return int(found[1]) if found else 0
 
-    assert jobs["train_lora"]
+    assert len(jobs["train_lora"]) == 2
     for rule, ids in jobs.items():
-        for job_id in ids:
-            assert ("TresPerJob=gres:gpu:1" in tres(job_id)) == (rule in GPU_RULES), (rule, tres(job_id))
+        expected = 2 if rule == "train_lora" else 1 if rule in GPU_RULES else 0
+        assert [gpus(job_id) for job_id in ids] == [expected] * len(ids), rule
+
+
+def test_a_training_job_holding_two_gpus_ran_two_processes(slurm_run):
+    for experiment in ("smoke", "smoke-r4"):
+        history = json.loads((slurm_run[0] / "results" / "train" / experiment / "history.json").read_text())
+        assert history["summary"]["world_size"] == 2
 
 
 def test_compute_jobs_run_offline_and_downloads_online(slurm_run):
@@ -124,4 +137,4 @@ def test_slurm_artifacts_equal_the_local_run(slurm_run, sweep_run):
     for experiment in ("smoke", "smoke-r4"):
         summaries = [json.loads((r / "train" / experiment / "history.json").read_text())["summary"] for r in (slurm_results, local_results)]
         assert summaries[0]["steps"] == summaries[1]["steps"] == 4
-        assert summaries[0]["train_tokens"] == summaries[1]["train_tokens"]
+        assert summaries[0]["train_rows"] == summaries[1]["train_rows"]
