@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(OFFLINE) $(VENV)/bin/snakemake --cores $(CORES) --resources gpu=1 --rerun-incomplete --configfile config/demo.yaml
+	$(OFFLINE) $(VENV)/bin/snakemake --profile profiles/local --cores $(CORES) --configfile config/demo.yaml
 
 test: install
 	$(OFFLINE) $(PY) -m pytest
