@@ -1,6 +1,6 @@
-import os
-
 from snakemake.utils import min_version, validate
+
+from sftpipe.entry import prepare_job_environment
 
 min_version("9.0")
 
@@ -15,15 +15,7 @@ if not workflow.overwrite_configfiles:
 
 validate(config, "config/schema.yaml", set_default=True)
 
-# Jobs import this checkout's own sftpipe, the code their `code()` inputs declare, whatever the
-# environment: the project's venv, a conda env (--sdm conda) or a cluster job.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
-
-# A job on a cluster's compute node reads what the download rules (localrules, on the submitting
-# host) fetched: compute nodes often have no internet, and a silent Hub fetch there would hang.
-if workflow.remote_exec:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+prepare_job_environment(workflow.basedir, remote=workflow.remote_exec)
 
 
 report: "report/workflow.rst"

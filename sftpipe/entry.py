@@ -12,6 +12,20 @@ from typing import Any
 from .io import PipelineError
 
 
+def prepare_job_environment(workflow_dir: str, remote: bool) -> None:
+    """The environment every job of the workflow inherits, set by the Snakefile.
+
+    Jobs import the workflow's own sftpipe (the code their `code()` inputs declare) whatever the
+    Python environment: the project's venv, a conda env (--sdm conda) or a cluster job. A job on a
+    cluster's compute node (`remote`) reads what the download rules, local to the submitting host,
+    fetched: compute nodes often have no internet, and a silent Hub fetch there would hang.
+    """
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow_dir, os.environ.get("PYTHONPATH")]))
+    if remote:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
 def run_stage(smk: Any, stage: Callable[[], Any]) -> None:
     """Run `stage` with its output in the rule's `log:` file; a PipelineError exits 1 with its message."""
     log_path = smk.log[0] if smk.log else os.devnull

@@ -29,7 +29,7 @@ class TrainSettings:
 
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # dropout keeps a dropped copy of every LoRA input: +1.1 GB peak RSS at 0.05 on SmolLM2-135M
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
@@ -94,6 +94,46 @@ def _cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+VARLEN_SDPA = "sftpipe_varlen_sdpa"
+
+
+def use_varlen_attention(model) -> None:
+    """Attend each example of a padding-free batch on its own.
+
+    With sdpa, transformers isolates packed examples through one dense block-diagonal mask over the
+    whole packed row: its cost grows with the square of the row, per-example calls with the sum of
+    the squares of the examples. Inputs without sequence boundaries (padded batches, generation)
+    take the stock sdpa path with its mask.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                    cu_seq_lens_q=None, **kwargs):
+        if cu_seq_lens_q is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        bounds = cu_seq_lens_q.tolist()
+        grouped = getattr(module, "num_key_value_groups", 1) > 1
+        out = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                    dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=grouped,
+                )
+                for start, end in zip(bounds[:-1], bounds[1:])
+                if end > start
+            ],
+            dim=2,
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+    model.set_attn_implementation(VARLEN_SDPA)
 
 
 def _completion_only_trainer():
@@ -202,6 +242,8 @@ def train_lora(job: TrainJob) -> dict[str, Any]:
             base_dir, quantization_config=quantization, trust_remote_code=trust_remote_code, use_safetensors=True
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    if settings.padding_free and model.config._attn_implementation == "sdpa":
+        use_varlen_attention(model)
     train_set, eval_set = _load_split(job.train_path), _load_split(job.validation_path)
     lora = LoraConfig(
         r=settings.lora_r,

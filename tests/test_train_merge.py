@@ -188,16 +188,21 @@ def test_merged_model_card_and_generate_command(tmp_path, tiny_model, trained):
     assert bad.returncode == 2 and "--template: 'nope'" in bad.stderr
 
 
-def test_padding_free_batches_keep_examples_isolated(tiny_model, tokenized):
+@pytest.mark.parametrize("attention", ["sdpa", "varlen"])
+def test_padding_free_batches_keep_examples_isolated(tiny_model, tokenized, attention):
     """The padding-free batch the trainer sees gives each example the loss it has alone: no attention
-    crosses from one example into the next."""
+    crosses from one example into the next, whether through sdpa's block-diagonal mask or through
+    the per-example attention training uses."""
     import torch.nn.functional as F
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from sftpipe.io import read_jsonl
+    from sftpipe.train import use_varlen_attention
 
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in list(read_jsonl(tokenized["train"]))[:4]]
     model = load_model(tiny_model).eval()
+    if attention == "varlen":
+        use_varlen_attention(model)
 
     def token_losses(input_ids, labels, **kwargs):
         logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits[0, :-1]  # as in training
@@ -206,7 +211,11 @@ def test_padding_free_batches_keep_examples_isolated(tiny_model, tokenized):
     packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     with torch.no_grad():
-        together = token_losses(packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
+        # What the collator gives the model in training: position ids and sequence boundaries. Without
+        # the position ids, only per-example attention can keep the examples apart (RoPE scores depend
+        # on relative positions only), so the varlen case shows that path is the one taken.
+        dropped = ("input_ids", "labels") + (("position_ids",) if attention == "varlen" else ())
+        together = token_losses(packed["input_ids"], packed["labels"], **{k: v for k, v in packed.items() if k not in dropped})
         alone = torch.cat([token_losses(torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])) for r in rows])
         leaky = token_losses(packed["input_ids"], packed["labels"])  # one long sequence: attention crosses examples
     assert together.shape == alone.shape
