@@ -69,7 +69,9 @@ def run_baseline(work: Path, steps: int) -> dict:
     rows = [{"text": r["prompt"] + r["completion"]} for r in read_jsonl(work / "train.jsonl")]
     args = SFTConfig(output_dir=str(work / "baseline-out"), per_device_train_batch_size=8, max_steps=steps,
                      learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", max_length=512,
-                     use_cpu=True, disable_tqdm=True, seed=0)
+                     use_cpu=True, disable_tqdm=True, seed=0,
+                     # fp32 as the seeds ran it: TRL 1.x's SFTConfig turns bf16 on by default.
+                     bf16=False)
     trainer = SFTTrainer(model=load_model(MODEL), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     result = trainer.train()
