@@ -68,6 +68,11 @@ def trust_remote_code(wildcards):
     return experiment_of(wildcards).base_model["trust_remote_code"]
 
 
+def base_model_setting(key):
+    """A rule parameter from the base model the job's {model} wildcard names."""
+    return lambda wildcards: BASE_MODELS[wildcards.model][key]
+
+
 def hydrated_rows(wildcards):
     """The experiment's datasets as hydrated rows; 'chat'-templated ones are rendered per base model."""
     experiment = experiment_of(wildcards)
@@ -93,6 +98,10 @@ def lm_eval_task_specs():
     ]
 
 
+# What evaluation jobs get: the `eval.lm_eval` section with each task's local data.
+LM_EVAL_SETTINGS = {**config["eval"]["lm_eval"], "tasks": lm_eval_task_specs()}
+
+
 def lm_eval_data_files(wildcards):
     """The local data of every configured lm-eval task, so Snakemake builds or checks it first."""
     return [
@@ -105,4 +114,4 @@ def lm_eval_data_files(wildcards):
 def evaluated_model(wildcards):
     if wildcards.variant == "base":
         return experiment_base_model(wildcards)
-    return f"results/models/merged/{wildcards.experiment}"
+    return rules.merge_adapter.output[0].format(experiment=wildcards.experiment)

@@ -6,7 +6,7 @@ rule evaluate_lm_harness:
         data_files=lm_eval_data_files,
         code=code(*EVALUATE_MODULES),
     params:
-        settings={**config["eval"]["lm_eval"], "tasks": lm_eval_task_specs()},
+        settings=LM_EVAL_SETTINGS,
         trust_remote_code=trust_remote_code,
     log:
         "results/logs/evaluate_lm_harness/{experiment}/tuned.log",
@@ -33,8 +33,8 @@ use rule evaluate_lm_harness as evaluate_base_lm_harness with:
         data_files=lm_eval_data_files,
         code=code(*EVALUATE_MODULES),
     params:
-        settings={**config["eval"]["lm_eval"], "tasks": lm_eval_task_specs()},
-        trust_remote_code=lambda wildcards: BASE_MODELS[wildcards.model]["trust_remote_code"],
+        settings=LM_EVAL_SETTINGS,
+        trust_remote_code=base_model_setting("trust_remote_code"),
     log:
         "results/logs/evaluate_base_lm_harness/{model}.log",
     benchmark:

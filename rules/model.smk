@@ -9,9 +9,9 @@ rule materialize_base_model:
     input:
         code=code("model.py"),
     params:
-        source=lambda wildcards: BASE_MODELS[wildcards.model]["source"],
-        revision=lambda wildcards: BASE_MODELS[wildcards.model]["revision"],
-        trust_remote_code=lambda wildcards: BASE_MODELS[wildcards.model]["trust_remote_code"],
+        source=base_model_setting("source"),
+        revision=base_model_setting("revision"),
+        trust_remote_code=base_model_setting("trust_remote_code"),
     log:
         "results/logs/materialize_base_model/{model}.log",
     benchmark:
