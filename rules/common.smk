@@ -90,23 +90,22 @@ def eval_data_dir(task):
 DOWNLOADED_TASKS = {t["name"]: t for t in config["eval"]["lm_eval"]["tasks"] if not t.get("data_files")}
 
 
-def lm_eval_task_specs():
-    """The configured lm-eval tasks, each reading local data: its own files or what was downloaded."""
-    return [
+# What evaluation jobs get: the `eval.lm_eval` section, each task reading local data (its own
+# files or what was downloaded).
+LM_EVAL_SETTINGS = {
+    **config["eval"]["lm_eval"],
+    "tasks": [
         {**task, "data_dir": eval_data_dir(task["name"])} if task["name"] in DOWNLOADED_TASKS else task
         for task in config["eval"]["lm_eval"]["tasks"]
-    ]
-
-
-# What evaluation jobs get: the `eval.lm_eval` section with each task's local data.
-LM_EVAL_SETTINGS = {**config["eval"]["lm_eval"], "tasks": lm_eval_task_specs()}
+    ],
+}
 
 
 def lm_eval_data_files(wildcards):
     """The local data of every configured lm-eval task, so Snakemake builds or checks it first."""
     return [
         path
-        for task in lm_eval_task_specs()
+        for task in LM_EVAL_SETTINGS["tasks"]
         for path in ([task["data_dir"]] if "data_dir" in task else task["data_files"].values())
     ]
 

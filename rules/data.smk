@@ -67,7 +67,7 @@ rule filter_and_mix:
         split=config["data"]["split"],
         # Only what names the evaluation data: a change of limit or few-shot reruns no data stage.
         eval_tasks=[
-            {key: t[key] for key in ("name", "data_files", "data_dir") if key in t} for t in lm_eval_task_specs()
+            {key: t[key] for key in ("name", "data_files", "data_dir") if key in t} for t in LM_EVAL_SETTINGS["tasks"]
         ],
     log:
         "results/logs/filter_and_mix/{experiment}.log",

@@ -83,6 +83,12 @@ def slurm_jobs(log: str, env: dict[str, str]) -> dict[str, list[str]]:
     return jobs
 
 
+def job_record(job_id: str, env: dict[str, str]) -> str:
+    """SLURM's one-line record of a job (state, TRES requested, ...)."""
+    return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                          check=True, env={**os.environ, **env}).stdout
+
+
 def test_every_compute_job_ran_as_a_slurm_job(slurm_run, slurm):
     work, log = slurm_run
     # Snakemake marks the jobs it runs itself "localrule", those it submits "rule".
@@ -92,8 +98,7 @@ def test_every_compute_job_ran_as_a_slurm_job(slurm_run, slurm):
     assert {rule: len(ids) for rule, ids in jobs.items()} == {rule: compute.count(rule) for rule in set(compute)}
     assert not LOCAL_RULES & set(jobs)
     for job_id in (i for ids in jobs.values() for i in ids):
-        record = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                                check=True, env={**os.environ, **slurm}).stdout
+        record = job_record(job_id, slurm)
         assert "JobState=COMPLETED" in record, record
 
 
@@ -101,9 +106,7 @@ def test_gpu_rules_requested_the_gpu_gres_and_data_rules_did_not(slurm_run, slur
     jobs = slurm_jobs(slurm_run[1], slurm)
 
     def gpus(job_id: str) -> int:
-        record = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                                check=True, env={**os.environ, **slurm}).stdout
-        found = re.search(r"TresPerJob=gres:gpu:(\d+)", record)
+        found = re.search(r"TresPerJob=gres:gpu:(\d+)", job_record(job_id, slurm))
         return int(found[1]) if found else 0
 
     assert len(jobs["train_lora"]) == 2
