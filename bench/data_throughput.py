@@ -1,7 +1,9 @@
 """Hydrate + tokenize throughput on the 5,000-row Alpaca sample, in one run, against
 (a) the seeds' way: a `datasets.map` tokenizing one row at a time, and
 (b) the raw speed of one batched fast-tokenizer call on the same texts.
-Ours includes templating, masking, EOS, the hash split, stats and writing JSONL. Writes JSON.
+Ours includes templating, masking, EOS, the hash split, stats and writing JSONL. Each way runs
+`--repeats` times, interleaved, and its median time counts, so one noisy run does not decide the
+ratio. Writes JSON.
 
     .venv/bin/python bench/data_throughput.py [--alpaca ../shared/data/alpaca/alpaca_5000.json]
 """
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
@@ -27,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alpaca", default=str(Path(__file__).resolve().parents[2] / "shared/data/alpaca/alpaca_5000.json"))
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results/data_throughput.json")
     args = parser.parse_args()
 
@@ -45,10 +50,6 @@ def main() -> None:
             for r in raw
         ]
 
-        start = time.perf_counter()
-        tokenizer(texts, truncation=True, max_length=args.max_length)
-        raw_seconds = time.perf_counter() - start
-
         from datasets import Dataset
 
         def seeds_tokenize(row):
@@ -59,23 +60,34 @@ def main() -> None:
             return out
 
         dataset = Dataset.from_list(raw)
-        start = time.perf_counter()
-        dataset.map(seeds_tokenize, batch_size=1, load_from_cache_file=False, keep_in_memory=True)
-        seeds_seconds = time.perf_counter() - start
 
-        start = time.perf_counter()
-        hydrate_dataset(spec, tmp / "raw.jsonl", tmp / "hydrated.jsonl")
-        tokenize_and_split(
-            [tmp / "hydrated.jsonl"], model_dir, {s: tmp / f"{s}.jsonl" for s in SPLITS}, tmp / "stats.json",
-            LengthSettings(args.max_length), SplitSettings(),
-        )
-        ours_seconds = time.perf_counter() - start
+        def ours() -> None:
+            hydrate_dataset(spec, tmp / "raw.jsonl", tmp / "hydrated.jsonl")
+            tokenize_and_split(
+                [tmp / "hydrated.jsonl"], model_dir, {s: tmp / f"{s}.jsonl" for s in SPLITS}, tmp / "stats.json",
+                LengthSettings(args.max_length), SplitSettings(),
+            )
+
+        ways: dict[str, Callable[[], object]] = {
+            "raw": lambda: tokenizer(texts, truncation=True, max_length=args.max_length),
+            "seeds": lambda: dataset.map(seeds_tokenize, batch_size=1, load_from_cache_file=False, keep_in_memory=True),
+            "ours": ours,
+        }
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(args.repeats):
+            for name, way in ways.items():
+                start = time.perf_counter()
+                way()
+                times[name].append(time.perf_counter() - start)
+        raw_seconds, seeds_seconds, ours_seconds = (statistics.median(times[name]) for name in ways)
 
     rows = len(raw)
     result = {
         "benchmark": "hydrate + tokenize, Alpaca 5,000 rows, SmolLM2 tokenizer",
         "rows": rows,
         "max_length": args.max_length,
+        "repeats": args.repeats,
+        "seconds": times,
         "raw_batched_tokenizer_rows_per_s": rows / raw_seconds,
         "seeds_map_batch_size_1_rows_per_s": rows / seeds_seconds,
         "sftpipe_hydrate_and_tokenize_rows_per_s": rows / ours_seconds,

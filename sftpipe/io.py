@@ -9,11 +9,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonlines
 import orjson
 
 log = logging.getLogger("sftpipe")
@@ -49,10 +48,11 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def dumps(obj: Any) -> bytes:
-    """Canonical JSON: sorted keys and raw UTF-8, so equal data gives equal bytes (orjson: token id
-    lists dominate the data artifacts, and the stdlib encoder was a third of tokenization time)."""
-    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+def jsonl_line(obj: Any) -> bytes:
+    """Canonical JSON and its newline: sorted keys and raw UTF-8, so equal data gives equal bytes
+    (orjson: token id lists dominate the data artifacts, and the stdlib encoder was a third of
+    tokenization time)."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -64,17 +64,23 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+@contextlib.contextmanager
+def jsonl_writer(path: str | os.PathLike) -> Iterator[Callable[[dict[str, Any]], object]]:
+    """Yield a function that appends one row to `path`, which appears whole when the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield lambda row: handle.write(jsonl_line(row))
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]], *, if_empty: str | None = None) -> int:
     """Write rows atomically, one canonical JSON object per line; return the row count.
 
     With `if_empty`, writing no row is an error with that message, and nothing is left at `path`.
     """
     count = 0
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle, jsonlines.Writer(handle, dumps=dumps) as writer:
-            for row in rows:
-                writer.write(row)
-                count += 1
+    with jsonl_writer(path) as write:
+        for row in rows:
+            write(row)
+            count += 1
         if count == 0 and if_empty is not None:
             raise PipelineError(if_empty)
     return count

@@ -1,9 +1,11 @@
 """Tokenize-and-split: masks from token ids, EOS learned, distinct pad, stable hash split."""
 
+import gc
 import json
 
+import pytest
 from conftest import write_jsonl
-from sftpipe.io import read_jsonl
+from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.model import load_tokenizer
 from sftpipe.tokenization import IGNORE_INDEX, SPLITS, LengthSettings, SplitSettings, assign_split, tokenize_and_split
 
@@ -107,3 +109,13 @@ def test_fingerprint_follows_tokenizer_data_and_settings(tmp_path, tiny_model):
     config["model_max_length"] = 12345
     (other / "tokenizer_config.json").write_text(json.dumps(config))
     assert _run(tmp_path / "e", other, _rows(30))[1]["fingerprint"] != base
+
+
+def test_a_duplicate_id_fails_leaving_no_split_file_and_gc_on(tmp_path, tiny_model):
+    # The duplicate comes last, after every split has received rows, so the streamed files exist
+    # half-written when the error is raised.
+    rows = _rows(40) + [_rows(1, start=3)[0]]
+    with pytest.raises(PipelineError, match="dataset 't': row id 't-3' appears twice"):
+        _run(tmp_path, tiny_model, rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hydrated.jsonl"]
+    assert gc.isenabled()
