@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,6 +196,31 @@ def run_fingerprint(base_dir: str | Path, train_path: str | Path, validation_pat
     return digest.hexdigest()[:16]
 
 
+def last_complete_checkpoint(checkpoints: Path, main_process: bool = True) -> Path | None:
+    """The newest checkpoint whose trainer state reads back; the main process deletes incomplete ones.
+
+    The Trainer writes `trainer_state.json` last, so a kill while saving leaves a newer checkpoint
+    without it (or with it cut short); resuming from that one would fail on every rerun.
+    """
+    complete: dict[int, Path] = {}
+    incomplete: list[Path] = []
+    for path in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else ():
+        if not (match := re.fullmatch(r"checkpoint-(\d+)", path.name)):
+            continue
+        try:
+            read_json(path / "trainer_state.json")
+        except (ValueError, OSError):  # missing, cut short or not UTF-8
+            incomplete.append(path)
+            continue
+        complete[int(match[1])] = path
+    last = complete[max(complete)] if complete else None
+    for path in incomplete:
+        log.warning("ignoring %s: its save did not finish", path)
+        if main_process:
+            shutil.rmtree(path, ignore_errors=True)
+    return last
+
+
 def _quantization_config(settings: TrainSettings):
     if settings.quantization == "none":
         return None
@@ -224,7 +250,6 @@ def train_lora(job: TrainJob) -> dict[str, Any]:
     `job.adapter_dir` and the log history to `job.history_path`."""
     from peft import LoraConfig
     from transformers import EarlyStoppingCallback
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
     settings, base_dir, trust_remote_code = job.settings, job.base_dir, job.trust_remote_code
@@ -311,11 +336,11 @@ def train_lora(job: TrainJob) -> dict[str, Any]:
         ),
     )
     log.info("training: %d train rows, %d validation rows, precision %s", len(train_set), len(eval_set), precision)
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    resumed_from = int(resume.rsplit("-", 1)[1]) if resume else 0
+    resume = last_complete_checkpoint(checkpoints, main_process)
+    resumed_from = int(resume.name.removeprefix("checkpoint-")) if resume else 0
     if resume:
         log.info("resuming from %s (step %d)", resume, resumed_from)
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_eval = trainer.evaluate()
     history = trainer.state.log_history
     summary = {

@@ -118,8 +118,9 @@ def test_qlora_trains_on_cuda(tmp_path, tiny_model, tokenized):
     assert summary["steps"] == 8
 
 
-def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_model, tokenized):
+def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_model, tokenized, caplog):
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -138,9 +139,18 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
     process.wait()
     assert not (tmp_path / "adapter").exists()
     saved = max(int(p.parent.name.split("-")[1]) for p in (tmp_path / "work").glob("*/checkpoint-*/trainer_state.json"))
+    # What a kill while saving leaves behind: newer checkpoints without their trainer state, or with it cut short.
+    last = next((tmp_path / "work").glob(f"*/checkpoint-{saved}"))
+    for step, state in ((saved + 5, None), (saved + 7, b'{"global_step": ')):
+        partial = shutil.copytree(last, last.with_name(f"checkpoint-{step}"))
+        if state is None:
+            (partial / "trainer_state.json").unlink()
+        else:
+            (partial / "trainer_state.json").write_bytes(state)
 
     summary = train_lora(run)
     assert 10 <= summary["resumed_from_step"] == saved < 80
+    assert sum("its save did not finish" in r.getMessage() for r in caplog.records) == 2
     assert summary["steps"] == 80
     history = json.loads((tmp_path / "h.json").read_text())["log_history"]
     steps = [h["step"] for h in history if "loss" in h]
