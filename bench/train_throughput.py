@@ -1,7 +1,7 @@
 """LoRA training on SmolLM2-135M, the same Alpaca rows and steps, in one run: TRL's SFTTrainer as the
 seed notebooks use it (fp32, pad = EOS, padded batches, full-sequence loss) vs sftpipe's training stage,
-plus two ablations of ours (sdpa's dense packed mask instead of per-example attention; gradient
-checkpointing). Reports real (non-pad) tokens/s, achieved FLOP/s (4·N per token: frozen weights need
+plus three ablations of ours (sdpa's dense packed mask instead of per-example attention; gradient
+checkpointing; glibc's malloc instead of the preloaded allocator). Reports real (non-pad) tokens/s, achieved FLOP/s (4·N per token: frozen weights need
 no weight gradient) against this machine's GEMM peak in the precision we train in, measured in the
 same run, peak RSS of each run (each in its own process), and the completion loss of every adapter
 on the same held-out rows. Writes JSON.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def gemm_peak(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
 
 
 HELD_OUT = 32
-VARIANTS = ("baseline", "sftpipe", "sftpipe-dense-attention", "sftpipe-gradient-checkpointing")
+VARIANTS = ("baseline", "sftpipe", "sftpipe-dense-attention", "sftpipe-gradient-checkpointing", "sftpipe-system-allocator")
 
 
 def prepare(work: Path, rows: int) -> None:
@@ -90,11 +91,13 @@ def run_sftpipe(work: Path, steps: int, variant: str) -> dict:
     settings = TrainSettings(lora_r=8, lora_alpha=16, batch_size=8, max_steps=steps, learning_rate=2e-4,
                              logging_steps=1, eval_steps=10_000, save_steps=10_000,
                              gradient_checkpointing=variant == "sftpipe-gradient-checkpointing")
+    # In this process (its allocator was preloaded by main, as `train` would): the ablations patch it.
     summary = train_lora(TrainJob(MODEL, work / "train.jsonl", work / "heldout.jsonl", work / f"{variant}-adapter",
                                   work / f"{variant}-history.json", work / "ckpt", settings))
     history = json.loads((work / f"{variant}-history.json").read_text())["log_history"]
     return {"seconds": summary["train_runtime_s"], "real_tokens": summary["train_tokens"],
-            "final_train_loss": [h["loss"] for h in history if "loss" in h][-1], "precision": summary["precision"]}
+            "final_train_loss": [h["loss"] for h in history if "loss" in h][-1], "precision": summary["precision"],
+            "allocator": summary["allocator"]}
 
 
 @torch.no_grad()
@@ -142,10 +145,16 @@ def main() -> None:
         peaks = {f"{p}_gflops": gemm_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[p])) / 1e9
                  for p in ("fp32", "bf16") if p == "fp32" or precision == "bf16"}
         parameters = sum(p.numel() for p in __import__("sftpipe.model", fromlist=["load_model"]).load_model(MODEL).parameters())
+        from sftpipe.train import allocator_library
+
+        preload = allocator_library("auto")
         results = {}
         for variant in VARIANTS:
+            env = dict(os.environ)
+            if preload and variant not in ("baseline", "sftpipe-system-allocator"):
+                env["LD_PRELOAD"] = preload
             out = subprocess.run([sys.executable, __file__, "--variant", variant, "--work", tmp, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True).stdout
+                                 capture_output=True, text=True, check=True, env=env).stdout
             result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
             result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
             result["achieved_gflops"] = 4 * parameters * result["real_tokens_per_s"] / 1e9

@@ -50,6 +50,7 @@ class TrainSettings:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     padding_free: bool = True
     gradient_checkpointing: bool = False
+    allocator: str = "auto"  # auto | tcmalloc | jemalloc | system: see allocator_library
     save_steps: int = 100  # checkpoint interval; a killed run resumes from the last one
     processes: int = 1  # data-parallel processes (DDP): one per GPU, or gloo processes on CPU
     gpus: int = 1  # GPUs the job asks the scheduler for; more than one means one process per GPU
@@ -137,12 +138,68 @@ def use_varlen_attention(model) -> None:
     model.set_attn_implementation(VARLEN_SDPA)
 
 
+# Architectures whose logits are exactly `lm_head(hidden_states)`: no softcapping or logit scaling
+# after the projection, which the fused loss below would skip.
+PLAIN_LM_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Logit elements per chunk of the fused loss: 32 MB in fp32, whatever the vocabulary.
+LOSS_CHUNK_ELEMENTS = 1 << 23
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy of `hidden @ weight.T` against `targets` (-100 ignored), chunk by chunk.
+
+    The loss is a scalar, so its gradient for `hidden` is computed during the forward and kept;
+    neither the [positions, vocabulary] logits nor their softmax outlive a chunk. On a small model
+    those are the largest tensors of a LoRA step. `weight` is frozen: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], rows):
+            chunk_targets = targets[start : start + rows]
+            logits = (hidden[start : start + rows] @ weight.T).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            learned = chunk_targets != -100
+            picked = chunk_targets.clamp(min=0)
+            total += ((log_norm - logits.gather(1, picked[:, None]).squeeze(1)) * learned).sum()
+            probs = logits.sub_(log_norm[:, None]).exp_()
+            probs[torch.arange(len(picked), device=probs.device), picked] -= 1
+            probs.mul_(learned[:, None])
+            grad[start : start + rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
+
+
+def _frozen_output_projection(model) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
+    """(causal LM, attribute name, lm_head) when the fused loss applies: a plain architecture whose
+    bias-free output projection is frozen (not in `modules_to_save`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if (
+        getattr(base.config, "model_type", None) not in PLAIN_LM_HEAD_MODELS
+        or type(head) is not torch.nn.Linear
+        or head.bias is not None
+        or head.weight.requires_grad
+    ):
+        return None
+    return base, next(name for name, child in base.named_children() if child is head), head
+
+
 def _completion_only_trainer():
     import torch.nn.functional as F
     from trl import SFTTrainer
 
     class CompletionOnlySFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss projects only the completion positions onto the vocabulary.
+        """SFTTrainer whose loss projects only the completion positions onto the vocabulary, and
+        where it can, chunk by chunk without keeping logits (`LinearCrossEntropy`).
 
         Prompt positions carry label -100 and add nothing to the loss, yet computing their
         vocabulary logits dominates a step when prompts are long and answers short.
@@ -159,11 +216,23 @@ def _completion_only_trainer():
             # those onto the vocabulary, while the forward still runs through any DDP wrapper.
             keep = (labels != -100).any(dim=0).nonzero().squeeze(-1)
             model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
             targets = labels[:, keep]
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
-            )
+            projection = _frozen_output_projection(self.accelerator.unwrap_model(model))
+            if projection is None:
+                logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            else:
+                # The forward (through any DDP wrapper) returns the hidden states at `keep`; the
+                # projection happens inside the fused loss.
+                base, name, head = projection
+                setattr(base, name, torch.nn.Identity())
+                try:
+                    hidden = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
+                finally:
+                    setattr(base, name, head)
+                loss = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), head.weight, targets.reshape(-1))
             count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
             loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -335,7 +404,8 @@ def train_lora(job: TrainJob) -> dict[str, Any]:
             [EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience)] if early_stopping else []
         ),
     )
-    log.info("training: %d train rows, %d validation rows, precision %s", len(train_set), len(eval_set), precision)
+    log.info("training: %d train rows, %d validation rows, precision %s, allocator %s",
+             len(train_set), len(eval_set), precision, current_allocator())
     resume = last_complete_checkpoint(checkpoints, main_process)
     resumed_from = int(resume.name.removeprefix("checkpoint-")) if resume else 0
     if resume:
@@ -356,6 +426,7 @@ def train_lora(job: TrainJob) -> dict[str, Any]:
         "validation_rows": len(eval_set),
         "precision": precision,
         "world_size": world_size,
+        "allocator": current_allocator(),
         "settings": asdict(settings),
     }
     if main_process:
@@ -367,27 +438,85 @@ def train_lora(job: TrainJob) -> dict[str, Any]:
     return summary
 
 
+# Shared-library names per allocator, best first: gperftools' minimal build is all tcmalloc needs.
+ALLOCATOR_LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+
+
+def current_allocator() -> str:
+    """`tcmalloc` or `jemalloc` when this process runs on one (read from its memory map), else `system`."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return next((name for name in ALLOCATOR_LIBRARIES if f"lib{name}" in maps), "system")
+
+
+def allocator_library(choice: str) -> str | None:
+    """The library to preload into a training process for `train.allocator`, or None to train with
+    this process's own allocator (`system`, one already preloaded, or `auto` where none is installed).
+
+    PyTorch's CPU tensors come from malloc. glibc's keeps the activations freed after each backward
+    as holes that the next step's differently sized tensors cannot reuse; tcmalloc's size classes
+    reuse them.
+    """
+    if choice == "system" or not sys.platform.startswith("linux") or current_allocator() != "system":
+        return None
+    from ctypes.util import find_library
+
+    for name in ALLOCATOR_LIBRARIES if choice == "auto" else (choice,):
+        for library in ALLOCATOR_LIBRARIES[name]:
+            # A conda env's own lib/ first (`--sdm conda` with gperftools), then the system's.
+            in_prefix = Path(sys.prefix) / "lib" / f"lib{library}.so"
+            if in_prefix.exists():
+                return str(in_prefix)
+            if found := find_library(library):
+                return found
+    if choice != "auto":
+        raise PipelineError(
+            f"config key 'train.allocator': {choice} is not installed "
+            f"(Debian: apt install {'libtcmalloc-minimal4' if choice == 'tcmalloc' else 'libjemalloc2'}; "
+            f"conda: {'gperftools' if choice == 'tcmalloc' else 'jemalloc'})"
+        )
+    return None
+
+
+def _fd(stream) -> int | None:
+    """The file descriptor behind `stream`, so a child process writes where this one does (the rule's log)."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def processes_for(settings: TrainSettings, gpus: int) -> int:
     """One process per GPU when the job holds several; otherwise `train.processes` (gloo on CPU)."""
     return gpus if gpus > 1 else settings.processes
 
 
 def train(job: TrainJob, gpus: int = 1, threads: int = 1) -> dict[str, Any]:
-    """`train_lora` in this process, or under torchrun with one data-parallel worker per GPU the job
-    holds (NCCL) or `train.processes` workers on CPU (gloo), each with its share of the threads."""
+    """`train_lora` in this process, or in child processes: under torchrun with one data-parallel
+    worker per GPU the job holds (NCCL) or `train.processes` workers on CPU (gloo), each with its
+    share of the threads; or one child when `train.allocator` needs a library preloaded."""
     processes = processes_for(job.settings, gpus)
-    if processes <= 1:
+    preload = allocator_library(job.settings.allocator)
+    if processes <= 1 and preload is None:
         return train_lora(job)
     with tempfile.TemporaryDirectory() as scratch:
         call = Path(scratch) / "job.json"
         call.write_text(job.to_json())
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "sftpipe.train", str(call)]
-        log.info("launching %d training processes: %s", processes, " ".join(command))
-        result = subprocess.run(command, env=env)
+        if preload:
+            env["LD_PRELOAD"] = " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))
+            # tcmalloc reports every allocation over 1 GB on stderr: loading a large base model is not news.
+            env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = [*launcher, "-m", "sftpipe.train", str(call)]
+        log.info("launching %d training process(es)%s: %s", processes, f" on {preload}" if preload else "", " ".join(command))
+        result = subprocess.run(command, env=env, stdout=_fd(sys.stdout), stderr=_fd(sys.stderr))
     if result.returncode != 0:
-        raise PipelineError(f"distributed training failed (torchrun exit {result.returncode}); see the log above")
+        raise PipelineError(f"training failed (exit {result.returncode}); see the log above")
     return read_json(job.history_path)["summary"]
 
 

@@ -10,7 +10,7 @@ from sftpipe.io import PipelineError
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
-from sftpipe.train import TrainJob, TrainSettings, resolve_precision, train_lora
+from sftpipe.train import TrainJob, TrainSettings, allocator_library, resolve_precision, train, train_lora
 
 
 def job(model, tokenized, out, settings, adapter="adapter", history="h.json") -> TrainJob:
@@ -253,3 +253,80 @@ def test_early_stopping_ends_training_when_validation_loss_stalls(tmp_path, tiny
     assert summary["steps"] == 12
     evals = [h["step"] for h in json.loads((tmp_path / "h.json").read_text())["log_history"] if "eval_loss" in h]
     assert evals[:3] == [4, 8, 12]
+
+
+ALLOCATOR_PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
+
+
+@pytest.fixture(scope="module")
+def allocators():
+    """tcmalloc and jemalloc, installed from Debian's packages where this machine can (root, apt)."""
+    import os
+    import shutil
+    import subprocess
+
+    def installed():
+        try:
+            return all(allocator_library(name) for name in ALLOCATOR_PACKAGES)
+        except PipelineError:
+            return False
+
+    if not installed() and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *ALLOCATOR_PACKAGES.values()], env=env, check=False)
+    if not installed():
+        pytest.skip(f"needs {' and '.join(ALLOCATOR_PACKAGES.values())} (Debian), which cannot be installed here")
+
+
+@pytest.mark.parametrize("allocator, expected", [("auto", "tcmalloc"), ("jemalloc", "jemalloc"), ("system", "system")])
+def test_training_runs_on_the_configured_allocator(tmp_path, tiny_model, tokenized, allocators, allocator, expected):
+    settings = TrainSettings(max_steps=2, batch_size=8, eval_steps=2, allocator=allocator)
+    summary = train(job(tiny_model, tokenized, tmp_path, settings))
+    # Read from the training process's own memory map, and written by it to the history.
+    assert summary["allocator"] == expected
+    assert json.loads((tmp_path / "h.json").read_text())["summary"]["allocator"] == expected
+    assert summary["steps"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_an_allocator_that_is_not_installed_names_the_key(monkeypatch):
+    import sftpipe.train
+
+    monkeypatch.setitem(sftpipe.train.ALLOCATOR_LIBRARIES, "jemalloc", ("sftpipe-no-such-allocator",))
+    with pytest.raises(PipelineError, match=r"config key 'train.allocator': jemalloc is not installed"):
+        allocator_library("jemalloc")
+
+
+def test_fused_loss_equals_cross_entropy_over_full_logits(tiny_model, monkeypatch):
+    import sftpipe.train
+    from sftpipe.train import LinearCrossEntropy
+
+    monkeypatch.setattr(sftpipe.train, "LOSS_CHUNK_ELEMENTS", 7 * 1000)  # several chunks, one of them short
+    weight = load_model(tiny_model).lm_head.weight.detach()
+    torch.manual_seed(0)
+    hidden = torch.randn(37, weight.shape[1], requires_grad=True)
+    targets = torch.randint(0, weight.shape[0], (37,))
+    targets[::5] = -100
+    fused = LinearCrossEntropy.apply(hidden, weight, targets)
+    (fused * 0.5).backward()
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(reference_hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
+    (reference * 0.5).backward()
+    assert torch.allclose(fused, reference, rtol=1e-6, atol=1e-4)
+    assert torch.allclose(hidden.grad, reference_hidden.grad, atol=1e-6)
+
+
+def test_training_with_the_fused_loss_matches_full_logits(tmp_path, tiny_model, tokenized, monkeypatch):
+    import sftpipe.train
+
+    settings = TrainSettings(max_steps=3, batch_size=8, learning_rate=5e-3, eval_steps=3, logging_steps=1, allocator="system")
+
+    def losses(out):
+        summary = train_lora(job(tiny_model, tokenized, out, settings))
+        history = json.loads((out / "h.json").read_text())["log_history"]
+        return [h["loss"] for h in history if "loss" in h] + [summary["eval_loss"]]
+
+    fused = losses(tmp_path / "fused")
+    monkeypatch.setattr(sftpipe.train, "PLAIN_LM_HEAD_MODELS", frozenset())  # every model takes the logits path
+    full = losses(tmp_path / "full")
+    assert len(fused) == 4 and fused == pytest.approx(full, rel=1e-5)
