@@ -154,10 +154,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_grad: bool) -> torch.Tensor:
         rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden)
+        grad = torch.empty_like(hidden) if with_grad else None
         for start in range(0, hidden.shape[0], rows):
             chunk_targets = targets[start : start + rows]
             logits = (hidden[start : start + rows] @ weight.T).float()
@@ -165,6 +165,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             learned = chunk_targets != -100
             picked = chunk_targets.clamp(min=0)
             total += ((log_norm - logits.gather(1, picked[:, None]).squeeze(1)) * learned).sum()
+            if grad is None:
+                continue
             probs = logits.sub_(log_norm[:, None]).exp_()
             probs[torch.arange(len(picked), device=probs.device), picked] -= 1
             probs.mul_(learned[:, None])
@@ -175,7 +177,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None
+        return grad * grad_output, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`LinearCrossEntropy`, which computes the gradient only when one will be asked for (not in evaluation)."""
+    return LinearCrossEntropy.apply(hidden, weight, targets, torch.is_grad_enabled() and hidden.requires_grad)
 
 
 def _frozen_output_projection(model) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
@@ -199,7 +206,7 @@ def _completion_only_trainer():
 
     class CompletionOnlySFTTrainer(SFTTrainer):
         """SFTTrainer whose loss projects only the completion positions onto the vocabulary, and
-        where it can, chunk by chunk without keeping logits (`LinearCrossEntropy`).
+        where it can, chunk by chunk without keeping logits (`linear_cross_entropy`).
 
         Prompt positions carry label -100 and add nothing to the loss, yet computing their
         vocabulary logits dominates a step when prompts are long and answers short.
@@ -232,7 +239,7 @@ def _completion_only_trainer():
                     hidden = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
                 finally:
                     setattr(base, name, head)
-                loss = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), head.weight, targets.reshape(-1))
+                loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, targets.reshape(-1))
             count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
             loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -299,7 +299,7 @@ def test_an_allocator_that_is_not_installed_names_the_key(monkeypatch):
 
 def test_fused_loss_equals_cross_entropy_over_full_logits(tiny_model, monkeypatch):
     import sftpipe.train
-    from sftpipe.train import LinearCrossEntropy
+    from sftpipe.train import linear_cross_entropy
 
     monkeypatch.setattr(sftpipe.train, "LOSS_CHUNK_ELEMENTS", 7 * 1000)  # several chunks, one of them short
     weight = load_model(tiny_model).lm_head.weight.detach()
@@ -307,13 +307,15 @@ def test_fused_loss_equals_cross_entropy_over_full_logits(tiny_model, monkeypatc
     hidden = torch.randn(37, weight.shape[1], requires_grad=True)
     targets = torch.randint(0, weight.shape[0], (37,))
     targets[::5] = -100
-    fused = LinearCrossEntropy.apply(hidden, weight, targets)
+    fused = linear_cross_entropy(hidden, weight, targets)
     (fused * 0.5).backward()
     reference_hidden = hidden.detach().clone().requires_grad_()
     reference = torch.nn.functional.cross_entropy(reference_hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
     (reference * 0.5).backward()
     assert torch.allclose(fused, reference, rtol=1e-6, atol=1e-4)
     assert torch.allclose(hidden.grad, reference_hidden.grad, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone
+        assert torch.allclose(linear_cross_entropy(hidden, weight, targets), reference, rtol=1e-6, atol=1e-4)
 
 
 def test_training_with_the_fused_loss_matches_full_logits(tmp_path, tiny_model, tokenized, monkeypatch):
