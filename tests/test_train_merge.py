@@ -318,6 +318,26 @@ def test_fused_loss_equals_cross_entropy_over_full_logits(tiny_model, monkeypatc
         assert torch.allclose(linear_cross_entropy(hidden, weight, targets), reference, rtol=1e-6, atol=1e-4)
 
 
+def test_fused_loss_under_bf16_autocast_matches_the_autocast_logits_path(tiny_model):
+    from sftpipe.train import linear_cross_entropy
+
+    weight = load_model(tiny_model).lm_head.weight.detach()
+    torch.manual_seed(0)
+    hidden = torch.randn(23, weight.shape[1], requires_grad=True)
+    targets = torch.randint(0, weight.shape[0], (23,))
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    # As in training under bf16: the projection runs in bf16, the loss in fp32, the gradient comes back fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(hidden, weight, targets)
+        logits = reference_hidden @ weight.T
+    reference = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    fused.backward()
+    reference.backward()
+    assert hidden.grad.dtype == torch.float32
+    assert torch.allclose(fused, reference, rtol=1e-3)
+    assert torch.allclose(hidden.grad, reference_hidden.grad, rtol=0.05, atol=1e-3)
+
+
 def test_training_with_the_fused_loss_matches_full_logits(tmp_path, tiny_model, tokenized, monkeypatch):
     import sftpipe.train
 
