@@ -1,7 +1,8 @@
 """LoRA training on SmolLM2-135M, the same Alpaca rows and steps, in one run: TRL's SFTTrainer as the
 seed notebooks use it (fp32, pad = EOS, padded batches, full-sequence loss) vs sftpipe's training stage,
-plus three ablations of ours (sdpa's dense packed mask instead of per-example attention; gradient
-checkpointing; glibc's malloc instead of the preloaded allocator). Reports real (non-pad) tokens/s, achieved FLOP/s (4·N per token: frozen weights need
+plus four ablations of ours (sdpa's dense packed mask instead of per-example attention; the stock
+MLP instead of the lean SwiGLU; gradient checkpointing; glibc's malloc instead of the preloaded
+allocator). Reports real (non-pad) tokens/s, achieved FLOP/s (4·N per token: frozen weights need
 no weight gradient) against this machine's GEMM peak in the precision we train in, measured in the
 same run, peak RSS of each run (each in its own process), and the completion loss of every adapter
 on the same held-out rows. Writes JSON.
@@ -37,7 +38,8 @@ def gemm_peak(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
 
 
 HELD_OUT = 32
-VARIANTS = ("baseline", "sftpipe", "sftpipe-dense-attention", "sftpipe-gradient-checkpointing", "sftpipe-system-allocator")
+VARIANTS = ("baseline", "sftpipe", "sftpipe-dense-attention", "sftpipe-stock-mlp", "sftpipe-gradient-checkpointing",
+            "sftpipe-system-allocator")
 
 
 def prepare(work: Path, rows: int) -> None:
@@ -88,6 +90,8 @@ def run_sftpipe(work: Path, steps: int, variant: str) -> dict:
 
     if variant == "sftpipe-dense-attention":
         sftpipe.train.use_varlen_attention = lambda model: None
+    if variant == "sftpipe-stock-mlp":
+        sftpipe.train.use_lean_swiglu = lambda model: 0
     settings = TrainSettings(lora_r=8, lora_alpha=16, batch_size=8, max_steps=steps, learning_rate=2e-4,
                              logging_steps=1, eval_steps=10_000, save_steps=10_000,
                              gradient_checkpointing=variant == "sftpipe-gradient-checkpointing")

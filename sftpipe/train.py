@@ -20,6 +20,7 @@ import torch
 
 from .io import PipelineError, Progress, atomic_path, read_json, read_jsonl, sha256_file, write_json
 from .model import load_model, load_tokenizer
+from .swiglu import use_lean_swiglu
 
 log = logging.getLogger("sftpipe")
 
@@ -345,6 +346,8 @@ def train_lora(job: TrainJob) -> dict[str, Any]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     if settings.padding_free and model.config._attn_implementation == "sdpa":
         use_varlen_attention(model)
+    if not settings.gradient_checkpointing:
+        use_lean_swiglu(model)
     train_set, eval_set = _load_split(job.train_path), _load_split(job.validation_path)
     lora = LoraConfig(
         r=settings.lora_r,

@@ -352,3 +352,60 @@ def test_training_with_the_fused_loss_matches_full_logits(tmp_path, tiny_model, 
     monkeypatch.setattr(sftpipe.train, "PLAIN_LM_HEAD_MODELS", frozenset())  # every model takes the logits path
     full = losses(tmp_path / "full")
     assert len(fused) == 4 and fused == pytest.approx(full, rel=1e-5)
+
+
+def _with_lora(model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    # Random LoRA B factors (not zeros) so that every LoRA weight gets a gradient worth comparing.
+    return get_peft_model(load_model(model_dir), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+def _allocated_bytes() -> int:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd  # in use from the heap + in mmapped chunks
+
+
+def test_lean_swiglu_gives_the_stock_gradients_and_keeps_two_activations_less_per_layer(tiny_model):
+    from sftpipe.swiglu import use_lean_swiglu
+    from sftpipe.train import current_allocator
+
+    if current_allocator() != "system" or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):
+        pytest.skip("measures memory kept through glibc's mallinfo2")
+    stock, lean = _with_lora(tiny_model), _with_lora(tiny_model)
+    assert use_lean_swiglu(lean) == 2
+    ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(0))
+    kept, grads = {}, {}
+    for name, model in (("stock", stock), ("lean", lean)):
+        body = model.get_base_model().model  # the decoder stack: no vocabulary logits to dwarf the MLPs
+        with torch.no_grad():
+            body(input_ids=ids)  # first-call allocations (rotary tables and the like) out of the way
+        before = _allocated_bytes()
+        hidden = body(input_ids=ids).last_hidden_state
+        kept[name] = _allocated_bytes() - before  # what the forward holds for backward, and its output
+        hidden.square().mean().backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["lean"].keys() == grads["stock"].keys() and len(grads["lean"]) == 2 * 7 * 2
+    for n, grad in grads["stock"].items():
+        assert torch.equal(grads["lean"][n], grad), n
+    config = stock.config
+    # silu(gate) and the product silu(gate) * up, [tokens, intermediate] each, in every layer.
+    dropped = 2 * ids.numel() * config.intermediate_size * 4 * config.num_hidden_layers
+    assert kept["stock"] - kept["lean"] >= 0.9 * dropped
+
+
+def test_lean_swiglu_leaves_other_architectures_alone(tiny_model):
+    from sftpipe.swiglu import use_lean_swiglu
+
+    model = load_model(tiny_model)
+    model.config.hidden_act = "gelu"
+    assert use_lean_swiglu(model) == 0
