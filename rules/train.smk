@@ -6,7 +6,7 @@ rule train_lora:
         base=experiment_base_model,
         train=rules.tokenize_and_split.output.train,
         validation=rules.tokenize_and_split.output.validation,
-        code=code("train.py", "model.py"),
+        code=code("train.py", "swiglu.py", "model.py"),
     params:
         settings=lambda wildcards: experiment_of(wildcards).train,
         work_dir=lambda wildcards: f"results/train/{wildcards.experiment}/work",
