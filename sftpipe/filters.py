@@ -65,16 +65,23 @@ def exact_duplicates(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def near_duplicates(rows: list[dict[str, Any]], threshold: float, seed: int) -> dict[str, dict[str, Any]]:
-    """MinHash LSH over word 5-shingles: a row close to an earlier kept row (Jaccard >= threshold) goes."""
+    """MinHash LSH over word 5-shingles: a row close to an earlier kept row (Jaccard >= threshold) goes.
+
+    Rows of one conversation are never each other's duplicates: each turn's content holds the
+    history before it, so a short late turn looks like the turn before it.
+    """
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=128)
+    source_of = {}
     removed = {}
     progress = Progress("near-dedup", len(rows))
     for row in rows:
         signature = MinHash(num_perm=128, seed=seed)
         signature.update_batch([" ".join(g).encode() for g in ngrams(words(_content(row)), 5)])
-        matches = lsh.query(signature)
+        source = row.get("source_id", row["id"])
+        matches = [m for m in lsh.query(signature) if source_of[m] != source]
+        source_of[row["id"]] = source
         if matches:
             removed[row["id"]] = {"reason": "near_duplicate", "match": min(matches)}
         else:
@@ -138,10 +145,12 @@ def contaminated(rows: list[dict[str, Any]], references: list[tuple[str, list[st
     return removed
 
 
-def mix(rows: list[dict[str, Any]], weight: float | None, seed: int) -> list[dict[str, Any]]:
-    """A fraction (<= 1) or a count (> 1) of the rows, seeded; a count above the rows available upsamples.
+def mix(rows: list[dict[str, Any]], weight: float | None, seed: str, split: SplitSettings) -> list[dict[str, Any]]:
+    """A fraction (<= 1) or a row count (an integer > 1) of the rows, seeded; a count above the rows
+    available upsamples.
 
-    Copies keep their `source_id`, so the split keeps every copy of a row on the same side.
+    Copies are drawn from training rows only and keep their `source_id`, hence their split: a copy
+    of a held-out row would count twice in exact match and validation loss.
     """
     if weight is None or weight == 1:
         return rows
@@ -150,7 +159,11 @@ def mix(rows: list[dict[str, Any]], weight: float | None, seed: int) -> list[dic
     if count <= len(rows):
         keep = sorted(rng.sample(range(len(rows)), count))
         return [rows[i] for i in keep]
-    extra = [rng.randrange(len(rows)) for _ in range(count - len(rows))]
+    train = [i for i, row in enumerate(rows) if row_split(row, split) == "train"]
+    if not train:
+        log.warning("no training row to upsample among %d rows: weight %s ignored", len(rows), weight)
+        return rows
+    extra = [rng.choice(train) for _ in range(count - len(rows))]
     copies = Counter()
     upsampled = list(rows)
     for i in extra:
@@ -195,7 +208,8 @@ def filter_and_mix(
     mixed = []
     for name, dataset_rows in rows.items():
         kept = [r for r in dataset_rows if r["id"] not in removed]
-        weighted = mix(kept, weights.get(name), settings.seed)
+        # Seeded per dataset, so two datasets of one size are not sampled at the same positions.
+        weighted = mix(kept, weights.get(name), f"{settings.seed}:{name}", split)
         mixed += weighted
         reason_counts = Counter(removed[r["id"]]["reason"] for r in dataset_rows if r["id"] in removed)
         stats["datasets"][name] = {

@@ -6,10 +6,10 @@ import pytest
 
 from conftest import write_jsonl
 from sftpipe.evaluate import TaskSpec
-from sftpipe.filters import FilterSettings, filter_and_mix, mix
+from sftpipe.filters import FilterSettings, filter_and_mix, mix, words
 from sftpipe.formats import ALPACA_NO_INPUT
 from sftpipe.io import read_jsonl
-from sftpipe.tokenization import SplitSettings
+from sftpipe.tokenization import SplitSettings, row_split
 
 
 def _alpaca_rows(shared_data, n):
@@ -35,8 +35,8 @@ def _run(tmp_path, datasets, weights=None, settings=FilterSettings(), tasks=None
 
 def test_exact_and_near_duplicates_are_removed(tmp_path, shared_data):
     rows = _alpaca_rows(shared_data, 60)
-    exact = {**rows[3], "id": "dup-exact", "content": rows[3]["content"].upper() + "  "}
-    near = {**rows[5], "id": "dup-near", "content": rows[5]["content"] + " Indeed."}
+    exact = {**rows[3], "id": "dup-exact", "source_id": "dup-exact", "content": rows[3]["content"].upper() + "  "}
+    near = {**rows[5], "id": "dup-near", "source_id": "dup-near", "content": rows[5]["content"] + " Indeed."}
     settings = FilterSettings(decontaminate=False, near_dedup_threshold=0.7)
     stats, mixed, removed = _run(tmp_path, {"alpaca": rows + [exact, near]}, settings=settings)
     assert {r["id"]: (r["reason"], r["match"]) for r in removed} == {
@@ -45,6 +45,20 @@ def test_exact_and_near_duplicates_are_removed(tmp_path, shared_data):
     }
     assert [r["id"] for r in mixed] == [r["id"] for r in rows]
     assert stats["datasets"]["alpaca"]["exact_duplicate"] == 1 and stats["datasets"]["alpaca"]["near_duplicate"] == 1
+
+
+def test_every_turn_of_a_conversation_survives_near_dedup(tmp_path):
+    from sftpipe.data import DatasetSpec, hydrate_dataset
+
+    answer = " ".join(f"Step {i}: mix the flour, the water and the salt, then knead for a minute." for i in range(12))
+    conversation = {"text": f"### Human: How do I make bread dough?### Assistant: {answer}### Human: Thanks!### Assistant: Enjoy."}
+    raw = write_jsonl(tmp_path / "raw.jsonl", [conversation])
+    hydrate_dataset(DatasetSpec.from_config("guanaco", {"preset": "guanaco"}), raw, tmp_path / "guanaco.jsonl")
+    turns = list(read_jsonl(tmp_path / "guanaco.jsonl"))
+    other = {**turns[0], "id": "copy-t0", "source_id": "copy"}  # the first turn again, in another conversation
+    _, mixed, removed = _run(tmp_path, {"guanaco": [*turns, other]}, settings=FilterSettings(decontaminate=False))
+    assert [r["id"] for r in mixed] == [t["id"] for t in turns]
+    assert [(r["id"], r["reason"], r["match"]) for r in removed] == [("copy-t0", "exact_duplicate", turns[0]["id"])]
 
 
 def test_planted_arc_questions_are_removed_with_their_match(tmp_path, shared_data):
@@ -64,6 +78,35 @@ def test_planted_arc_questions_are_removed_with_their_match(tmp_path, shared_dat
     assert not {p["id"] for p in planted} & {r["id"] for r in mixed}
     assert stats["datasets"]["alpaca"]["eval_contamination"] == len(planted)
     assert stats["settings"]["eval_tasks"] == ["arc_easy"]
+    for row in planted:
+        assert contaminated[row["id"]]["ngram"] in " ".join(words(row["content"]))
+
+
+def test_planted_arc_challenge_choices_and_hellaswag_contexts_are_removed(tmp_path, shared_data):
+    challenge_file = shared_data / "arc" / "hf_schema" / "ARC-Challenge-test.jsonl"
+    hellaswag_file = shared_data / "hellaswag" / "hellaswag_val_sample1000.jsonl"
+    challenge, hellaswag = list(read_jsonl(challenge_file)), list(read_jsonl(hellaswag_file))
+    planted = [
+        # A question with all its choices, as a multiple-choice training set would hold it.
+        _alpaca_row(f"arc-{i}", q["question"] + " Options: " + ", ".join(q["choices"]["text"]), q["answerKey"])
+        for i, q in enumerate(challenge[:100:25])
+    ] + [
+        # A HellaSwag context continued by its gold ending, reworded as an instruction.
+        _alpaca_row(f"hs-{i}", f"Continue the story: {h['ctx']}", h["endings"][int(h["label"])])
+        for i, h in enumerate(hellaswag[:400:100])
+    ]
+    tasks = [
+        TaskSpec("arc_challenge", data_files={"test": str(challenge_file)}),
+        TaskSpec("hellaswag", data_files={"validation": str(hellaswag_file)}),
+    ]
+    rows = _alpaca_rows(shared_data, 200)
+    _, mixed, removed = _run(tmp_path, {"alpaca": rows + planted}, tasks=tasks)
+    matches = {r["id"]: r["match"] for r in removed if r["reason"] == "eval_contamination"}
+    assert matches == {
+        **{f"arc-{i}": f"arc_challenge#{25 * i}" for i in range(4)},
+        **{f"hs-{i}": f"hellaswag#{100 * i}" for i in range(4)},
+    }
+    assert {r["id"] for r in mixed} == {r["id"] for r in rows} - set(matches)
 
 
 def test_train_rows_overlapping_held_out_rows_are_removed(tmp_path, shared_data):
@@ -81,15 +124,19 @@ def test_train_rows_overlapping_held_out_rows_are_removed(tmp_path, shared_data)
 
 
 def test_mixing_fraction_count_and_upsampling():
-    rows = [{"id": f"r{i}", "source_id": f"r{i}"} for i in range(10)]
-    half = mix(rows, 0.5, seed=1)
-    assert len(half) == 5 and half == mix(rows, 0.5, seed=1) and half != mix(rows, 0.5, seed=2)
+    split = SplitSettings(0.2, 0.2, 0)
+    rows = [{"id": f"r{i}", "source_id": f"r{i}"} for i in range(20)]
+    half = mix(rows, 0.5, "1", split)
+    assert len(half) == 10 and half == mix(rows, 0.5, "1", split) and half != mix(rows, 0.5, "2", split)
     assert [r["id"] for r in half] == sorted((r["id"] for r in half), key=lambda x: int(x[1:]))
-    assert len(mix(rows, 3, seed=0)) == 3
-    up = mix(rows, 25, seed=0)
-    assert len(up) == 25 and len({r["id"] for r in up}) == 25
-    assert {r["source_id"] for r in up} == {r["id"] for r in rows}
-    assert mix(rows, None, seed=0) == rows
+    assert len(mix(rows, 3, "0", split)) == 3
+    up = mix(rows, 60, "0", split)
+    assert len(up) == 60 and len({r["id"] for r in up}) == 60 and up[:20] == rows
+    # Copies come from training rows only: a held-out row counted twice would skew exact match.
+    train = {r["id"] for r in rows if row_split(r, split) == "train"}
+    assert 0 < len(train) < 20
+    assert {r["source_id"] for r in up[20:]} <= train
+    assert mix(rows, None, "0", split) == rows
 
 
 def test_mixing_ratios_across_datasets(tmp_path):
