@@ -80,7 +80,14 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[
     Prompt and completion are tokenized separately and joined, so the mask never depends on finding
     a template string in the token stream.
     """
-    prompts = _encode(tokenizer, [r["prompt"] for r in rows], add_special_tokens=True)
+    texts = [r["prompt"] for r in rows]
+    prompts = _encode(tokenizer, texts, add_special_tokens=False)
+    # The tokens the tokenizer puts before any text (a BOS, for Llama-style tokenizers), unless the
+    # prompt already starts with them, as a chat template's output does: never a double BOS.
+    lead = _encode(tokenizer, [""], add_special_tokens=True)[0]
+    if lead:
+        lead_text = tokenizer.decode(lead)
+        prompts = [ids if text.startswith(lead_text) else lead + ids for ids, text in zip(prompts, texts)]
     completions = _encode(tokenizer, [r["completion"] for r in rows], add_special_tokens=False)
     eos = tokenizer.eos_token_id
     out: list[dict[str, Any] | None] = []
@@ -90,6 +97,7 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[
             out.append(None)
             continue
         truncated = n_prompt + len(completion_ids) + 1 > max_length
+        # A cut completion loses its EOS with its end: the model must not learn to stop mid-answer.
         completion_ids.append(eos)
         learned = completion_ids[: max_length - n_prompt]
         # `content` served the filters; the token artifacts keep what training and evaluation read.
@@ -102,6 +110,19 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[
     return out
 
 
+def _counters() -> dict[str, Any]:
+    return {
+        "rows_in": 0,
+        "rows": 0,
+        "tokens": 0,
+        "completion_tokens": 0,
+        "truncated": 0,
+        "dropped_too_long": 0,
+        "dropped_too_short": 0,
+        "length_histogram": {},
+    }
+
+
 def _collect(
     batch: list[dict[str, Any]],
     encoded_batch: list[dict[str, Any] | None],
@@ -112,27 +133,34 @@ def _collect(
     split: SplitSettings,
     bin_width: int,
 ) -> None:
-    """Apply the length filters and the split to one encoded batch, counting as it goes, and write
-    each kept row to its split."""
+    """Apply the length filters and the split to one encoded batch, counting per split and per
+    dataset within it, and write each kept row to its split."""
     for row, encoded in zip(batch, encoded_batch):
         if row["id"] in seen:
             raise PipelineError(f"dataset '{row['dataset']}': row id '{row['id']}' appears twice")
         seen.add(row["id"])
         split_name = row_split(row, split)
-        s = stats[split_name]
+        datasets = stats[split_name]["datasets"]
+        counts = (stats[split_name], datasets.get(row["dataset"]) or datasets.setdefault(row["dataset"], _counters()))
+        for c in counts:
+            c["rows_in"] += 1
         if encoded is None or (encoded["truncated"] and lengths.overlong == "drop"):
-            s["dropped_too_long"] += 1
+            for c in counts:
+                c["dropped_too_long"] += 1
             continue
-        if len(encoded["input_ids"]) < lengths.min_tokens:
-            s["dropped_too_short"] += 1
+        n_tokens = len(encoded["input_ids"])
+        if n_tokens < lengths.min_tokens:
+            for c in counts:
+                c["dropped_too_short"] += 1
             continue
-        s["datasets"][row["dataset"]] = s["datasets"].get(row["dataset"], 0) + 1
-        s["rows"] += 1
-        s["tokens"] += len(encoded["input_ids"])
-        bin_start = str(len(encoded["input_ids"]) // bin_width * bin_width)
-        s["length_histogram"][bin_start] = s["length_histogram"].get(bin_start, 0) + 1
-        s["completion_tokens"] += encoded.pop("completion_tokens")
-        s["truncated"] += encoded.pop("truncated")
+        bin_start = str(n_tokens // bin_width * bin_width)
+        completion_tokens, truncated = encoded.pop("completion_tokens"), encoded.pop("truncated")
+        for c in counts:
+            c["rows"] += 1
+            c["tokens"] += n_tokens
+            c["completion_tokens"] += completion_tokens
+            c["truncated"] += truncated
+            c["length_histogram"][bin_start] = c["length_histogram"].get(bin_start, 0) + 1
         writers[split_name](encoded)
 
 
@@ -150,16 +178,25 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def fingerprint(tokenizer_dir: str | Path, data_paths: list[str | Path], settings: dict[str, Any]) -> str:
-    """Content hash of everything the token ids depend on: tokenizer files, data (which embeds the
-    template text), this module's code and the settings. Never a file name or an mtime."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+# The code the token ids come from: this module, the tokenizer loading and the artifact writing.
+FINGERPRINTED_CODE = ("tokenization.py", "model.py", "io.py")
+
+
+def fingerprint(
+    tokenizer_dir: str | Path, data_paths: list[str | Path], settings: dict[str, Any], code_dir: Path = Path(__file__).parent
+) -> str:
+    """Content hash of everything the token ids depend on: every tokenizer and config file of the
+    model directory (weights aside), the data (which embeds the template text), the code and the
+    settings. Never a file name outside the model directory, never an mtime."""
     digest = hashlib.sha256()
     for path in sorted(Path(tokenizer_dir).iterdir()):
-        if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES:
             digest.update(path.name.encode() + sha256_file(path).encode())
     for path in data_paths:
         digest.update(sha256_file(path).encode())
-    digest.update(Path(__file__).read_bytes())
+    for module in FINGERPRINTED_CODE:
+        digest.update((code_dir / module).read_bytes())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -183,19 +220,7 @@ def tokenize_and_split(
         raise PipelineError(f"{tokenizer_dir}: the tokenizer's pad token must exist and differ from EOS")
     total = sum(1 for path in hydrated_paths for line in open(path, "rb") if line.strip())
     progress = Progress("tokenize", total)
-    stats: dict[str, Any] = {
-        split_name: {
-            "rows": 0,
-            "tokens": 0,
-            "completion_tokens": 0,
-            "truncated": 0,
-            "dropped_too_long": 0,
-            "dropped_too_short": 0,
-            "datasets": {},
-            "length_histogram": {},
-        }
-        for split_name in SPLITS
-    }
+    stats: dict[str, Any] = {split_name: {**_counters(), "datasets": {}} for split_name in SPLITS}
     bin_width = max(1, max_length // HISTOGRAM_BINS)
     seen: set[str] = set()
     # Rows stream to their split files batch by batch: memory stays one batch, not the dataset.

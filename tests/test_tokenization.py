@@ -2,6 +2,7 @@
 
 import gc
 import json
+from pathlib import Path
 
 import pytest
 from conftest import write_jsonl
@@ -46,13 +47,91 @@ def test_truncation_and_drop_counts(tmp_path, tiny_model):
     ]
     splits, stats = _run(tmp_path, tiny_model, rows, max_length=16, split=SplitSettings(0.0, 0.0, 0))
     assert [r["id"] for r in splits["train"]] == ["long-completion"]
-    assert len(splits["train"][0]["input_ids"]) == 16
+    kept = splits["train"][0]
+    assert len(kept["input_ids"]) == 16
+    # The cut completion is learned as far as it goes, without an EOS that would teach stopping mid-answer.
+    tokenizer = load_tokenizer(tiny_model)
+    n_prompt = len(tokenizer("Q:")["input_ids"])
+    completion = tokenizer(" word" * 50, add_special_tokens=False)["input_ids"]
+    assert kept["labels"] == [IGNORE_INDEX] * n_prompt + completion[: 16 - n_prompt]
     assert stats["train"]["truncated"] == 1 and stats["train"]["dropped_too_long"] == 1
     splits, stats = _run(tmp_path / "drop", tiny_model, rows, max_length=16, split=SplitSettings(0.0, 0.0, 0), overlong="drop")
     assert splits["train"] == [] and stats["train"]["dropped_too_long"] == 2
     short = [{"id": "tiny", "dataset": "t", "prompt": "Q:", "completion": " A"}, *rows[:1]]
     splits, stats = _run(tmp_path / "min", tiny_model, short, max_length=128, split=SplitSettings(0.0, 0.0, 0), min_tokens=10)
     assert [r["id"] for r in splits["train"]] == ["long-completion"] and stats["train"]["dropped_too_short"] == 1
+
+
+def test_masks_on_real_alpaca_and_multi_turn_chatml(tmp_path, tiny_model, shared_data):
+    from sftpipe.data import DatasetSpec, hydrate_dataset
+    from conftest import GUANACO_ROWS
+
+    alpaca = json.loads((shared_data / "alpaca" / "alpaca_5000.json").read_text())[:300]
+    hydrated = []
+    for name, cfg, rows in [
+        ("alpaca", {"preset": "alpaca"}, alpaca),
+        ("chat", {"format": "guanaco", "template": "chatml", "path": "x"}, GUANACO_ROWS * 3),
+    ]:
+        raw = write_jsonl(tmp_path / f"{name}.raw.jsonl", rows)
+        hydrate_dataset(DatasetSpec.from_config(name, cfg), raw, tmp_path / f"{name}.jsonl")
+        hydrated += list(read_jsonl(tmp_path / f"{name}.jsonl"))
+    splits, stats = _run(tmp_path / "tok", tiny_model, list({r["id"]: r for r in hydrated}.values()), max_length=2048)
+    tokenizer = load_tokenizer(tiny_model)
+    rows = [r for s in SPLITS for r in splits[s]]
+    assert len(rows) == len({r["id"] for r in hydrated})
+    for row in rows:
+        learned = [t for t in row["labels"] if t != IGNORE_INDEX]
+        assert tokenizer.decode(learned) == row["completion"] + tokenizer.eos_token
+    # Each assistant turn of the two-turn conversation is learned in exactly one row, with the earlier
+    # turn in its masked prompt.
+    conversation = next(r["source_id"] for r in rows if "Blue" in r["completion"])
+    turns = sorted((r for r in rows if r["source_id"] == conversation), key=lambda r: r["id"])
+    learned_text = [tokenizer.decode([t for t in r["labels"] if t != IGNORE_INDEX]) for r in turns]
+    assert learned_text == ["Red is a primary color.<|im_end|>", "Blue is another primary color.<|im_end|>"]
+    assert "Red is a primary color." in turns[1]["prompt"]
+
+
+def test_a_bos_adding_tokenizer_gets_one_bos_even_after_a_chat_template(tmp_path, tiny_model):
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    # The tiny model's tokenizer with a Llama-style post-processor that puts a BOS before every text.
+    tokenizer = load_tokenizer(tiny_model)
+    bos = "<repo_name>"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))]
+    )
+    tokenizer.bos_token = bos
+    model = tmp_path / "bos-model"
+    shutil.copytree(tiny_model, model)
+    tokenizer.save_pretrained(model)
+    bos_id = tokenizer.convert_tokens_to_ids(bos)
+    rows = [
+        {"id": "plain", "dataset": "t", "prompt": "Q: hi?\nA:", "completion": " yes"},
+        {"id": "templated", "dataset": "t", "prompt": f"{bos}<|im_start|>user\nhi?<|im_end|>\n", "completion": "yes"},
+    ]
+    splits, _ = _run(tmp_path / "tok", model, rows, split=SplitSettings(0.0, 0.0, 0))
+    for row in splits["train"]:
+        assert row["input_ids"][0] == bos_id and row["input_ids"][1] != bos_id
+    plain = next(r for r in splits["train"] if r["id"] == "plain")
+    assert plain["input_ids"][: plain["labels"].count(IGNORE_INDEX)] == tokenizer("Q: hi?\nA:")["input_ids"]
+
+
+def test_stats_per_split_and_per_dataset(tmp_path, tiny_model):
+    rows = _rows(60) + [{**r, "id": f"u-{r['id']}", "dataset": "u", "completion": r["completion"] * 9} for r in _rows(30)]
+    _, stats = _run(tmp_path, tiny_model, rows, max_length=32)
+    assert sum(stats[s]["rows_in"] for s in SPLITS) == 90
+    for split in SPLITS:
+        per_dataset = stats[split]["datasets"]
+        assert set(per_dataset) == {"t", "u"}
+        for key in ("rows_in", "rows", "tokens", "completion_tokens", "truncated", "dropped_too_long"):
+            assert stats[split][key] == sum(d[key] for d in per_dataset.values())
+        for counts in (stats[split], *per_dataset.values()):
+            assert sum(counts["length_histogram"].values()) == counts["rows"]
+            assert counts["rows_in"] == counts["rows"] + counts["dropped_too_long"] + counts["dropped_too_short"]
+        assert per_dataset["t"]["truncated"] == 0
+    assert sum(stats[s]["datasets"]["u"]["truncated"] for s in SPLITS) > 0
 
 
 def test_turns_of_one_conversation_stay_in_one_split(tmp_path, tiny_model):
@@ -109,6 +188,23 @@ def test_fingerprint_follows_tokenizer_data_and_settings(tmp_path, tiny_model):
     config["model_max_length"] = 12345
     (other / "tokenizer_config.json").write_text(json.dumps(config))
     assert _run(tmp_path / "e", other, _rows(30))[1]["fingerprint"] != base
+
+
+def test_fingerprint_follows_the_code(tmp_path, tiny_model):
+    import shutil
+
+    from sftpipe import tokenization
+    from sftpipe.tokenization import fingerprint
+
+    hydrated = write_jsonl(tmp_path / "hydrated.jsonl", _rows(5))
+    code = Path(tokenization.__file__).parent
+    base = fingerprint(tiny_model, [hydrated], {"max_length": 64})
+    assert fingerprint(tiny_model, [hydrated], {"max_length": 64}, code_dir=code) == base
+    for module in ("tokenization.py", "model.py", "io.py"):
+        edited = tmp_path / module.removesuffix(".py")
+        shutil.copytree(code, edited)
+        (edited / module).write_text((code / module).read_text() + "\n# edited\n")
+        assert fingerprint(tiny_model, [hydrated], {"max_length": 64}, code_dir=edited) != base
 
 
 def test_a_duplicate_id_fails_leaving_no_split_file_and_gc_on(tmp_path, tiny_model):
