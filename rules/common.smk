@@ -46,6 +46,32 @@ def dataset_config(name):
     return json.dumps(config["datasets"][name], sort_keys=True)
 
 
+def dataset_source(name):
+    """What the download reads: the dataset's config without its template and mixing weight, so
+    editing either never downloads again."""
+    return json.dumps({k: v for k, v in config["datasets"][name].items() if k not in ("template", "weight")}, sort_keys=True)
+
+
+def local_dataset_files(name):
+    """The local files a dataset is read from (its `path:` or its mirror copy), as inputs: editing
+    the data reruns its download and everything after it."""
+    from sftpipe.data import DatasetSpec, mirror_location
+
+    spec = DatasetSpec.from_config(name, config["datasets"][name])
+    if spec.path:
+        path = Path(spec.path)
+    elif spec.hub_id and not spec.url and config["data"]["mirror_dir"]:
+        path = mirror_location(Path(config["data"]["mirror_dir"]), spec.hub_id, spec.hub_config, spec.split)
+    else:
+        path = None
+    return [] if path is None else files_of(path)
+
+
+def files_of(path):
+    """A file, or every file under a directory, as input paths."""
+    return sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [str(path)]
+
+
 def uses_chat_template(name):
     from sftpipe.data import DatasetSpec
 
@@ -62,6 +88,13 @@ def base_model_dir(model):
 
 def experiment_base_model(wildcards):
     return base_model_dir(experiment_of(wildcards).model)
+
+
+def local_model_files(wildcards):
+    """A base model read from a local directory, file by file: replacing its tokenizer or weights
+    rebuilds the base model and everything tokenized or trained with it."""
+    path = Path(BASE_MODELS[wildcards.model]["source"])
+    return files_of(path) if path.is_dir() else []
 
 
 def trust_remote_code(wildcards):

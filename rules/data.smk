@@ -10,9 +10,10 @@ rule download_dataset:
         rows="results/data/raw/{dataset}.jsonl",
         manifest="results/data/raw/{dataset}.manifest.json",
     input:
+        local=lambda wildcards: local_dataset_files(wildcards.dataset),
         code=code(*DATA_MODULES),
     params:
-        dataset=lambda wildcards: dataset_config(wildcards.dataset),
+        dataset=lambda wildcards: dataset_source(wildcards.dataset),
         mirror_dir=config["data"]["mirror_dir"],
     log:
         "results/logs/download_dataset/{dataset}.log",

@@ -7,6 +7,7 @@ rule materialize_base_model:
     output:
         directory(base_model_dir("{model}")),
     input:
+        local=local_model_files,
         code=code("model.py"),
     params:
         source=base_model_setting("source"),

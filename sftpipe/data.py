@@ -6,8 +6,9 @@ import csv
 import hashlib
 import io
 import json
-import tempfile
 import logging
+import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from .demo import generate_demo_rows
 from .formats import FORMATS, PRESETS, TEMPLATES, UserTemplate
-from .io import PipelineError, Progress, read_jsonl, sha256_file, write_json, write_jsonl
+from .io import PipelineError, Progress, jsonl_line, numbered_jsonl, read_jsonl, sha256_file, write_json, write_jsonl
 
 log = logging.getLogger("sftpipe")
 
@@ -27,8 +28,8 @@ class DatasetSpec:
     """One configured dataset, with its preset's defaults filled in."""
 
     name: str
-    format: str
-    template: str | dict[str, str]  # a named template, or {prompt, completion} Jinja templates
+    format: str | None  # None only beside a user template
+    template: str | dict[str, str] | None  # a named template, {prompt, completion} Jinja templates, None at download
     hub_id: str | None = None
     hub_config: str | None = None
     split: str = "train"
@@ -42,24 +43,36 @@ class DatasetSpec:
     builtin: bool = False
 
     @classmethod
-    def from_config(cls, name: str, cfg: dict[str, Any]) -> DatasetSpec:
-        where = f"config key 'datasets.{name}'"
+    def from_config(cls, name: str, cfg: dict[str, Any], *, template_required: bool = True) -> DatasetSpec:
+        """The spec of `datasets.<name>`. The download stage, which gets the source keys alone (so a
+        template edit never downloads again), passes `template_required=False`."""
+        def where(key: str = "") -> str:
+            return f"config key 'datasets.{name}{'.' if key else ''}{key}'"
+
         preset_name = cfg.get("preset")
         if preset_name is not None and preset_name not in PRESETS:
-            raise PipelineError(f"{where}.preset: unknown preset '{preset_name}' (known: {', '.join(sorted(PRESETS))})")
+            raise PipelineError(f"{where('preset')}: unknown preset '{preset_name}' (known: {', '.join(sorted(PRESETS))})")
         preset = PRESETS.get(preset_name) if preset_name else None
         fmt = cfg.get("format") or (preset.format if preset else None)
         template = cfg.get("template") or (preset.template if preset else None)
-        if fmt is None or fmt not in FORMATS:
-            raise PipelineError(f"{where}.format: '{fmt}' is not one of {', '.join(sorted(FORMATS))}")
+        # A user template reads the raw row's own fields, so it needs no format; a format given
+        # beside it still checks every row at download.
+        format_optional = isinstance(template, dict) or not template_required
+        if fmt not in FORMATS and not (fmt is None and format_optional):
+            raise PipelineError(f"{where('format')}: '{fmt}' is not one of {', '.join(sorted(FORMATS))}")
         if isinstance(template, dict):
             UserTemplate(name, template)  # a syntax error surfaces now, naming the key
-        elif template is None or template not in TEMPLATES:
-            raise PipelineError(f"{where}.template: '{template}' is not one of {', '.join(sorted(TEMPLATES))}")
+        elif template not in TEMPLATES and (template_required or template is not None):
+            raise PipelineError(f"{where('template')}: '{template}' is not one of {', '.join(sorted(TEMPLATES))}")
+        given = [key for key in ("hub_id", "path", "url") if cfg.get(key)]
+        if len(given) > 1:
+            raise PipelineError(f"{where()}: give one source, not {' and '.join(repr(k) for k in given)}")
+        if cfg.get("sha256") and not (cfg.get("url") or cfg.get("path")):
+            raise PipelineError(f"{where('sha256')}: a pin needs a 'url' or a 'path' file; a Hub source is pinned by 'revision'")
         hub_id = cfg.get("hub_id") or (preset.hub_id if preset else None)
         builtin = preset_name == "sftpipe_demo"
         if not (builtin or hub_id or cfg.get("path") or cfg.get("url")):
-            raise PipelineError(f"{where}: give a 'preset', a 'hub_id', a local 'path' or a 'url'")
+            raise PipelineError(f"{where()}: give a 'preset', a 'hub_id', a local 'path' or a 'url'")
         return cls(
             name=name,
             format=fmt,
@@ -80,27 +93,30 @@ class DatasetSpec:
 
 def read_local_rows(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a local json/jsonl/parquet/csv file, or of every such file in a directory (sorted)."""
+    return (row for _, row in located_rows(path))
+
+
+def located_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for every row of a local file or directory; `where` names the file and the line
+    (jsonl, csv), element (json) or row (parquet), for errors."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
         if not files:
             raise PipelineError(f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} file")
         for file in files:
-            yield from read_local_rows(file)
+            yield from located_rows(file)
         return
     if not path.exists():
         raise PipelineError(f"{path}: file not found")
     suffix = path.suffix
     if suffix == ".jsonl":
-        yield from read_jsonl(path)
+        yield from ((f"{path}:{lineno}", row) for lineno, row in numbered_jsonl(path))
     elif suffix == ".json":
         yield from _read_json_array(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches():
-            yield from batch.to_pylist()
+        yield from _read_parquet(path)
     elif suffix == ".csv":
-        yield from csv.DictReader(io.StringIO(_decode(path)))
+        yield from _read_csv(path)
     else:
         raise PipelineError(f"{path}: unsupported file type '{suffix}' (use one of {', '.join(LOCAL_SUFFIXES)})")
 
@@ -108,13 +124,16 @@ def read_local_rows(path: Path) -> Iterator[dict[str, Any]]:
 def _decode(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise PipelineError(f"{path}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    if not text.strip():
+        raise PipelineError(f"{path}: empty file")
+    return text
 
 
-def _read_json_array(path: Path) -> Iterator[dict[str, Any]]:
+def _read_json_array(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         rows = json.loads(_decode(path))
     except json.JSONDecodeError as err:
@@ -124,7 +143,32 @@ def _read_json_array(path: Path) -> Iterator[dict[str, Any]]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise PipelineError(f"{path}: element {i} is {type(row).__name__}, expected an object")
-        yield row
+        yield f"{path}: element {i}", row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    index = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                yield f"{path}: row {index}", row
+                index += 1
+    except (pyarrow.ArrowException, OSError) as err:
+        raise PipelineError(f"{path}: not a readable parquet file ({err})") from None
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    reader = csv.DictReader(io.StringIO(_decode(path)))
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:
+            raise PipelineError(f"{where}: more fields than the header's {len(reader.fieldnames)}")
+        if None in row.values():
+            raise PipelineError(f"{where}: fewer fields than the header's {len(reader.fieldnames)}")
+        yield where, row
 
 
 def mirror_location(mirror_dir: Path, hub_id: str, hub_config: str | None, split: str) -> Path | None:
@@ -136,24 +180,32 @@ def mirror_location(mirror_dir: Path, hub_id: str, hub_config: str | None, split
     return None
 
 
-def _hub_rows(spec: DatasetSpec) -> Iterator[dict[str, Any]]:
+def _hub_rows(spec: DatasetSpec, revision: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
     # Streaming reads only the rows we keep: Dolphin's files are several GB.
     import datasets
 
-    stream = datasets.load_dataset(
-        spec.hub_id, name=spec.hub_config, split=spec.split, revision=spec.revision, streaming=True
-    )
-    yield from stream
+    stream = datasets.load_dataset(spec.hub_id, name=spec.hub_config, split=spec.split, revision=revision, streaming=True)
+    for index, row in enumerate(stream):
+        yield f"{spec.hub_id} ({spec.split}) row {index}", row
 
 
 def _resolve_hub_revision(spec: DatasetSpec) -> str | None:
+    """The commit `spec.revision` (a branch or tag, or None for main) points at now, so that the rows
+    read and the manifest name the same commit."""
     try:
         from huggingface_hub import HfApi
 
         return HfApi().dataset_info(spec.hub_id, revision=spec.revision).sha
-    except Exception as err:  # the manifest records what was asked for when the Hub cannot say more
+    except Exception as err:  # offline, or a local dataset directory: read what was asked for
         log.warning("could not resolve the Hub revision of %s: %s", spec.hub_id, err)
         return spec.revision
+
+
+def _check_pin(spec: DatasetSpec, location: str, digest: str) -> None:
+    if spec.sha256 and digest != spec.sha256.lower():
+        raise PipelineError(
+            f"config key 'datasets.{spec.name}.sha256': {location} has sha256 {digest}, the config pins {spec.sha256}"
+        )
 
 
 def fetch_url(spec: DatasetSpec, directory: Path) -> tuple[Path, str]:
@@ -176,11 +228,7 @@ def fetch_url(spec: DatasetSpec, directory: Path) -> tuple[Path, str]:
                 out.write(block)
     except OSError as err:
         raise PipelineError(f"config key 'datasets.{spec.name}.url': could not download {spec.url}: {err}") from None
-    if spec.sha256 and digest.hexdigest() != spec.sha256.lower():
-        raise PipelineError(
-            f"config key 'datasets.{spec.name}.sha256': {spec.url} has sha256 {digest.hexdigest()}, "
-            f"the config pins {spec.sha256}"
-        )
+    _check_pin(spec, spec.url, digest.hexdigest())
     return target, digest.hexdigest()
 
 
@@ -195,39 +243,43 @@ def _download(spec: DatasetSpec, out_path, manifest_path, mirror_dir: str | None
     if spec.url:
         file, digest = fetch_url(spec, scratch)
         source = {"kind": "url", "url": spec.url, "sha256": digest}
-        rows: Iterator[dict[str, Any]] = read_local_rows(file)
+        rows: Iterator[tuple[str, dict[str, Any]]] = located_rows(file)
     elif spec.builtin:
         source = {"kind": "builtin", "generator": "sftpipe.demo", "seed": spec.seed}
-        rows = iter(generate_demo_rows(spec.limit or 2000, seed=spec.seed))
+        rows = ((f"sftpipe.demo row {i}", row) for i, row in enumerate(generate_demo_rows(spec.limit or 2000, seed=spec.seed)))
     elif spec.path:
-        source = {"kind": "local", "path": str(Path(spec.path).resolve())}
-        rows = read_local_rows(Path(spec.path))
+        path = Path(spec.path)
+        source = {"kind": "local", "path": str(path.resolve())}
+        if spec.sha256:
+            if not path.is_file():
+                raise PipelineError(f"config key 'datasets.{spec.name}.sha256': {path} is not a file")
+            _check_pin(spec, str(path), sha256_file(path))
+        rows = located_rows(path)
     else:
         mirrored = mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split) if mirror_dir else None
         if mirrored is not None:
             source = {"kind": "mirror", "hub_id": spec.hub_id, "path": str(mirrored.resolve())}
-            rows = read_local_rows(mirrored)
+            rows = located_rows(mirrored)
         else:
-            source = {
-                "kind": "hub",
-                "hub_id": spec.hub_id,
-                "config": spec.hub_config,
-                "split": spec.split,
-                "revision": _resolve_hub_revision(spec),
-            }
-            rows = _hub_rows(spec)
+            revision = _resolve_hub_revision(spec)
+            source = {"kind": "hub", "hub_id": spec.hub_id, "config": spec.hub_config, "split": spec.split, "revision": revision}
+            rows = _hub_rows(spec, revision)
 
     progress = Progress(f"download {spec.name}", spec.limit)
+    parse = FORMATS.get(spec.format)
 
-    def limited() -> Iterator[dict[str, Any]]:
-        for i, row in enumerate(rows):
+    def checked() -> Iterator[dict[str, Any]]:
+        # The format's parser checks each row where the user can find it: in their own file.
+        for i, (where, row) in enumerate(rows):
             if spec.limit is not None and i >= spec.limit:
                 return
+            if parse is not None:
+                parse(row, f"{where} (dataset '{spec.name}', format '{spec.format}')")
             progress.update()
             yield row
 
     location = source.get("path") or source.get("hub_id") or source["kind"]
-    count = write_jsonl(out_path, limited(), if_empty=f"dataset '{spec.name}': source {location} has no rows")
+    count = write_jsonl(out_path, checked(), if_empty=f"dataset '{spec.name}': source {location} has no rows")
     manifest = {
         "name": spec.name,
         "source": source,
@@ -258,6 +310,18 @@ def load_chat_template(tokenizer_dir: str | Path) -> Callable[[list[dict[str, st
     return chat_renderer(tokenizer)
 
 
+def row_identity(dataset: str, row: dict[str, Any], repeats: Counter[str]) -> str:
+    """`<dataset>-<id>` from the row's own `id`, else from a hash of its content: never its position,
+    so inserting, removing or reordering rows upstream leaves every other row's id, hence its split,
+    as it was. The dataset prefix keeps equal ids of two datasets apart. `repeats` numbers identical
+    rows (the filters' exact dedup then reports them)."""
+    if row.get("id") is not None:
+        return f"{dataset}-{row['id']}"
+    key = hashlib.sha256(jsonl_line(row)).hexdigest()[:16]
+    repeats[key] += 1
+    return f"{dataset}-{key}" if repeats[key] == 1 else f"{dataset}-{key}-{repeats[key]}"
+
+
 def hydrate_dataset(spec: DatasetSpec, raw_path: str | Path, out_path: str | Path, tokenizer_dir: str | None = None) -> int:
     """Render every raw row into `{id, source_id, dataset, prompt, completion, content}`; return the row count.
 
@@ -281,9 +345,10 @@ def hydrate_dataset(spec: DatasetSpec, raw_path: str | Path, out_path: str | Pat
             return [(*render(ex, where, chat_template), ex.content()) for ex in parse(row, where)]
 
     def rows() -> Iterator[dict[str, Any]]:
+        repeats: Counter[str] = Counter()
         for index, row in enumerate(read_jsonl(raw_path)):
-            where = f"{raw_path}:{index + 1} (dataset '{spec.name}', format '{spec.format}')"
-            row_id = str(row["id"]) if row.get("id") is not None else f"{spec.name}-{index:07d}"
+            where = f"{raw_path}:{index + 1} (dataset '{spec.name}')"
+            row_id = row_identity(spec.name, row, repeats)
             turns = render_row(row, where)
             for turn, (prompt, completion, content) in enumerate(turns):
                 if not completion.strip():

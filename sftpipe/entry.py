@@ -46,3 +46,7 @@ def run_stage(smk: Any, stage: Callable[[], Any]) -> None:
             logging.getLogger("sftpipe").error("%s", err)
             print(f"sftpipe error in rule {smk.rule}: {err}", file=sys.stderr)
             sys.exit(1)
+        except Exception:
+            # A bug or an input no check foresaw: the traceback belongs in the rule's log too.
+            logging.getLogger("sftpipe").exception("unexpected error in rule %s", smk.rule)
+            raise

@@ -6,6 +6,7 @@ renders an `Example` into the `prompt` the model sees and the `completion` it le
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 
 from .io import PipelineError
 
+log = logging.getLogger("sftpipe")
 
 @dataclass(frozen=True)
 class Preset:
@@ -25,12 +27,12 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "alpaca": Preset(hub_id="tatsu-lab/alpaca", format="alpaca", template="alpaca"),
-    # Dolphin's `instruction` field is a system prompt; ChatML (the model's chat template) is its native format.
+    # Dolphin's `instruction` field is a system prompt; ChatML is the format Dolphin models are trained in.
     "dolphin": Preset(
         hub_id="cognitivecomputations/dolphin",
         hub_config="flan1m-alpaca-uncensored",
         format="dolphin",
-        template="chat",
+        template="chatml",
     ),
     "guanaco": Preset(hub_id="timdettmers/openassistant-guanaco", format="guanaco", template="guanaco"),
     "lamini_docs": Preset(hub_id="lamini/lamini_docs", format="qa", template="qa"),
@@ -132,6 +134,8 @@ def parse_messages(row: dict[str, Any], where: str) -> list[Example]:
             raise PipelineError(f"{where}: {key}[{i}]: turns must alternate user and assistant after an optional system")
     if not pairs:
         raise PipelineError(f"{where}: '{key}' holds no assistant turn")
+    if pending is not None:
+        log.warning("%s: the last user turn has no answer to learn, so it is left out", where)
     return _per_turn(pairs, system)
 
 
@@ -157,26 +161,35 @@ FORMATS: dict[str, Callable[[dict[str, Any], str], list[Example]]] = {
     "text": parse_text,
 }
 
-ALPACA_WITH_INPUT = (
+ALPACA_PREAMBLE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    "Write a response that appropriately completes the request."
 )
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_WITH_INPUT = ALPACA_PREAMBLE_WITH_INPUT + "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_NO_INPUT = ALPACA_PREAMBLE + "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 def _user_text(ex: Example) -> str:
     return f"{ex.instruction}\n\n{ex.input}" if ex.input else ex.instruction
 
 
-def render_alpaca(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
+def _single_turn(ex: Example, where: str, template: str) -> None:
     if ex.history:
-        raise PipelineError(f"{where}: the 'alpaca' template has no place for earlier turns; use 'chat' or 'guanaco'")
+        raise PipelineError(f"{where}: the '{template}' template has no place for earlier turns; use 'chatml', 'chat' or 'guanaco'")
+
+
+def _system_first(ex: Example, prompt: str) -> str:
+    """A template without a system slot puts the system prompt (Dolphin's instruction) first rather than lose it."""
+    return f"{ex.system}\n\n{prompt}" if ex.system else prompt
+
+
+def render_alpaca(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
+    _single_turn(ex, where, "alpaca")
     template = ALPACA_WITH_INPUT if ex.input else ALPACA_NO_INPUT
+    if ex.system:
+        # Alpaca's preamble is its system prompt: a row's own replaces it.
+        template = ex.system + template.removeprefix(ALPACA_PREAMBLE_WITH_INPUT if ex.input else ALPACA_PREAMBLE)
     return template.format(instruction=ex.instruction, input=ex.input), ex.output
 
 
@@ -185,21 +198,34 @@ def render_guanaco(ex: Example, where: str, chat_template: Callable | None) -> t
     prompt = "".join(
         f"### Human: {user}### Assistant:" + ("" if reply is None else f" {reply}") for user, reply in turns
     )
-    return prompt, f" {ex.output}"
+    return _system_first(ex, prompt), f" {ex.output}"
 
 
 def render_qa(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
-    return f"### Question:\n{_user_text(ex)}\n\n### Answer:", ex.output
+    _single_turn(ex, where, "qa")
+    return _system_first(ex, f"### Question:\n{_user_text(ex)}\n\n### Answer:"), ex.output
+
+
+def _messages(ex: Example) -> list[dict[str, str]]:
+    """The example as chat messages up to the user turn the completion answers."""
+    messages = [{"role": "system", "content": ex.system}] if ex.system else []
+    for user, reply in ex.history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": _user_text(ex)})
+    return messages
+
+
+def render_chatml(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
+    """ChatML as Dolphin, Qwen and SmolLM2 are trained in; the completion ends with the tokenizer's
+    EOS, which for those models is `<|im_end|>`."""
+    prompt = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in _messages(ex))
+    return prompt + "<|im_start|>assistant\n", ex.output
 
 
 def render_chat(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
     if chat_template is None:
         raise PipelineError(f"{where}: the 'chat' template needs the base model's tokenizer")
-    messages = [{"role": "system", "content": ex.system}] if ex.system else []
-    for user, reply in ex.history:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-    messages.append({"role": "user", "content": _user_text(ex)})
-    return chat_template(messages), ex.output
+    return chat_template(_messages(ex)), ex.output
 
 
 def render_raw(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
@@ -213,9 +239,17 @@ TEMPLATES: dict[str, Callable[[Example, str, Callable | None], tuple[str, str]]]
     "alpaca": render_alpaca,
     "guanaco": render_guanaco,
     "qa": render_qa,
+    "chatml": render_chatml,
     "chat": render_chat,
     "raw": render_raw,
 }
+
+
+def _printable(value: Any) -> Any:
+    """Jinja's `finalize`: a None, list or dict printed as is would train on "None" or a Python repr."""
+    if value is None or isinstance(value, (list, dict)):
+        raise TypeError(f"a {type(value).__name__} value cannot be printed; the field is empty, or use a loop or a filter")
+    return value
 
 
 class UserTemplate:
@@ -229,7 +263,7 @@ class UserTemplate:
         from jinja2 import StrictUndefined, TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, finalize=_printable)
         self.dataset = dataset
         self.templates = {}
         for part in ("prompt", "completion"):
@@ -239,15 +273,19 @@ class UserTemplate:
                 raise PipelineError(f"config key 'datasets.{dataset}.template.{part}': {err.message} (line {err.lineno})") from None
 
     def render(self, row: dict[str, Any], where: str) -> tuple[str, str]:
-        from jinja2 import UndefinedError
+        from jinja2 import TemplateError, UndefinedError
         from jinja2.exceptions import SecurityError
 
         out = []
         for part in ("prompt", "completion"):
+            name = f"template 'datasets.{self.dataset}.template.{part}'"
             try:
-                out.append(self.templates[part].render(**row))
+                # The row as one mapping: a field may be called anything, `self` included.
+                out.append(self.templates[part].render(row))
             except UndefinedError as err:
-                raise PipelineError(f"{where}: template 'datasets.{self.dataset}.template.{part}': {err.message}") from None
+                raise PipelineError(f"{where}: {name}: {err.message}") from None
             except SecurityError as err:
-                raise PipelineError(f"{where}: template 'datasets.{self.dataset}.template.{part}' is unsafe: {err}") from None
+                raise PipelineError(f"{where}: {name} is unsafe: {err}") from None
+            except (TemplateError, TypeError, ValueError, ArithmeticError) as err:
+                raise PipelineError(f"{where}: {name}: {type(err).__name__}: {err}") from None
         return out[0], out[1]

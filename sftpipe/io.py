@@ -88,6 +88,11 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]], *, if_e
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Yield the objects of a JSONL file; a bad line raises an error naming file and line."""
+    return (row for _, row in numbered_jsonl(path))
+
+
+def numbered_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file."""
     path = Path(path)
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
@@ -106,7 +111,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 raise PipelineError(f"{path}:{lineno}: malformed JSON ({err})") from None
             if not isinstance(row, dict):
                 raise PipelineError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield row
+            yield lineno, row
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -6,7 +6,6 @@ import pytest
 
 from conftest import DOLPHIN_ROWS, GUANACO_ROWS, write_jsonl
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset, mirror_location
-from sftpipe.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from sftpipe.io import PipelineError, read_jsonl, sha256_file
 
 
@@ -58,6 +57,48 @@ def test_download_parquet_and_csv(tmp_path):
         assert manifest["rows"] == 5
 
 
+def test_download_directory_and_mirror_split_directory(tmp_path):
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}"} for i in range(6)]
+    source = tmp_path / "source"
+    write_jsonl(source / "b.jsonl", rows[3:])
+    (source / "a.json").write_text(json.dumps(rows[:3]))
+    (source / "notes.txt").write_text("not data")
+    _, raw, _ = _download(tmp_path / "dir", "qa", {"preset": "lamini_docs", "path": str(source)})
+    assert list(read_jsonl(raw)) == rows  # files in name order, other files ignored
+    mirror = tmp_path / "mirror"
+    (mirror / "lamini").mkdir(parents=True)
+    (mirror / "lamini" / "lamini_docs").symlink_to(tmp_path / "mirror_src")
+    write_jsonl(tmp_path / "mirror_src" / "train" / "part-0.jsonl", rows)
+    _, raw, manifest = _download(tmp_path / "mirror_run", "qa", {"preset": "lamini_docs"}, mirror_dir=str(mirror))
+    assert manifest["source"]["kind"] == "mirror" and list(read_jsonl(raw)) == rows
+
+
+def test_hub_source_streams_only_the_rows_it_keeps(tmp_path):
+    # A local dataset directory goes through the same `datasets.load_dataset(streaming=True)` call as a Hub id.
+    hub = tmp_path / "hub_dataset"
+    write_jsonl(hub / "train.jsonl", [{"question": f"Q{i}?", "answer": f"A{i}"} for i in range(20000)])
+    _, raw, manifest = _download(tmp_path / "out", "qa", {"preset": "lamini_docs", "hub_id": str(hub), "limit": 3})
+    assert [r["question"] for r in read_jsonl(raw)] == ["Q0?", "Q1?", "Q2?"]
+    assert manifest["source"]["kind"] == "hub" and manifest["rows"] == 3
+
+
+def test_source_keys_are_checked():
+    with pytest.raises(PipelineError, match=r"datasets\.x': give one source, not 'hub_id' and 'path'"):
+        DatasetSpec.from_config("x", {"preset": "alpaca", "hub_id": "a/b", "path": "x.json"})
+    with pytest.raises(PipelineError, match=r"datasets\.x\.sha256': a pin needs a 'url' or a 'path'"):
+        DatasetSpec.from_config("x", {"preset": "alpaca", "sha256": "0" * 64})
+
+
+def test_local_file_sha256_pin(tmp_path, shared_data):
+    source = shared_data / "alpaca" / "alpaca_5000.json"
+    cfg = {"preset": "alpaca", "path": str(source), "limit": 5}
+    _, raw, _ = _download(tmp_path / "ok", "alpaca", {**cfg, "sha256": sha256_file(source)})
+    assert len(list(read_jsonl(raw))) == 5
+    with pytest.raises(PipelineError, match=rf"datasets\.alpaca\.sha256': {source} has sha256 \w+, the config pins 0000"):
+        _download(tmp_path / "bad", "alpaca", {**cfg, "sha256": "0" * 64})
+    assert list((tmp_path / "bad").iterdir()) == []
+
+
 def test_builtin_demo_dataset_needs_no_files(tmp_path):
     _, raw, manifest = _download(tmp_path, "demo", {"preset": "sftpipe_demo", "limit": 40})
     rows = list(read_jsonl(raw))
@@ -66,16 +107,25 @@ def test_builtin_demo_dataset_needs_no_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    ("name", "content", "message"),
     [
-        (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "rows.jsonl:2: malformed JSON"),
-        (b"", "has no rows"),
-        (b'{"instruction": "caf\xe9", "output": "b"}\n', "rows.jsonl:1: not valid UTF-8"),
-        (b'["not an object"]\n', "rows.jsonl:1: expected a JSON object"),
+        ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "rows.jsonl:2: malformed JSON"),
+        ("rows.jsonl", b"", "source .*rows.jsonl has no rows"),
+        ("rows.jsonl", b'{"instruction": "caf\xe9", "output": "b"}\n', "rows.jsonl:1: not valid UTF-8"),
+        ("rows.jsonl", b'["not an object"]\n', "rows.jsonl:1: expected a JSON object"),
+        ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n\n{"instruction": "x"}\n', r"rows.jsonl:3 .*missing field 'output'"),
+        ("rows.jsonl", b'{"instruction": "x", "output": 3}\n', r"rows.jsonl:1 .*field 'output' must be a string, got int"),
+        ("rows.json", b"  \n", "rows.json: empty file"),
+        ("rows.json", b'[{"instruction": "a",\n "output": "b"}, {"instruction": "x"}]', r"rows.json: element 1 .*missing field 'output'"),
+        ("rows.json", b'[{"instruction": "\xff", "output": "b"}]', "rows.json:1: not valid UTF-8"),
+        ("rows.csv", b"instruction,output\na,b\nc,d,e\n", "rows.csv:3: more fields than the header's 2"),
+        ("rows.csv", b"instruction,output\na,b\nc\n", "rows.csv:3: fewer fields than the header's 2"),
+        ("rows.csv", b"instruction,output\n\xe9,b\n", "rows.csv:2: not valid UTF-8"),
+        ("rows.parquet", b"PAR1 not really parquet", "rows.parquet: not a readable parquet file"),
     ],
 )
-def test_bad_local_file_names_the_line_and_leaves_nothing(tmp_path, content, message):
-    source = tmp_path / "rows.jsonl"
+def test_bad_local_file_names_the_line_and_leaves_nothing(tmp_path, name, content, message):
+    source = tmp_path / name
     source.write_bytes(content)
     out = tmp_path / "out"
     with pytest.raises(PipelineError, match=message):
@@ -84,7 +134,7 @@ def test_bad_local_file_names_the_line_and_leaves_nothing(tmp_path, content, mes
 
 
 def test_unknown_preset_names_the_key():
-    with pytest.raises(PipelineError, match=r"datasets\.mine'\.preset: unknown preset 'alpacca'"):
+    with pytest.raises(PipelineError, match=r"datasets\.mine\.preset': unknown preset 'alpacca'"):
         DatasetSpec.from_config("mine", {"preset": "alpacca"})
 
 
@@ -101,10 +151,40 @@ def test_hydrate_alpaca_with_and_without_input(tmp_path):
         {"instruction": "Say hi.", "input": "", "output": "Hi!"},
     ]
     hydrated = _hydrate(tmp_path, "alpaca", {"preset": "alpaca", "path": "x"}, rows)
-    assert hydrated[0]["prompt"] == ALPACA_WITH_INPUT.format(instruction="Summarize.", input="A long text.")
-    assert hydrated[1]["prompt"] == ALPACA_NO_INPUT.format(instruction="Say hi.")
+    assert hydrated[0]["prompt"] == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSummarize.\n\n### Input:\nA long text.\n\n### Response:\n"
+    )
+    assert hydrated[1]["prompt"] == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSay hi.\n\n### Response:\n"
+    )
     assert [h["completion"] for h in hydrated] == ["Short.", "Hi!"]
-    assert [h["id"] for h in hydrated] == ["alpaca-0000000", "alpaca-0000001"]
+
+
+def test_row_ids_do_not_depend_on_position_or_collide_across_datasets(tmp_path):
+    rows = [{"instruction": f"Task {i}.", "output": f"Done {i}."} for i in range(5)]
+    ids = {h["completion"]: h["id"] for h in _hydrate(tmp_path / "a", "alpaca", {"preset": "alpaca"}, rows)}
+    shuffled = [{"instruction": "New task.", "output": "New."}, *rows[::-1], rows[0]]
+    again = _hydrate(tmp_path / "b", "alpaca", {"preset": "alpaca"}, shuffled)
+    assert {h["completion"]: h["id"] for h in again if h["completion"] in ids and not h["id"].endswith("-2")} == ids
+    assert len({h["id"] for h in again}) == len(again)  # an identical row gets its own id
+    assert all(h["id"].startswith("alpaca-") for h in again)
+    # Rows that carry an id keep it, behind their dataset's name.
+    qa = [{"id": 7, "question": "Q?", "answer": "A."}]
+    assert _hydrate(tmp_path / "c", "one", {"preset": "lamini_docs"}, qa)[0]["id"] == "one-7"
+    assert _hydrate(tmp_path / "d", "two", {"preset": "lamini_docs"}, qa)[0]["id"] == "two-7"
+
+
+def test_templates_without_a_system_slot_keep_the_system_prompt(tmp_path):
+    row = DOLPHIN_ROWS[1]
+    alpaca = _hydrate(tmp_path, "d1", {"format": "dolphin", "template": "alpaca", "path": "x"}, [row])[0]
+    assert alpaca["prompt"] == "You are a helpful assistant who answers briefly.\n\n### Instruction:\nWhat is two plus two?\n\n### Response:\n"
+    qa = _hydrate(tmp_path, "d2", {"format": "dolphin", "template": "qa", "path": "x"}, [row])[0]
+    assert qa["prompt"] == "You are a helpful assistant who answers briefly.\n\n### Question:\nWhat is two plus two?\n\n### Answer:"
+    with pytest.raises(PipelineError, match="the 'qa' template has no place for earlier turns"):
+        _hydrate(tmp_path, "g", {"format": "guanaco", "template": "qa", "path": "x"}, [GUANACO_ROWS[1]])
 
 
 def test_hydrate_guanaco_trains_every_assistant_turn(tmp_path):
@@ -113,16 +193,34 @@ def test_hydrate_guanaco_trains_every_assistant_turn(tmp_path):
     assert hydrated[0]["completion"] == " It boils at 100 degrees Celsius."
     # The two-turn conversation gives one row per assistant turn, the earlier exchange as context.
     first, second = hydrated[1], hydrated[2]
-    assert (first["id"], second["id"]) == ("guanaco-0000001-t0", "guanaco-0000001-t1")
-    assert first["source_id"] == second["source_id"] == "guanaco-0000001"
+    assert (first["id"], second["id"]) == (f"{first['source_id']}-t0", f"{first['source_id']}-t1")
+    assert first["source_id"] == second["source_id"] != hydrated[0]["source_id"]
     assert first["prompt"] == "### Human: Name a primary color.### Assistant:"
     assert first["completion"] == " Red is a primary color."
     assert second["prompt"] + second["completion"] == GUANACO_ROWS[1]["text"]
     assert len(hydrated) == 3
 
 
-def test_hydrate_dolphin_uses_system_prompt_in_chat_template(tmp_path, tiny_model):
-    hydrated = _hydrate(tmp_path, "dolphin", {"preset": "dolphin"}, DOLPHIN_ROWS, tokenizer=tiny_model)
+def test_hydrate_dolphin_in_chatml_with_its_system_prompt(tmp_path):
+    hydrated = _hydrate(tmp_path, "dolphin", {"preset": "dolphin"}, DOLPHIN_ROWS)
+    assert hydrated[1]["prompt"] == (
+        "<|im_start|>system\nYou are a helpful assistant who answers briefly.<|im_end|>\n"
+        "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert hydrated[1]["completion"] == "Four."
+
+
+def test_chatml_template_keeps_earlier_turns(tmp_path):
+    first, second = _hydrate(tmp_path, "g", {"format": "guanaco", "template": "chatml", "path": "x"}, [GUANACO_ROWS[1]])
+    assert second["prompt"] == (
+        "<|im_start|>user\nName a primary color.<|im_end|>\n<|im_start|>assistant\nRed is a primary color.<|im_end|>\n"
+        "<|im_start|>user\nName another one.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (first["completion"], second["completion"]) == ("Red is a primary color.", "Blue is another primary color.")
+
+
+def test_hydrate_dolphin_with_the_models_chat_template(tmp_path, tiny_model):
+    hydrated = _hydrate(tmp_path, "dolphin", {"preset": "dolphin", "template": "chat"}, DOLPHIN_ROWS, tokenizer=tiny_model)
     prompt = hydrated[0]["prompt"]
     assert prompt.startswith("<|im_start|>system\nYou are an AI assistant.")
     assert "<|im_start|>user\nTranslate to French: Good morning.<|im_end|>" in prompt
@@ -154,8 +252,8 @@ def test_empty_completions_are_skipped_with_a_warning(tmp_path, caplog):
     rows = [{"instruction": "x", "output": "y"}, {"instruction": "Retrieve data", "input": "", "output": ""}]
     with caplog.at_level("WARNING", logger="sftpipe"):
         hydrated = _hydrate(tmp_path, "alpaca", {"preset": "alpaca"}, rows)
-    assert [h["id"] for h in hydrated] == ["alpaca-0000000"]
-    assert "alpaca.raw.jsonl:2 (dataset 'alpaca', format 'alpaca'): empty completion, row skipped" in caplog.text
+    assert [h["completion"] for h in hydrated] == ["y"]
+    assert "alpaca.raw.jsonl:2 (dataset 'alpaca'): empty completion, row skipped" in caplog.text
 
 
 def test_guanaco_text_without_turns_is_an_error(tmp_path):
@@ -225,6 +323,28 @@ def test_user_template_missing_field_names_template_field_and_row(tmp_path):
     assert not (tmp_path / "qa.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"question": None, "answer": "b"}, "TypeError: a NoneType value cannot be printed"),
+        ({"question": ["a", "b"], "answer": "b"}, "TypeError: a list value cannot be printed"),
+        ({"question": "a", "answer": "b", "n": "3"}, "TypeError: "),
+    ],
+    ids=["none", "list", "arithmetic-on-string"],
+)
+def test_user_template_type_errors_name_template_and_row(tmp_path, row, message):
+    template = {"prompt": "{{ question }}{% if n is defined %}{{ n - 1 }}{% endif %}", "completion": "{{ answer }}"}
+    with pytest.raises(PipelineError, match=rf"u\.raw\.jsonl:1 \(dataset 'u'\): template 'datasets\.u\.template\.prompt': {message}"):
+        _hydrate(tmp_path, "u", {"template": template, "path": "x"}, [row])
+
+
+def test_user_template_reads_any_field_name_without_a_format(tmp_path):
+    # `self` would clash with a keyword argument of Jinja's render(); the row goes in as one mapping.
+    hydrated = _hydrate(tmp_path, "u", {"template": {"prompt": "{{ ctx }}", "completion": "{{ ending }}"}, "path": "x"},
+                        [{"ctx": "Context", "ending": " end.", "self": "x"}])
+    assert (hydrated[0]["prompt"], hydrated[0]["completion"]) == ("Context", " end.")
+
+
 def test_user_template_runs_in_a_sandbox(tmp_path):
     template = {"prompt": "{{ question.__class__.__mro__[1].__subclasses__() }}", "completion": "{{ answer }}"}
     with pytest.raises(PipelineError, match="is unsafe|undefined"):
@@ -254,6 +374,14 @@ def test_chat_messages_formats_train_every_assistant_turn(tmp_path, tiny_model, 
     assert hydrated[1]["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert "<|im_start|>assistant\nHello.<|im_end|>" in hydrated[1]["prompt"]
     assert hydrated[1]["prompt"].endswith("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_unanswered_last_user_turn_is_left_out_with_a_warning(tmp_path, caplog):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]}
+    with caplog.at_level("WARNING", logger="sftpipe"):
+        hydrated = _hydrate(tmp_path, "chat", {"format": "messages", "template": "chatml", "path": "x"}, [row])
+    assert [h["completion"] for h in hydrated] == ["Hello."]
+    assert "chat.raw.jsonl:1 (dataset 'chat'): the last user turn has no answer to learn" in caplog.text
 
 
 def test_messages_must_alternate(tmp_path, tiny_model):
