@@ -108,6 +108,9 @@ def eval_references(tasks: Iterable[Any]) -> list[tuple[str, list[str]]]:
     choices or target, with the task's prompt template stripped."""
     from .evaluate import task_config, task_manager
 
+    tasks = list(tasks)
+    if not tasks:
+        return []  # lm-eval's task index takes ~20 s to build
     manager = task_manager()
     references = []
     for spec in tasks:

@@ -46,7 +46,7 @@ def test_every_stage_wrote_its_artifacts(workdir):
         assert all(t["data"] == "local" for t in lm["tasks"].values())
     for variant in ("base", "tuned"):
         em = json.loads((results / "eval" / "smoke" / variant / "exact_match.json").read_text())
-        assert em["rows"] == 12
+        assert em["rows"] == min(12, stats["test"]["rows"]) > 0  # the configured limit, or every held-out row
     report = (results / "report" / "smoke.md").read_text()
     assert "| arc_easy | acc |" in report and "| hellaswag | acc_norm |" in report
     assert "normalized_exact_match" in report

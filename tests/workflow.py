@@ -74,7 +74,8 @@ def smoke_config(work: Path, shared_data: Path) -> Path:
         "base_model": {"name": "tiny", "source": "tiny-random"},
         "datasets": {
             "alpaca": {"preset": "alpaca", "limit": 60},
-            "dolphin": {"preset": "dolphin", "path": "fixtures/dolphin.jsonl"},
+            # The model's own chat template, so hydration per base model runs too (the preset's is ChatML).
+            "dolphin": {"preset": "dolphin", "template": "chat", "path": "fixtures/dolphin.jsonl"},
             "guanaco": {"preset": "guanaco", "path": "fixtures/guanaco.jsonl"},
         },
         "data": {"mirror_dir": "mirror", "max_length": 128, "split": {"validation_fraction": 0.1, "test_fraction": 0.15}},

@@ -1,0 +1,282 @@
+"""The data stages through Snakemake itself, to the tokenized data and never further: bad input fails
+its own job with an error naming file:line or config key and leaves no artifact; two runs give
+byte-identical data artifacts; the tokenized data is rebuilt when what it depends on changes, and
+only then."""
+
+import concurrent.futures
+import copy
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import GUANACO_ROWS, write_jsonl
+from workflow import snakemake
+
+pytestmark = pytest.mark.slow
+
+TOKENIZED = "results/data/tokenized/{experiment}/stats.json"
+
+
+@pytest.fixture(scope="module")
+def http_server(shared_data):
+    """A local HTTP server on 127.0.0.1 serving ../shared/data."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shared_data))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def planned(workdir: Path, configfile: Path, *targets: str) -> dict[str, int]:
+    """Rule -> job count from a dry run to `targets` (tests/workflow.planned_jobs, with targets; they go
+    before --configfile, which takes every argument after it)."""
+    out = snakemake(workdir, "-n", *targets, "--configfile", str(configfile)).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("Reasons:")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def stray_files(results: Path) -> list[Path]:
+    """Temporary files or directories a stage left behind (atomic writes' `.<name>.tmp-<pid>`, scratch `tmp*`)."""
+    return [p for p in results.rglob("*") if ".tmp-" in p.name or p.name.startswith("tmp")]
+
+
+# --- Bad input -------------------------------------------------------------------------------------
+
+ALPACA_ROW = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
+
+
+def test_bad_input_through_snakemake(tmp_path, http_server):
+    """One run with --keep-going, one dataset per bad-input case: each fails its own job, its log names
+    file:line or the config key, and it leaves no artifact."""
+    fixtures = tmp_path / "fixtures"
+    fixtures.mkdir()
+    good = json.dumps(ALPACA_ROW) + "\n"
+    (fixtures / "malformed_json.jsonl").write_text(good + '{"instruction": "a", "output": \n' + good)
+    write_jsonl(fixtures / "missing_field.jsonl", [ALPACA_ROW, {"instruction": "No answer here.", "input": ""}])
+    write_jsonl(fixtures / "wrong_type.jsonl", [ALPACA_ROW, ALPACA_ROW | {"instruction": "Add 40 and 2."}, {"instruction": "Six times seven?", "input": "", "output": 42}])
+    (fixtures / "empty_file.jsonl").write_bytes(b"")
+    write_jsonl(fixtures / "unknown_field.jsonl", [ALPACA_ROW])
+    (fixtures / "non_utf8.jsonl").write_bytes(good.encode() + b'{"instruction": "Caf\xe9?", "input": "", "output": "Yes."}\n')
+    # The prompt renders (Alpaca rows have `instruction`), the completion names a field they lack.
+    user_template = {"prompt": "{{ instruction }}", "completion": "{{ nope }}"}
+    datasets = {
+        **{
+            name: {"preset": "alpaca", "path": f"fixtures/{name}.jsonl"}
+            for name in ("malformed_json", "missing_field", "wrong_type", "empty_file", "non_utf8")
+        },
+        "unknown_field": {"format": "alpaca", "template": user_template, "path": "fixtures/unknown_field.jsonl"},
+        "sha_mismatch": {"preset": "alpaca", "url": f"{http_server}/lamini_docs/lamini_docs.jsonl", "sha256": "0" * 64, "limit": 5},
+    }
+    config = {"experiment": "bad", "base_model": {"name": "tiny", "source": "tiny-random"}, "datasets": datasets}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+
+    targets = [f"results/data/hydrated/template/{name}.jsonl" for name in datasets]
+    result = snakemake(tmp_path, *targets, "--keep-going", "--cores", "2", "--configfile", "bad.yaml", check=False)
+    assert result.returncode != 0
+
+    # What each failure must name: the file and line, or the config key (and the field).
+    expected = {
+        "malformed_json": [r"fixtures/malformed_json\.jsonl:2: malformed JSON"],
+        "missing_field": [r"missing_field\.jsonl:2\b", r"missing field 'output'"],
+        "wrong_type": [r"wrong_type\.jsonl:3\b", r"field 'output' must be a string, got int"],
+        "empty_file": [r"fixtures/empty_file\.jsonl", r"no rows"],
+        "non_utf8": [r"fixtures/non_utf8\.jsonl:2: not valid UTF-8"],
+        "unknown_field": [r"unknown_field\.jsonl:1\b", r"datasets\.unknown_field\.template\.completion", r"'nope' is undefined"],
+        "sha_mismatch": [r"datasets\.sha_mismatch\.sha256", r"lamini_docs\.jsonl has sha256 [0-9a-f]{64}"],
+    }
+    results = tmp_path / "results"
+    failed_at = {}
+    for name, patterns in expected.items():
+        logs = {
+            stage: path.read_text() if path.exists() else ""
+            for stage, path in (
+                ("download", results / "logs" / "download_dataset" / f"{name}.log"),
+                ("hydrate", results / "logs" / "hydrate_dataset" / "template" / f"{name}.log"),
+            )
+        }
+        [stage] = [stage for stage, text in logs.items() if " ERROR " in text] or [None]
+        assert stage, f"{name}: no rule log holds an error:\n{logs}"
+        for pattern in patterns:
+            assert re.search(pattern, logs[stage]), f"{name}: {pattern!r} not in the {stage} log:\n{logs[stage]}"
+        failed_at[name] = stage
+        # No artifact of the stage that failed (or of any later one).
+        assert not (results / "data" / "hydrated" / "template" / f"{name}.jsonl").exists(), name
+        if stage == "download":
+            assert not list((results / "data" / "raw").glob(f"{name}.*")), name
+    # Where each case is caught today: reading a file at download, its rows' fields at hydrate.
+    assert {n for n, s in failed_at.items() if s == "download"} >= {"malformed_json", "empty_file", "non_utf8", "sha_mismatch"}
+    assert failed_at["unknown_field"] == "hydrate"
+    assert not stray_files(results / "data"), stray_files(results / "data")
+
+
+def test_unknown_preset_fails_config_validation(tmp_path):
+    config = {
+        "experiment": "bad",
+        "base_model": {"name": "tiny", "source": "tiny-random"},
+        "datasets": {"mine": {"preset": "alpacca", "path": "rows.jsonl"}},
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--cores", "1", "--configfile", "bad.yaml", check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    # jsonschema's own words: "On instance['datasets']['mine']['preset']: 'alpacca'" (or our dotted key).
+    assert re.search(r"datasets(\.|'\]\[')mine(\.|'\]\[')preset", message), message
+    assert "alpacca" in message
+    assert not (tmp_path / "results").exists()
+
+
+# --- Determinism and rebuilds ------------------------------------------------------------------------
+
+ARC_QUESTION = (
+    "An astronomer observes that a planet rotates faster after a meteorite impact. "
+    "Which is the most likely effect of this increase in rotation?"
+)
+CHAT_ROWS = [
+    {
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "And of Italy?"},
+            {"role": "assistant", "content": "Rome."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Translate 'thank you' into Spanish."},
+            {"role": "assistant", "content": "Gracias."},
+        ]
+    },
+    # An ARC-Challenge test question planted in training data: decontamination must remove it.
+    {"messages": [{"role": "user", "content": ARC_QUESTION}, {"role": "assistant", "content": "Planetary days will become shorter."}]},
+]
+LAMINI_TEMPLATE = {"prompt": "### Question:\n{{ question }}\n\n### Answer:", "completion": "{{ answer }}"}
+
+
+def data_config(work: Path, shared_data: Path, base_model: Path) -> Path:
+    """Real Alpaca (a local path), Guanaco multi-turn and OpenAI `messages` fixtures, real Lamini docs
+    under a user Jinja template, decontaminated against real ARC-Challenge; the base model is a local
+    directory holding a saved tiny model and tokenizer."""
+    shutil.copytree(base_model, work / "base-model")
+    # Each Guanaco row three times: exact dedup removes the copies.
+    write_jsonl(work / "fixtures" / "guanaco.jsonl", GUANACO_ROWS * 3)
+    write_jsonl(work / "fixtures" / "chat.jsonl", CHAT_ROWS)
+    arc_test = shared_data / "arc" / "hf_schema" / "ARC-Challenge-test.jsonl"
+    config = {
+        "experiment": "det",
+        "base_model": {"name": "tiny", "source": "base-model"},
+        "datasets": {
+            "alpaca": {"preset": "alpaca", "path": str(shared_data / "alpaca" / "alpaca_5000.json"), "limit": 200},
+            "guanaco": {"preset": "guanaco", "path": "fixtures/guanaco.jsonl"},
+            "chat": {"format": "messages", "template": "chat", "path": "fixtures/chat.jsonl"},
+            "lamini": {
+                "format": "qa",
+                "template": LAMINI_TEMPLATE,
+                "path": str(shared_data / "lamini_docs" / "lamini_docs.jsonl"),
+                "limit": 40,
+            },
+        },
+        "data": {"max_length": 128, "split": {"validation_fraction": 0.1, "test_fraction": 0.1}},
+        "eval": {"lm_eval": {"tasks": [{"name": "arc_challenge", "data_files": {"test": str(arc_test)}}]}},
+    }
+    path = work / "data.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, shared_data, tiny_model) -> tuple[Path, Path]:
+    """The same config run to the tokenized data in two work directories, as two concurrent Snakemake processes."""
+    works = [tmp_path_factory.mktemp(f"data-run-{run}") for run in "ab"]
+    for work in works:
+        data_config(work, shared_data, tiny_model)
+    target = TOKENIZED.format(experiment="det")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda work: snakemake(work, target, "--cores", "2", "--configfile", "data.yaml"), works))
+    return works[0], works[1]
+
+
+def test_data_artifacts_are_byte_identical_across_runs(two_runs):
+    a, b = two_runs
+    assert (a / "data.yaml").read_bytes() == (b / "data.yaml").read_bytes()
+    data = Path("results") / "data"
+    artifacts = [
+        *(data / "raw" / f"{name}.jsonl" for name in ("alpaca", "guanaco", "chat", "lamini")),
+        *(data / "hydrated" / "template" / f"{name}.jsonl" for name in ("alpaca", "guanaco", "lamini")),
+        data / "hydrated" / "tiny" / "chat.jsonl",  # rendered by the base model's chat template
+        data / "mixed" / "det.jsonl",
+        data / "mixed" / "det.removed.jsonl",
+        *(data / "tokenized" / "det" / f"{split}.jsonl" for split in ("train", "validation", "test")),
+    ]
+    for artifact in artifacts:
+        content = (a / artifact).read_bytes()
+        assert content, artifact
+        assert content == (b / artifact).read_bytes(), artifact
+    fingerprints = [json.loads((work / data / "tokenized" / "det" / "stats.json").read_text())["fingerprint"] for work in (a, b)]
+    assert fingerprints[0] == fingerprints[1] and re.fullmatch(r"[0-9a-f]{64}", fingerprints[0])
+    # The comparison covers real filtering: copies removed, the planted ARC question decontaminated.
+    removed = [json.loads(line) for line in (a / data / "mixed" / "det.removed.jsonl").read_text().splitlines()]
+    reasons = {r["reason"] for r in removed}
+    assert {"exact_duplicate", "eval_contamination"} <= reasons, reasons
+    assert any(r["reason"] == "eval_contamination" and ARC_QUESTION in r["prompt"] for r in removed)
+    hydrated_chat = [json.loads(line) for line in (a / data / "hydrated" / "tiny" / "chat.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in hydrated_chat] == ["Paris.", "Rome.", "Gracias.", "Planetary days will become shorter."]
+
+
+def test_tokenized_data_rebuilds_when_its_inputs_change(two_runs):
+    """Dry runs after one real run: each change plans `tokenize_and_split`, an unrelated one does not.
+    (A code change is not exercised: it would mean editing the repository's sftpipe/ under test;
+    `code()` inputs in rules/*.smk cover it, and the fingerprint hashes tokenization.py.)"""
+    work, _ = two_runs
+    target = TOKENIZED.format(experiment="det")
+    base = yaml.safe_load((work / "data.yaml").read_text())
+    assert planned(work, work / "data.yaml", target) == {}
+
+    def changed(name, edit) -> dict[str, int]:
+        config = copy.deepcopy(base)
+        edit(config)
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return planned(work, path, target)
+
+    # (a) a data setting
+    jobs = changed("max-length", lambda c: c["data"].update(max_length=96))
+    assert "tokenize_and_split" in jobs, jobs
+    assert not {"download_dataset", "hydrate_dataset", "materialize_base_model"} & set(jobs), jobs
+
+    # (b) the text of a dataset's user Jinja template
+    def edit_template(config):
+        config["datasets"]["lamini"]["template"]["prompt"] = "Question: {{ question }}\nAnswer:"
+
+    jobs = changed("template", edit_template)
+    assert jobs.get("hydrate_dataset") == 1 and "tokenize_and_split" in jobs, jobs
+
+    # (e) an unrelated setting plans no data job at all
+    assert changed("learning-rate", lambda c: c.setdefault("train", {}).update(learning_rate=0.001)) == {}
+
+    # (d) the base model's tokenizer, edited in its local source directory
+    tokenizer_config = work / "base-model" / "tokenizer_config.json"
+    original, times = tokenizer_config.read_bytes(), os.stat(tokenizer_config)
+    settings = json.loads(original)
+    settings["model_max_length"] = 4096
+    try:
+        tokenizer_config.write_text(json.dumps(settings, indent=2))
+        jobs = planned(work, work / "data.yaml", target)
+        assert "materialize_base_model" in jobs and "tokenize_and_split" in jobs, (
+            f"editing {tokenizer_config} planned {jobs or 'nothing'}"
+        )
+    finally:
+        tokenizer_config.write_bytes(original)
+        os.utime(tokenizer_config, ns=(times.st_atime_ns, times.st_mtime_ns))
