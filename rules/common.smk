@@ -42,34 +42,17 @@ DATA_MODULES = ("data.py", "formats.py", "demo.py")
 EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", *DATA_MODULES)
 
 
-def dataset_config(name):
-    return json.dumps(config["datasets"][name], sort_keys=True)
-
-
-def dataset_source(name):
-    """What the download reads: the dataset's config without its template and mixing weight, so
-    editing either never downloads again."""
-    return json.dumps({k: v for k, v in config["datasets"][name].items() if k not in ("template", "weight")}, sort_keys=True)
+def dataset_config(name, without=()):
+    """`datasets.<name>` as JSON, less the keys a rule does not read, so editing them reruns nothing there."""
+    return json.dumps({k: v for k, v in config["datasets"][name].items() if k not in without}, sort_keys=True)
 
 
 def local_dataset_files(name):
-    """The local files a dataset is read from (its `path:` or its mirror copy), as inputs: editing
-    the data reruns its download and everything after it."""
-    from sftpipe.data import DatasetSpec, mirror_location
+    """The local files a dataset is read from: editing the data reruns its download and all after it."""
+    from sftpipe.data import DatasetSpec, local_source_files
 
     spec = DatasetSpec.from_config(name, config["datasets"][name])
-    if spec.path:
-        path = Path(spec.path)
-    elif spec.hub_id and not spec.url and config["data"]["mirror_dir"]:
-        path = mirror_location(Path(config["data"]["mirror_dir"]), spec.hub_id, spec.hub_config, spec.split)
-    else:
-        path = None
-    return [] if path is None else files_of(path)
-
-
-def files_of(path):
-    """A file, or every file under a directory, as input paths."""
-    return sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [str(path)]
+    return [str(p) for p in local_source_files(spec, config["data"]["mirror_dir"])]
 
 
 def uses_chat_template(name):
@@ -93,8 +76,13 @@ def experiment_base_model(wildcards):
 def local_model_files(wildcards):
     """A base model read from a local directory, file by file: replacing its tokenizer or weights
     rebuilds the base model and everything tokenized or trained with it."""
-    path = Path(BASE_MODELS[wildcards.model]["source"])
-    return files_of(path) if path.is_dir() else []
+    from sftpipe.model import local_model_dir
+
+    path = local_model_dir(BASE_MODELS[wildcards.model]["source"])
+    if path is None:
+        return []
+    # Hidden entries (a download tool's .cache/) are not the model.
+    return sorted(str(p) for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts))
 
 
 def trust_remote_code(wildcards):

@@ -13,7 +13,7 @@ rule download_dataset:
         local=lambda wildcards: local_dataset_files(wildcards.dataset),
         code=code(*DATA_MODULES),
     params:
-        dataset=lambda wildcards: dataset_source(wildcards.dataset),
+        dataset=lambda wildcards: dataset_config(wildcards.dataset, without=("template", "weight")),
         mirror_dir=config["data"]["mirror_dir"],
     log:
         "results/logs/download_dataset/{dataset}.log",
@@ -38,7 +38,7 @@ rule hydrate_dataset:
         tokenizer=lambda wildcards: [] if wildcards.renderer == TEMPLATE_RENDERER else base_model_dir(wildcards.renderer),
         code=code(*DATA_MODULES),
     params:
-        dataset=lambda wildcards: dataset_config(wildcards.dataset),
+        dataset=lambda wildcards: dataset_config(wildcards.dataset, without=("weight",)),
     log:
         "results/logs/hydrate_dataset/{renderer}/{dataset}.log",
     benchmark:

@@ -171,6 +171,23 @@ def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield where, row
 
 
+def local_source_files(spec: DatasetSpec, mirror_dir: str | None) -> list[Path]:
+    """The local files the download of `spec` reads (its `path` or its mirror copy), as the workflow's
+    inputs: editing them reruns the download and all after it. None yet for a missing path, so the
+    download itself reports it."""
+    if spec.url or spec.builtin:
+        path: Path | None = None
+    elif spec.path:
+        path = Path(spec.path)
+    elif mirror_dir:
+        path = mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split)
+    else:
+        path = None
+    if path is None or not path.exists():
+        return []
+    return sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+
+
 def mirror_location(mirror_dir: Path, hub_id: str, hub_config: str | None, split: str) -> Path | None:
     """`<mirror>/<hub_id>/[<config>/]<split>.<ext>` (or a `<split>/` directory) if it exists."""
     base = mirror_dir / hub_id / hub_config if hub_config else mirror_dir / hub_id
@@ -285,7 +302,8 @@ def _download(spec: DatasetSpec, out_path, manifest_path, mirror_dir: str | None
         "source": source,
         "rows": count,
         "sha256": sha256_file(out_path),
-        "spec": asdict(spec),
+        # What the download read; the template and the weight are later stages' business.
+        "spec": {k: v for k, v in asdict(spec).items() if k not in ("template", "weight")},
     }
     write_json(manifest_path, manifest)
     log.info("dataset %s: %d rows from %s", spec.name, count, source["kind"])

@@ -166,8 +166,10 @@ ALPACA_PREAMBLE_WITH_INPUT = (
     "Write a response that appropriately completes the request."
 )
 ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-ALPACA_WITH_INPUT = ALPACA_PREAMBLE_WITH_INPUT + "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-ALPACA_NO_INPUT = ALPACA_PREAMBLE + "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_BODY_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_BODY = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_WITH_INPUT = f"{ALPACA_PREAMBLE_WITH_INPUT}\n\n{ALPACA_BODY_WITH_INPUT}"
+ALPACA_NO_INPUT = f"{ALPACA_PREAMBLE}\n\n{ALPACA_BODY}"
 
 
 def _user_text(ex: Example) -> str:
@@ -186,11 +188,9 @@ def _system_first(ex: Example, prompt: str) -> str:
 
 def render_alpaca(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
     _single_turn(ex, where, "alpaca")
-    template = ALPACA_WITH_INPUT if ex.input else ALPACA_NO_INPUT
-    if ex.system:
-        # Alpaca's preamble is its system prompt: a row's own replaces it.
-        template = ex.system + template.removeprefix(ALPACA_PREAMBLE_WITH_INPUT if ex.input else ALPACA_PREAMBLE)
-    return template.format(instruction=ex.instruction, input=ex.input), ex.output
+    preamble, body = (ALPACA_PREAMBLE_WITH_INPUT, ALPACA_BODY_WITH_INPUT) if ex.input else (ALPACA_PREAMBLE, ALPACA_BODY)
+    # Alpaca's preamble is its system prompt: a row's own replaces it.
+    return f"{ex.system or preamble}\n\n{body.format(instruction=ex.instruction, input=ex.input)}", ex.output
 
 
 def render_guanaco(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
@@ -245,10 +245,14 @@ TEMPLATES: dict[str, Callable[[Example, str, Callable | None], tuple[str, str]]]
 }
 
 
+class _Unprintable(TypeError):
+    pass
+
+
 def _printable(value: Any) -> Any:
     """Jinja's `finalize`: a None, list or dict printed as is would train on "None" or a Python repr."""
     if value is None or isinstance(value, (list, dict)):
-        raise TypeError(f"a {type(value).__name__} value cannot be printed; the field is empty, or use a loop or a filter")
+        raise _Unprintable(type(value).__name__)
     return value
 
 
@@ -263,12 +267,16 @@ class UserTemplate:
         from jinja2 import StrictUndefined, TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        from jinja2 import meta
+
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, finalize=_printable)
         self.dataset = dataset
         self.templates = {}
+        self.fields = {}  # the row fields each part reads, to name the one at fault
         for part in ("prompt", "completion"):
             try:
                 self.templates[part] = env.from_string(templates[part])
+                self.fields[part] = sorted(meta.find_undeclared_variables(env.parse(templates[part])))
             except TemplateSyntaxError as err:
                 raise PipelineError(f"config key 'datasets.{dataset}.template.{part}': {err.message} (line {err.lineno})") from None
 
@@ -286,6 +294,12 @@ class UserTemplate:
                 raise PipelineError(f"{where}: {name}: {err.message}") from None
             except SecurityError as err:
                 raise PipelineError(f"{where}: {name} is unsafe: {err}") from None
+            except _Unprintable as err:
+                fields = [f for f in self.fields[part] if f in row and (row[f] is None or isinstance(row[f], (list, dict)))]
+                raise PipelineError(
+                    f"{where}: {name}: prints a {err} value (field {', '.join(repr(f) for f in fields)}); "
+                    "an empty field, or a list or object to loop over or filter"
+                ) from None
             except (TemplateError, TypeError, ValueError, ArithmeticError) as err:
                 raise PipelineError(f"{where}: {name}: {type(err).__name__}: {err}") from None
         return out[0], out[1]

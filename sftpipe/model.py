@@ -111,16 +111,30 @@ def ensure_distinct_pad(model, tokenizer) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
+def _path_source(source: str) -> str | None:
+    """The directory or Hub id a `hub:` or plain source reads; None for packaged and tiny-random."""
+    kind, _, rest = source.partition(":")
+    if kind == "packaged" or source == "tiny-random":
+        return None
+    return rest if kind == "hub" else source
+
+
+def local_model_dir(source: str) -> Path | None:
+    """The local directory a base model is read from, if it is one."""
+    path = _path_source(source)
+    return Path(path) if path is not None and Path(path).is_dir() else None
+
+
 def materialize_base_model(source: ModelSource, out_dir: str | Path) -> dict[str, Any]:
     """Save the base model and tokenizer as safetensors under `out_dir`; return what was saved."""
     kind, _, rest = source.source.partition(":")
+    path = _path_source(source.source)
     if kind == "packaged":
         model, tokenizer = _from_gguf(rest)
-    elif source.source == "tiny-random":
+    elif path is None:
         model, tokenizer = tiny_random_model()
     else:
-        path = rest if kind == "hub" else source.source
-        local = Path(path).is_dir()
+        local = local_model_dir(source.source) is not None
         if kind != "hub" and not local:
             raise PipelineError(
                 f"config key 'base_model.source': '{source.source}' is neither a local directory nor "

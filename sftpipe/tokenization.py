@@ -73,6 +73,12 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[
     return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
 
+def _leading_special_tokens(tokenizer) -> list[int]:
+    with_special, plain = (_encode(tokenizer, ["x"], add_special_tokens=flag)[0] for flag in (True, False))
+    start = next(i for i in range(len(with_special) - len(plain) + 1) if with_special[i : i + len(plain)] == plain)
+    return with_special[:start]
+
+
 def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[dict[str, Any] | None]:
     """Token ids and labels per row (prompt labels -100, EOS ending every completion and learned);
     `None` for a row whose prompt leaves no room for its completion.
@@ -83,8 +89,9 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[
     texts = [r["prompt"] for r in rows]
     prompts = _encode(tokenizer, texts, add_special_tokens=False)
     # The tokens the tokenizer puts before any text (a BOS, for Llama-style tokenizers), unless the
-    # prompt already starts with them, as a chat template's output does: never a double BOS.
-    lead = _encode(tokenizer, [""], add_special_tokens=True)[0]
+    # prompt already starts with them, as a chat template's output does: never a double BOS. Tokens
+    # it appends (an EOS, with `add_eos_token`) have no place after a prompt.
+    lead = _leading_special_tokens(tokenizer)
     if lead:
         lead_text = tokenizer.decode(lead)
         prompts = [ids if text.startswith(lead_text) else lead + ids for ids, text in zip(prompts, texts)]
@@ -141,7 +148,7 @@ def _collect(
         seen.add(row["id"])
         split_name = row_split(row, split)
         datasets = stats[split_name]["datasets"]
-        counts = (stats[split_name], datasets.get(row["dataset"]) or datasets.setdefault(row["dataset"], _counters()))
+        counts = (stats[split_name], datasets.setdefault(row["dataset"], _counters()))
         for c in counts:
             c["rows_in"] += 1
         if encoded is None or (encoded["truncated"] and lengths.overlong == "drop"):

@@ -24,6 +24,7 @@ def test_download_local_alpaca_json_with_limit(tmp_path, shared_data):
     assert rows[0] == json.loads(source.read_text())[0]
     assert manifest["sha256"] == sha256_file(raw)
     assert manifest["source"] == {"kind": "local", "path": str(source.resolve())}
+    assert manifest["spec"]["limit"] == 25 and "template" not in manifest["spec"]
 
 
 def test_download_prefers_mirror_over_hub(tmp_path, shared_data):
@@ -74,11 +75,14 @@ def test_download_directory_and_mirror_split_directory(tmp_path):
 
 
 def test_hub_source_streams_only_the_rows_it_keeps(tmp_path):
-    # A local dataset directory goes through the same `datasets.load_dataset(streaming=True)` call as a Hub id.
+    # A local dataset directory goes through the same `datasets.load_dataset(streaming=True)` call as a
+    # Hub id. Past the first 10 MB block the file is broken: reading it whole would fail there.
     hub = tmp_path / "hub_dataset"
-    write_jsonl(hub / "train.jsonl", [{"question": f"Q{i}?", "answer": f"A{i}"} for i in range(20000)])
+    write_jsonl(hub / "train.jsonl", [{"question": f"Q{i}?" + " padding" * 10, "answer": f"A{i}"} for i in range(200_000)])
+    with (hub / "train.jsonl").open("a") as handle:
+        handle.write('{"question": "broken",\n')
     _, raw, manifest = _download(tmp_path / "out", "qa", {"preset": "lamini_docs", "hub_id": str(hub), "limit": 3})
-    assert [r["question"] for r in read_jsonl(raw)] == ["Q0?", "Q1?", "Q2?"]
+    assert [r["answer"] for r in read_jsonl(raw)] == ["A0", "A1", "A2"]
     assert manifest["source"]["kind"] == "hub" and manifest["rows"] == 3
 
 
@@ -181,6 +185,9 @@ def test_templates_without_a_system_slot_keep_the_system_prompt(tmp_path):
     row = DOLPHIN_ROWS[1]
     alpaca = _hydrate(tmp_path, "d1", {"format": "dolphin", "template": "alpaca", "path": "x"}, [row])[0]
     assert alpaca["prompt"] == "You are a helpful assistant who answers briefly.\n\n### Instruction:\nWhat is two plus two?\n\n### Response:\n"
+    braces = {**row, "instruction": 'Reply as JSON: {"answer": 4}'}
+    alpaca = _hydrate(tmp_path, "d3", {"format": "dolphin", "template": "alpaca", "path": "x"}, [braces])[0]
+    assert alpaca["prompt"].startswith('Reply as JSON: {"answer": 4}\n\n### Instruction:\n')
     qa = _hydrate(tmp_path, "d2", {"format": "dolphin", "template": "qa", "path": "x"}, [row])[0]
     assert qa["prompt"] == "You are a helpful assistant who answers briefly.\n\n### Question:\nWhat is two plus two?\n\n### Answer:"
     with pytest.raises(PipelineError, match="the 'qa' template has no place for earlier turns"):
@@ -326,8 +333,8 @@ def test_user_template_missing_field_names_template_field_and_row(tmp_path):
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"question": None, "answer": "b"}, "TypeError: a NoneType value cannot be printed"),
-        ({"question": ["a", "b"], "answer": "b"}, "TypeError: a list value cannot be printed"),
+        ({"question": None, "answer": "b"}, "prints a NoneType value \\(field 'question'\\)"),
+        ({"question": ["a", "b"], "answer": "b"}, "prints a list value \\(field 'question'\\)"),
         ({"question": "a", "answer": "b", "n": "3"}, "TypeError: "),
     ],
     ids=["none", "list", "arithmetic-on-string"],

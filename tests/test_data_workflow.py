@@ -237,8 +237,9 @@ def test_data_artifacts_are_byte_identical_across_runs(two_runs):
 
 def test_tokenized_data_rebuilds_when_its_inputs_change(two_runs):
     """Dry runs after one real run: each change plans `tokenize_and_split`, an unrelated one does not.
-    (A code change is not exercised: it would mean editing the repository's sftpipe/ under test;
-    `code()` inputs in rules/*.smk cover it, and the fingerprint hashes tokenization.py.)"""
+    (A code change is not exercised here: it would mean editing the repository's sftpipe/ under test.
+    The `code()` inputs in rules/*.smk cover it, tests/test_envs.py checks they are complete, and
+    tests/test_tokenization.py checks that the fingerprint follows the code.)"""
     work, _ = two_runs
     target = TOKENIZED.format(experiment="det")
     base = yaml.safe_load((work / "data.yaml").read_text())
@@ -262,6 +263,12 @@ def test_tokenized_data_rebuilds_when_its_inputs_change(two_runs):
 
     jobs = changed("template", edit_template)
     assert jobs.get("hydrate_dataset") == 1 and "tokenize_and_split" in jobs, jobs
+    assert "download_dataset" not in jobs, jobs  # the template is not the download's business
+
+    # (c) a mixing weight: the mixture and what follows, no download, no hydration
+    jobs = changed("weight", lambda c: c["datasets"]["alpaca"].update(weight=0.5))
+    assert "filter_and_mix" in jobs and "tokenize_and_split" in jobs, jobs
+    assert not {"download_dataset", "hydrate_dataset"} & set(jobs), jobs
 
     # (e) an unrelated setting plans no data job at all
     assert changed("learning-rate", lambda c: c.setdefault("train", {}).update(learning_rate=0.001)) == {}

@@ -157,3 +157,22 @@ def test_everything_filtered_is_an_error_and_leaves_no_mixture(tmp_path):
     with pytest.raises(Exception, match="every row was filtered out"):
         _run(tmp_path, {"a": rows}, weights={"a": 0.01}, settings=FilterSettings(near_dedup=False, decontaminate=False))
     assert not (tmp_path / "mixed.jsonl").exists()
+
+
+@pytest.mark.parametrize(("weight", "valid"), [(0.25, True), (1, True), (3000, True), (1.5, False), (0, False), (2.0, True)])
+def test_weight_is_a_fraction_or_a_whole_row_count(weight, valid):
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    from conftest import REPO
+
+    config = {
+        "experiment": "x",
+        "base_model": {"name": "tiny", "source": "tiny-random"},
+        "datasets": {"a": {"preset": "alpaca", "weight": weight}},
+    }
+    if valid:
+        validate(config, str(REPO / "config" / "schema.yaml"))
+    else:
+        with pytest.raises(WorkflowError, match=r"instance\['datasets'\]\['a'\]\['weight'\]"):
+            validate(config, str(REPO / "config" / "schema.yaml"))

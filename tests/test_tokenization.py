@@ -96,11 +96,14 @@ def test_a_bos_adding_tokenizer_gets_one_bos_even_after_a_chat_template(tmp_path
 
     from tokenizers.processors import TemplateProcessing
 
-    # The tiny model's tokenizer with a Llama-style post-processor that puts a BOS before every text.
+    # The tiny model's tokenizer with a Llama-style post-processor that puts a BOS before every text
+    # and, as with `add_eos_token`, an end token after it.
     tokenizer = load_tokenizer(tiny_model)
-    bos = "<repo_name>"
+    bos, end = "<repo_name>", "<file_sep>"
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))]
+        single=f"{bos} $A {end}",
+        pair=f"{bos} $A {end} $B {end}",
+        special_tokens=[(t, tokenizer.convert_tokens_to_ids(t)) for t in (bos, end)],
     )
     tokenizer.bos_token = bos
     model = tmp_path / "bos-model"
@@ -114,8 +117,9 @@ def test_a_bos_adding_tokenizer_gets_one_bos_even_after_a_chat_template(tmp_path
     splits, _ = _run(tmp_path / "tok", model, rows, split=SplitSettings(0.0, 0.0, 0))
     for row in splits["train"]:
         assert row["input_ids"][0] == bos_id and row["input_ids"][1] != bos_id
+        assert tokenizer.convert_tokens_to_ids(end) not in row["input_ids"]
     plain = next(r for r in splits["train"] if r["id"] == "plain")
-    assert plain["input_ids"][: plain["labels"].count(IGNORE_INDEX)] == tokenizer("Q: hi?\nA:")["input_ids"]
+    assert plain["input_ids"][: plain["labels"].count(IGNORE_INDEX)] == tokenizer("Q: hi?\nA:")["input_ids"][:-1]
 
 
 def test_stats_per_split_and_per_dataset(tmp_path, tiny_model):
