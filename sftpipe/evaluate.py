@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -121,7 +122,9 @@ def _registered_config(task_manager, name: str) -> dict[str, Any]:
     return load_yaml(entry.yaml_path, resolve_func=True)
 
 
+@functools.cache
 def task_manager():
+    """lm-eval's task index, built once per process: indexing its ~14,000 task YAMLs takes ~20 s."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(PACKAGE_TASKS))

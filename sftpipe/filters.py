@@ -110,7 +110,7 @@ def eval_references(tasks: Iterable[Any]) -> list[tuple[str, list[str]]]:
 
     tasks = list(tasks)
     if not tasks:
-        return []  # lm-eval's task index takes ~20 s to build
+        return []  # no need to build lm-eval's task index
     manager = task_manager()
     references = []
     for spec in tasks:

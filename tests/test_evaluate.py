@@ -81,11 +81,9 @@ def test_empty_test_split_is_an_error(tmp_path, tiny_model):
 
 @pytest.fixture(scope="module")
 def task_manager():
-    from lm_eval.tasks import TaskManager
+    from sftpipe.evaluate import task_manager
 
-    from sftpipe.evaluate import PACKAGE_TASKS
-
-    return TaskManager(include_path=str(PACKAGE_TASKS))
+    return task_manager()
 
 
 @pytest.mark.parametrize(("num_fewshot", "splits"), [(0, ["test"]), (5, ["test", "train"])])
