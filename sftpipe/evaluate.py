@@ -122,11 +122,31 @@ def _registered_config(task_manager, name: str) -> dict[str, Any]:
     return load_yaml(entry.yaml_path, resolve_func=True)
 
 
-@functools.cache
-def task_manager():
-    """lm-eval's task index, built once per process: indexing its ~14,000 task YAMLs takes ~20 s."""
-    from lm_eval.tasks import TaskManager
+def _task_dirs(names: tuple[str, ...]) -> list[str]:
+    """The lm-eval task directories with a YAML that defines one of `names` as a task (a text scan)."""
+    import re
 
+    import lm_eval
+
+    pattern = re.compile(rf"^task:\s*[\"']?({'|'.join(map(re.escape, names))})[\"']?\s*$", re.M)
+    root = Path(lm_eval.__file__).parent / "tasks"
+    return sorted({str(p.parent) for p in root.rglob("*.yaml") if pattern.search(p.read_text(encoding="utf-8", errors="ignore"))})
+
+
+@functools.cache
+def task_manager(names: tuple[str, ...] = ()):
+    """lm-eval's task index, built once per process. Indexing all of its ~14,000 task YAMLs takes
+    ~20 s, so for named tasks only the directories defining them are indexed (a task's `include:`
+    and `!function` paths are relative to its own file); the whole index is built when that does not
+    register every name as a task (a group or a tag needs the tasks it names)."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
+
+    if names:
+        manager = TaskManager(include_defaults=False, include_path=[str(PACKAGE_TASKS), *_task_dirs(names)])
+        entries = [manager.task_index.get(name) for name in names]
+        if all(entry is not None and entry.kind in (Kind.TASK, Kind.PY_TASK) for entry in entries):
+            return manager
     return TaskManager(include_path=str(PACKAGE_TASKS))
 
 
@@ -175,7 +195,7 @@ def download_task_data(spec: TaskSpec, out_dir: str | Path, mirror_dir: str | No
     so that evaluation and decontamination read local files (on a cluster, compute nodes stay offline)."""
     import datasets
 
-    config = _registered_config(task_manager(), spec.name)
+    config = _registered_config(task_manager((spec.name,)), spec.name)
     hub_id, hub_config = config.get("dataset_path"), config.get("dataset_name")
     sources = {}
     with atomic_path(out_dir) as tmp:
@@ -205,7 +225,7 @@ def lm_eval_tasks(
     """Run each task through lm-eval's `simple_evaluate`; record every setting beside every number."""
     from lm_eval import simple_evaluate
 
-    manager = task_manager()
+    manager = task_manager(tuple(sorted({spec.name for spec in tasks})))
     results: dict[str, Any] = {}
     for spec in tasks:
         config = task_config(manager, spec)

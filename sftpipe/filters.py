@@ -111,7 +111,7 @@ def eval_references(tasks: Iterable[Any]) -> list[tuple[str, list[str]]]:
     tasks = list(tasks)
     if not tasks:
         return []  # no need to build lm-eval's task index
-    manager = task_manager()
+    manager = task_manager(tuple(sorted({spec.name for spec in tasks})))
     references = []
     for spec in tasks:
         built = manager.load_task_or_group([task_config(manager, spec)])

@@ -109,6 +109,17 @@ def test_downloaded_arc_keeps_official_prompt_and_metrics(task_manager, shared_d
     assert task_config(task_manager, TaskSpec("arc_challenge")) == "arc_challenge"
 
 
+def test_named_tasks_index_only_their_own_directories(task_manager):
+    from sftpipe.evaluate import task_manager as manager_for
+
+    narrow = manager_for(("arc_easy", "hellaswag", "sftpipe_demo_mc"))
+    assert len(narrow.task_index) < 20 < len(task_manager.task_index)
+    for name in ("arc_easy", "hellaswag", "sftpipe_demo_mc"):
+        assert narrow.task_index[name].yaml_path == task_manager.task_index[name].yaml_path
+    # A tag names tasks defined elsewhere: the whole index.
+    assert len(manager_for(("ai2_arc",)).task_index) == len(task_manager.task_index)
+
+
 def test_unknown_task_and_missing_file_name_the_config_key(task_manager, tmp_path):
     with pytest.raises(PipelineError, match="eval.lm_eval.tasks.*no_such_task"):
         task_config(task_manager, TaskSpec("no_such_task"))
