@@ -100,7 +100,7 @@ def located_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) for every row of a local file or directory; `where` names the file and the line
     (jsonl, csv), element (json) or row (parquet), for errors."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        files = _data_files(path)
         if not files:
             raise PipelineError(f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} file")
         for file in files:
@@ -171,21 +171,27 @@ def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield where, row
 
 
-def local_source_files(spec: DatasetSpec, mirror_dir: str | None) -> list[Path]:
-    """The local files the download of `spec` reads (its `path` or its mirror copy), as the workflow's
-    inputs: editing them reruns the download and all after it. None yet for a missing path, so the
-    download itself reports it."""
+def _data_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in LOCAL_SUFFIXES)
+
+
+def local_source(spec: DatasetSpec, mirror_dir: str | None) -> Path | None:
+    """The local file or directory a dataset is read from: its `path`, or its copy in the mirror;
+    None for a URL, the built-in demo or the Hub."""
     if spec.url or spec.builtin:
-        path: Path | None = None
-    elif spec.path:
-        path = Path(spec.path)
-    elif mirror_dir:
-        path = mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split)
-    else:
-        path = None
+        return None
+    if spec.path:
+        return Path(spec.path)
+    return mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split) if mirror_dir else None
+
+
+def local_source_files(spec: DatasetSpec, mirror_dir: str | None) -> list[Path]:
+    """The files of `local_source`, as the workflow's inputs: editing them reruns the download and all
+    after it. None for a missing path, so that the download itself reports it."""
+    path = local_source(spec, mirror_dir)
     if path is None or not path.exists():
         return []
-    return sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+    return _data_files(path) if path.is_dir() else [path]
 
 
 def mirror_location(mirror_dir: Path, hub_id: str, hub_config: str | None, split: str) -> Path | None:
@@ -257,6 +263,7 @@ def download_dataset(spec: DatasetSpec, out_path: str | Path, manifest_path: str
 
 
 def _download(spec: DatasetSpec, out_path, manifest_path, mirror_dir: str | None, scratch: Path) -> dict:
+    local = local_source(spec, mirror_dir)
     if spec.url:
         file, digest = fetch_url(spec, scratch)
         source = {"kind": "url", "url": spec.url, "sha256": digest}
@@ -264,23 +271,20 @@ def _download(spec: DatasetSpec, out_path, manifest_path, mirror_dir: str | None
     elif spec.builtin:
         source = {"kind": "builtin", "generator": "sftpipe.demo", "seed": spec.seed}
         rows = ((f"sftpipe.demo row {i}", row) for i, row in enumerate(generate_demo_rows(spec.limit or 2000, seed=spec.seed)))
-    elif spec.path:
-        path = Path(spec.path)
-        source = {"kind": "local", "path": str(path.resolve())}
-        if spec.sha256:
-            if not path.is_file():
-                raise PipelineError(f"config key 'datasets.{spec.name}.sha256': {path} is not a file")
-            _check_pin(spec, str(path), sha256_file(path))
-        rows = located_rows(path)
-    else:
-        mirrored = mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split) if mirror_dir else None
-        if mirrored is not None:
-            source = {"kind": "mirror", "hub_id": spec.hub_id, "path": str(mirrored.resolve())}
-            rows = located_rows(mirrored)
+    elif local is not None:
+        if spec.path:
+            source = {"kind": "local", "path": str(local.resolve())}
+            if spec.sha256:
+                if not local.is_file():
+                    raise PipelineError(f"config key 'datasets.{spec.name}.sha256': {local} is not a file")
+                _check_pin(spec, str(local), sha256_file(local))
         else:
-            revision = _resolve_hub_revision(spec)
-            source = {"kind": "hub", "hub_id": spec.hub_id, "config": spec.hub_config, "split": spec.split, "revision": revision}
-            rows = _hub_rows(spec, revision)
+            source = {"kind": "mirror", "hub_id": spec.hub_id, "path": str(local.resolve())}
+        rows = located_rows(local)
+    else:
+        revision = _resolve_hub_revision(spec)
+        source = {"kind": "hub", "hub_id": spec.hub_id, "config": spec.hub_config, "split": spec.split, "revision": revision}
+        rows = _hub_rows(spec, revision)
 
     progress = Progress(f"download {spec.name}", spec.limit)
     parse = FORMATS.get(spec.format)

@@ -16,6 +16,7 @@ from .io import PipelineError
 
 log = logging.getLogger("sftpipe")
 
+
 @dataclass(frozen=True)
 class Preset:
     hub_id: str | None

@@ -134,7 +134,7 @@ def materialize_base_model(source: ModelSource, out_dir: str | Path) -> dict[str
     elif path is None:
         model, tokenizer = tiny_random_model()
     else:
-        local = local_model_dir(source.source) is not None
+        local = Path(path).is_dir()
         if kind != "hub" and not local:
             raise PipelineError(
                 f"config key 'base_model.source': '{source.source}' is neither a local directory nor "
