@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from sftpipe.experiments import expand_experiments
 from sftpipe.io import PipelineError
+from sftpipe.launch import EXECUTION_KEYS
 
 try:
     EXPERIMENTS = expand_experiments(config)
@@ -40,6 +41,7 @@ def code(*modules):
 # What reading a dataset or an lm-eval task pulls in.
 DATA_MODULES = ("data.py", "formats.py", "demo.py")
 EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", *DATA_MODULES)
+TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py")
 
 
 def dataset_config(name, without=()):
@@ -83,6 +85,16 @@ def local_model_files(wildcards):
         return []
     # Hidden entries (a download tool's .cache/) are not the model.
     return sorted(str(p) for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts))
+
+
+def train_settings(wildcards):
+    """The experiment's `train` keys that decide what it learns: how the job executes is not among them."""
+    return {k: v for k, v in experiment_of(wildcards).train.items() if k not in EXECUTION_KEYS}
+
+
+def execution_setting(key):
+    """A `train` key that says how the job executes: a resource, so changing it reruns nothing."""
+    return lambda wildcards: experiment_of(wildcards).train[key]
 
 
 def trust_remote_code(wildcards):

@@ -55,7 +55,7 @@ rule report:
         data_stats=rules.tokenize_and_split.output.stats,
         filters=rules.filter_and_mix.output.stats,
         manifests=lambda wildcards: expand(rules.download_dataset.output.manifest, dataset=experiment_of(wildcards).datasets),
-        code=code("report.py", "metrics.py"),
+        code=code("report.py", "metrics.py", "artifacts.py"),
     params:
         setup=lambda wildcards: experiment_of(wildcards).describe(),
     log:
@@ -78,7 +78,7 @@ rule summarize_experiments:
         ),
     input:
         reports=expand(rules.report.output.summary, experiment=EXPERIMENTS),
-        code=code("report.py", "metrics.py"),
+        code=code("report.py", "metrics.py", "artifacts.py"),
     log:
         "results/logs/summarize_experiments/summary.log",
     benchmark:

@@ -6,9 +6,9 @@ rule train_lora:
         base=experiment_base_model,
         train=rules.tokenize_and_split.output.train,
         validation=rules.tokenize_and_split.output.validation,
-        code=code("train.py", "swiglu.py", "model.py"),
+        code=code(*TRAIN_MODULES),
     params:
-        settings=lambda wildcards: experiment_of(wildcards).train,
+        settings=train_settings,
         work_dir=lambda wildcards: f"results/train/{wildcards.experiment}/work",
         trust_remote_code=trust_remote_code,
     log:
@@ -17,9 +17,11 @@ rule train_lora:
         "results/benchmarks/train_lora/{experiment}.tsv"
     # Capped at --cores on a workstation; on a cluster, the CPUs the job asks for.
     threads: 8
+    # How the job executes, which reruns nothing: more than one GPU launches one DDP process per GPU.
     resources:
-        # More than one GPU launches one DDP process per GPU.
-        gpu=lambda wildcards: experiment_of(wildcards).train["gpus"],
+        gpu=execution_setting("gpus"),
+        processes=execution_setting("processes"),
+        allocator=execution_setting("allocator"),
         mem_mb=16000,
         runtime=720,
     conda:
@@ -35,7 +37,7 @@ rule merge_adapter:
         base=experiment_base_model,
         adapter=rules.train_lora.output.adapter,
         history=rules.train_lora.output.history,
-        code=code("merge.py", "model.py"),
+        code=code("merge.py", "model.py", "artifacts.py"),
     params:
         dtype=config["merge"]["dtype"],
         trust_remote_code=trust_remote_code,

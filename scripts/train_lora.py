@@ -1,9 +1,10 @@
 from sftpipe.entry import run_stage
-from sftpipe.train import TrainJob, TrainSettings, train
+from sftpipe.launch import Execution, launch
+from sftpipe.train import TrainJob, TrainSettings
 
 run_stage(
     snakemake,
-    lambda: train(
+    lambda: launch(
         TrainJob(
             base_dir=snakemake.input.base,
             train_path=snakemake.input.train,
@@ -14,7 +15,11 @@ run_stage(
             settings=TrainSettings(**snakemake.params.settings),
             trust_remote_code=snakemake.params.trust_remote_code,
         ),
-        gpus=snakemake.resources.gpu,
+        Execution(
+            processes=snakemake.resources.processes,
+            allocator=snakemake.resources.allocator,
+            gpus=snakemake.resources.gpu,
+        ),
         threads=snakemake.threads,
     ),
 )

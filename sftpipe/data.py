@@ -207,18 +207,35 @@ def _hub_rows(spec: DatasetSpec, revision: str | None) -> Iterator[tuple[str, di
     # Streaming reads only the rows we keep: Dolphin's files are several GB.
     import datasets
 
-    stream = datasets.load_dataset(spec.hub_id, name=spec.hub_config, split=spec.split, revision=revision, streaming=True)
+    try:
+        stream = datasets.load_dataset(spec.hub_id, name=spec.hub_config, split=spec.split, revision=revision, streaming=True)
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise _hub_access_error(spec, err) from None
     for index, row in enumerate(stream):
         yield f"{spec.hub_id} ({spec.split}) row {index}", row
+
+
+def _hub_access_error(spec: DatasetSpec, err: Exception) -> PipelineError:
+    """What a user can do about a Hub dataset they cannot read: check the id, or accept its terms and
+    give a token."""
+    return PipelineError(
+        f"config key 'datasets.{spec.name}.hub_id': cannot read '{spec.hub_id}' from the Hub ({str(err).splitlines()[0]}); "
+        "check the id, or, for a gated or private dataset, accept its terms on the Hub and set HF_TOKEN"
+    )
 
 
 def _resolve_hub_revision(spec: DatasetSpec) -> str | None:
     """The commit `spec.revision` (a branch or tag, or None for main) points at now, so that the rows
     read and the manifest name the same commit."""
-    try:
-        from huggingface_hub import HfApi
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+    try:
         return HfApi().dataset_info(spec.hub_id, revision=spec.revision).sha
+    except RevisionNotFoundError:
+        raise PipelineError(f"config key 'datasets.{spec.name}.revision': '{spec.revision}' is not a revision of {spec.hub_id}") from None
+    except (GatedRepoError, RepositoryNotFoundError) as err:  # the Hub answered: not for this user
+        raise _hub_access_error(spec, err) from None
     except Exception as err:  # offline, or a local dataset directory: read what was asked for
         log.warning("could not resolve the Hub revision of %s: %s", spec.hub_id, err)
         return spec.revision

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .artifacts import TrainSummary, read_history
 from .io import PipelineError, atomic_path, read_json, write_json
 from .model import load_model, load_tokenizer
 
@@ -16,7 +17,7 @@ log = logging.getLogger("sftpipe")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def model_card(base_dir: str | Path, training: dict[str, Any] | None, dtype: str) -> str:
+def model_card(base_dir: str | Path, training: TrainSummary | None, dtype: str) -> str:
     """A README for the merged model: where it came from and how it was trained."""
     source = read_json(Path(base_dir) / "sftpipe_source.json") if (Path(base_dir) / "sftpipe_source.json").exists() else {}
     lines = [
@@ -30,16 +31,15 @@ def model_card(base_dir: str | Path, training: dict[str, Any] | None, dtype: str
         f"- saved dtype: {dtype}; weights: safetensors; pad token `{source.get('pad_token')}` differs from EOS `{source.get('eos_token')}`",
     ]
     if training:
-        settings = training["settings"]
         lines += [
-            f"- training: {training['steps']} steps on {training['train_rows']} rows, precision {training['precision']}, "
-            f"final train loss {training['train_loss']:.4f}, validation loss {training['eval_loss']:.4f}",
+            f"- training: {training.steps} steps on {training.train_rows} rows, precision {training.precision}, "
+            f"final train loss {training.train_loss:.4f}, validation loss {training.eval_loss:.4f}",
             "",
             "## Hyperparameters",
             "",
             "| key | value |",
             "|---|---|",
-            *[f"| {key} | {value} |" for key, value in sorted(settings.items())],
+            *[f"| {key} | {value} |" for key, value in sorted(training.settings.items())],
         ]
     lines += ["", "Evaluation figures for this model are in the sftpipe report of its experiment."]
     return "\n".join(lines) + "\n"
@@ -69,7 +69,7 @@ def merge_adapter(
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "sftpipe_merge.json", info)
-        training = read_json(history_path)["summary"] if history_path else None
+        training = read_history(history_path)[0] if history_path else None
         (tmp / "README.md").write_text(model_card(base_dir, training, dtype), encoding="utf-8")
     log.info("merged %s into %s (%s)", adapter_dir, base_dir, dtype)
     return info

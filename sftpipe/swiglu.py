@@ -8,8 +8,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-# Architectures whose MLP computes exactly `down_proj(silu(gate_proj(x)) * up_proj(x))`.
-SWIGLU_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+from .model import LLAMA_LIKE_MODELS
 
 
 class SiluMul(torch.autograd.Function):
@@ -59,7 +58,7 @@ def use_lean_swiglu(model: torch.nn.Module) -> int:
     saved-tensor hooks these would shadow.
     """
     config = model.config
-    if getattr(config, "model_type", None) not in SWIGLU_MODELS or getattr(config, "hidden_act", None) != "silu":
+    if getattr(config, "model_type", None) not in LLAMA_LIKE_MODELS or getattr(config, "hidden_act", None) != "silu":
         return 0
     patched = 0
     for module in model.modules():

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import GUANACO_ROWS, write_jsonl
-from workflow import snakemake
+from workflow import snakemake, stray_files
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,6 @@ def planned(workdir: Path, configfile: Path, *targets: str) -> dict[str, int]:
         return {}
     table = out.split("Job stats:")[1].split("Reasons:")[0]
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
-
-
-def stray_files(results: Path) -> list[Path]:
-    """Temporary files or directories a stage left behind (atomic writes' `.<name>.tmp-<pid>`, scratch `tmp*`)."""
-    return [p for p in results.rglob("*") if ".tmp-" in p.name or p.name.startswith("tmp")]
 
 
 # --- Bad input -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import write_jsonl
 from sftpipe.evaluate import (
@@ -57,18 +58,21 @@ def test_batched_generation_equals_one_by_one(tiny_model):
 
 def test_exact_match_scores_predictions_against_references(tmp_path, tiny_model):
     tokenizer, model = load_tokenizer(tiny_model), load_model(tiny_model).eval()
-    prompts = ["Say something:", "Another prompt:", "Third:"]
+    prompts = ["Say something:", "Another prompt:", "Third:", "Once upon a time", "The river", "Hello there"]
     outputs = generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
-    # One reference equals the model's own greedy answer, one differs only in case and punctuation, one is wrong.
-    references = [outputs[0], outputs[1].upper() + "!", "definitely not this"]
+    # A prompt whose greedy answer has letters, so that a reference in upper case with "!" added is a
+    # normalized match but never a strict one.
+    worded = next(i for i, o in enumerate(outputs) if normalize_answer(o) and o.upper() != o)
+    cases = [(prompts[0], outputs[0]), (prompts[worded], outputs[worded].upper() + "!"), (prompts[2], "definitely not this")]
     test = write_jsonl(tmp_path / "test.jsonl", [
-        {"id": str(i), "dataset": "d", "prompt": p, "completion": r} for i, (p, r) in enumerate(zip(prompts, references))
+        {"id": str(i), "dataset": "d", "prompt": p, "completion": r} for i, (p, r) in enumerate(cases)
     ])
     metrics = exact_match_eval(tiny_model, test, tmp_path / "m.json", tmp_path / "p.jsonl", max_new_tokens=6, batch_size=2)
     predictions = list(read_jsonl(tmp_path / "p.jsonl"))
-    assert [p["prediction"] for p in predictions] == outputs
-    assert [p["exact_match"] for p in predictions] == [True, outputs[1].strip() == references[1].strip(), False]
-    assert metrics["normalized_exact_match"] == pytest.approx(2 / 3) or not normalize_answer(outputs[1])
+    assert [p["prediction"] for p in predictions] == [outputs[0], outputs[worded], outputs[2]]
+    assert [p["exact_match"] for p in predictions] == [True, False, False]
+    assert [p["normalized_exact_match"] for p in predictions] == [True, True, False]
+    assert metrics["exact_match"] == pytest.approx(1 / 3) and metrics["normalized_exact_match"] == pytest.approx(2 / 3)
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == 3
 
 
@@ -127,18 +131,46 @@ def test_unknown_task_and_missing_file_name_the_config_key(task_manager, tmp_pat
         task_config(task_manager, TaskSpec("arc_easy", data_files={"test": str(tmp_path / "missing.jsonl")}))
 
 
-def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_data):
+@torch.no_grad()
+def _choice_accuracy(model_dir, manager, spec: TaskSpec) -> dict[str, float]:
+    """acc and acc_norm of a multiple-choice task, computed here from the model's own log-probabilities:
+    the choice whose continuation is most likely (acc_norm: per byte of the choice) is the answer."""
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    [task] = manager.load_task_or_group([task_config(manager, spec)]).values()
+    hits = {"acc": 0, "acc_norm": 0}
+    docs = list(task.eval_docs)[: spec.limit]
+    for doc in docs:
+        context = task.doc_to_text(doc)
+        scores = []
+        for choice in task.doc_to_choice(doc):
+            continuation = task.config.target_delimiter + choice
+            whole = tokenizer(context + continuation)["input_ids"]
+            start = len(tokenizer(context)["input_ids"])
+            logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1], -1)
+            score = sum(logprobs[i - 1, whole[i]].item() for i in range(start, len(whole)))
+            scores.append((score, score / len(continuation.encode())))
+        gold = task.doc_to_target(doc)
+        gold = gold if isinstance(gold, int) else task.doc_to_choice(doc).index(gold)
+        hits["acc"] += max(range(len(scores)), key=lambda i: scores[i][0]) == gold
+        hits["acc_norm"] += max(range(len(scores)), key=lambda i: scores[i][1]) == gold
+    return {metric: count / len(docs) for metric, count in hits.items()}
+
+
+def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_data, task_manager):
     arc = shared_data / "arc" / "hf_schema"
     tasks = [
         TaskSpec("arc_easy", limit=8, data_files={"test": str(arc / "ARC-Easy-test.jsonl")}),
         TaskSpec("hellaswag", limit=8, data_files={"validation": str(shared_data / "hellaswag" / "hellaswag_val_sample1000.jsonl")}),
     ]
     summary = lm_eval_tasks(tiny_model, tasks, tmp_path / "lm_eval.json", batch_size=8)
-    for name in ("arc_easy", "hellaswag"):
-        metrics = summary["tasks"][name]["metrics"]
-        assert 0.0 <= metrics["acc,none"] <= 1.0 and "acc_norm_stderr,none" in metrics
-        assert summary["tasks"][name]["n_samples"]["effective"] == 8
-        assert summary["tasks"][name]["data"] == "local"
+    for spec in tasks:
+        result = summary["tasks"][spec.name]
+        # The scores of the model we pointed it at, on the local data we gave it, and no other.
+        expected = _choice_accuracy(tiny_model, task_manager, spec)
+        assert result["metrics"]["acc,none"] == pytest.approx(expected["acc"])
+        assert result["metrics"]["acc_norm,none"] == pytest.approx(expected["acc_norm"])
+        assert "acc_norm_stderr,none" in result["metrics"]
+        assert result["n_samples"]["effective"] == 8 and result["data"] == "local"
     assert summary["tasks"]["hellaswag"]["n_samples"]["original"] == 1000
     assert json.loads((tmp_path / "lm_eval.json").read_text()) == json.loads(json.dumps(summary))
 

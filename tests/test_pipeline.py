@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from workflow import HF_TOKEN, concurrency, planned_jobs, snakemake
+from workflow import HF_TOKEN, concurrency, planned_jobs, snakemake, stray_files
 
 pytestmark = pytest.mark.slow
 
@@ -188,5 +188,7 @@ def test_bad_input_fails_the_rule_with_file_and_line_and_leaves_no_artifact(tmp_
     log = (tmp_path / "results" / "logs" / "download_dataset" / "broken.log").read_text()
     assert "broken.jsonl:2: malformed JSON" in log
     assert "broken.jsonl:2: malformed JSON" in result.stdout + result.stderr
+    # Snakemake deletes a failed job's outputs itself; what is ours to clean up is our temporary files.
     assert not (tmp_path / "results" / "data" / "raw" / "broken.jsonl").exists()
     assert not (tmp_path / "results" / "data" / "raw" / "broken.manifest.json").exists()
+    assert not stray_files(tmp_path / "results"), stray_files(tmp_path / "results")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, unavailable
 from workflow import smoke_config, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -31,7 +31,7 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     """A running single-node SLURM; every daemon it started is stopped afterwards."""
     if shutil.which("slurmctld") is None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("SLURM is not installed and cannot be here: run cluster/local-slurm.sh install as root")
+            unavailable("SLURM is not installed and cannot be here: run cluster/local-slurm.sh install as root")
         cluster("install", timeout=600)
     state = tmp_path_factory.mktemp("slurm-state")
     # Two (device-less) GPUs, so that a training job can ask for both.

@@ -1,0 +1,116 @@
+"""How a training run executes: in this process, or relaunched in child processes under torchrun
+(one data-parallel worker per GPU, or `train.processes` gloo workers on CPU) and/or with another
+memory allocator preloaded. None of it changes what the run learns, so none of it is in the
+training's cache key."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from .artifacts import TrainSummary, read_history
+from .io import PipelineError
+
+log = logging.getLogger("sftpipe")
+
+# Shared-library names per allocator, best first: gperftools' minimal build is all tcmalloc needs.
+ALLOCATOR_LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+ALLOCATORS = ("auto", *ALLOCATOR_LIBRARIES, "system")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """The `train:` keys that say how a run executes, not what it learns: they reach the job as
+    Snakemake resources, which never rerun a job."""
+
+    processes: int = 1  # data-parallel processes (DDP): gloo processes on CPU; a job holding several GPUs runs one per GPU
+    allocator: str = "auto"  # auto | tcmalloc | jemalloc | system: see allocator_library
+    gpus: int = 1  # GPUs the job asks the scheduler for
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus if self.gpus > 1 else self.processes
+
+
+EXECUTION_KEYS = tuple(Execution.__dataclass_fields__)
+
+
+def current_allocator() -> str:
+    """`tcmalloc` or `jemalloc` when this process runs on one (read from its memory map), else `system`."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return next((name for name in ALLOCATOR_LIBRARIES if f"lib{name}" in maps), "system")
+
+
+def allocator_library(choice: str) -> str | None:
+    """The library to preload into a training process for `train.allocator`, or None to train with
+    this process's own allocator (`system`, one already preloaded, or `auto` where none is installed).
+
+    PyTorch's CPU tensors come from malloc. glibc's keeps the activations freed after each backward
+    as holes that the next step's differently sized tensors cannot reuse; tcmalloc's size classes
+    reuse them.
+    """
+    if choice not in ALLOCATORS:
+        raise PipelineError(f"config key 'train.allocator': '{choice}' is not one of {', '.join(ALLOCATORS)}")
+    if choice == "system" or not sys.platform.startswith("linux") or current_allocator() != "system":
+        return None
+    from ctypes.util import find_library
+
+    for name in ALLOCATOR_LIBRARIES if choice == "auto" else (choice,):
+        for library in ALLOCATOR_LIBRARIES[name]:
+            # A conda env's own lib/ first (`--sdm conda` with gperftools), then the system's.
+            in_prefix = Path(sys.prefix) / "lib" / f"lib{library}.so"
+            if in_prefix.exists():
+                return str(in_prefix)
+            if found := find_library(library):
+                return found
+    if choice != "auto":
+        raise PipelineError(
+            f"config key 'train.allocator': {choice} is not installed "
+            f"(Debian: apt install {'libtcmalloc-minimal4' if choice == 'tcmalloc' else 'libjemalloc2'}; "
+            f"conda: {'gperftools' if choice == 'tcmalloc' else 'jemalloc'})"
+        )
+    return None
+
+
+def _fd(stream) -> int | None:
+    """The file descriptor behind `stream`, so a child process writes where this one does (the rule's log)."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
+    """`sftpipe.train.train_lora(job)` in this process, or in child processes: under torchrun with
+    `execution.world_size` data-parallel workers, each with its share of the threads, and/or with
+    `train.allocator`'s library preloaded. Returns the run's summary."""
+    from .train import train_lora
+
+    processes = execution.world_size
+    preload = allocator_library(execution.allocator)
+    if processes <= 1 and preload is None:
+        return train_lora(job)
+    with tempfile.TemporaryDirectory() as scratch:
+        call = Path(scratch) / "job.json"
+        call.write_text(job.to_json())
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}
+        if preload:
+            env["LD_PRELOAD"] = " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))
+            # tcmalloc reports every allocation over 1 GB on stderr: loading a large base model is not news.
+            env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = [*launcher, "-m", "sftpipe.train", str(call)]
+        log.info("launching %d training process(es)%s: %s", processes, f" on {preload}" if preload else "", " ".join(command))
+        result = subprocess.run(command, env=env, stdout=_fd(sys.stdout), stderr=_fd(sys.stderr))
+    if result.returncode != 0:
+        raise PipelineError(f"training failed (exit {result.returncode}); see the log above")
+    return read_history(job.history_path)[0]
