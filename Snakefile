@@ -1,6 +1,7 @@
 from snakemake.utils import min_version, validate
 
-from sftpipe.entry import prepare_job_environment
+from sftpipe.config import check_config
+from sftpipe.entry import checked, prepare_job_environment
 
 min_version("9.0")
 
@@ -13,6 +14,8 @@ if not workflow.overwrite_configfiles:
 
 
 
+# Our own check names each offending key first and alone; Snakemake's then fills in the defaults.
+checked(workflow, lambda: check_config(config))
 validate(config, "config/schema.yaml", set_default=True)
 
 prepare_job_environment(workflow.basedir, remote=workflow.remote_exec)
@@ -28,9 +31,9 @@ wildcard_constraints:
     dataset=one_of(DATASETS),
     experiment=one_of(EXPERIMENTS),
     model=one_of(BASE_MODELS),
-    renderer=one_of([TEMPLATE_RENDERER, *BASE_MODELS]),
+    renderer=one_of(RENDERERS),
     variant="base|tuned",
-    task=one_of(DOWNLOADED_TASKS),
+    task=one_of(EVAL_TASKS),
 
 
 include: "rules/model.smk"

@@ -1,5 +1,5 @@
 """Hydrate + tokenize throughput on the 5,000-row Alpaca sample, in one run, against
-(a) the seeds' way: a `datasets.map` tokenizing one row at a time, and
+(a) the reference notebooks' way: a `datasets.map` tokenizing one row at a time, and
 (b) the raw speed of one batched fast-tokenizer call on the same texts.
 Ours includes templating, masking, EOS, the hash split, stats and writing JSONL. Each way runs
 `--repeats` times, interleaved, and its median time counts, so one noisy run does not decide the
@@ -21,10 +21,10 @@ from pathlib import Path
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
 from sftpipe.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from sftpipe.io import read_jsonl
-from sftpipe.model import ModelSource, load_tokenizer, materialize_base_model
+from sftpipe.model import load_tokenizer
 from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
 
-DEFAULT_MODEL = Path("results/models/base/smollm2-135m-instruct")
+from common import host_info, smollm2
 
 
 def main() -> None:
@@ -37,10 +37,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = DEFAULT_MODEL
-        if not model_dir.exists():
-            model_dir = tmp / "model"
-            materialize_base_model(ModelSource("packaged:smollm2-135m-instruct"), model_dir)
+        model_dir = smollm2(tmp)
         tokenizer = load_tokenizer(model_dir)
         spec = DatasetSpec.from_config("alpaca", {"preset": "alpaca", "path": args.alpaca})
         download_dataset(spec, tmp / "raw.jsonl", tmp / "manifest.json", None)
@@ -52,7 +49,7 @@ def main() -> None:
 
         from datasets import Dataset
 
-        def seeds_tokenize(row):
+        def notebooks_tokenize(row):
             template = ALPACA_WITH_INPUT if row["input"] else ALPACA_NO_INPUT
             text = template.format(**row) + row["output"]
             out = tokenizer(text, truncation=True, max_length=args.max_length, padding="max_length")
@@ -70,7 +67,7 @@ def main() -> None:
 
         ways: dict[str, Callable[[], object]] = {
             "raw": lambda: tokenizer(texts, truncation=True, max_length=args.max_length),
-            "seeds": lambda: dataset.map(seeds_tokenize, batch_size=1, load_from_cache_file=False, keep_in_memory=True),
+            "notebooks": lambda: dataset.map(notebooks_tokenize, batch_size=1, load_from_cache_file=False, keep_in_memory=True),
             "ours": ours,
         }
         times: dict[str, list[float]] = {name: [] for name in ways}
@@ -79,20 +76,22 @@ def main() -> None:
                 start = time.perf_counter()
                 way()
                 times[name].append(time.perf_counter() - start)
-        raw_seconds, seeds_seconds, ours_seconds = (statistics.median(times[name]) for name in ways)
+        raw_seconds, notebooks_seconds, ours_seconds = (statistics.median(times[name]) for name in ways)
 
     rows = len(raw)
     result = {
         "benchmark": "hydrate + tokenize, Alpaca 5,000 rows, SmolLM2 tokenizer",
+        "date": time.strftime("%Y-%m-%d"),
+        **host_info(),
         "rows": rows,
         "max_length": args.max_length,
         "repeats": args.repeats,
         "seconds": times,
         "raw_batched_tokenizer_rows_per_s": rows / raw_seconds,
-        "seeds_map_batch_size_1_rows_per_s": rows / seeds_seconds,
+        "notebooks_map_batch_size_1_rows_per_s": rows / notebooks_seconds,
         "sftpipe_hydrate_and_tokenize_rows_per_s": rows / ours_seconds,
         "sftpipe_fraction_of_raw_tokenizer": raw_seconds / ours_seconds,
-        "sftpipe_speedup_over_seeds": seeds_seconds / ours_seconds,
+        "sftpipe_speedup_over_notebooks": notebooks_seconds / ours_seconds,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,5 +1,5 @@
 """Exact-match generation on SmolLM2-135M: batched greedy (the pipeline) vs one prompt at a time
-(the seed notebooks' loop), on the same held-out prompts, in one run. Writes JSON.
+(the reference notebooks' loop), on the same held-out prompts, in one run. Writes JSON.
 
     .venv/bin/python bench/generation_throughput.py [--rows 64] [--out bench/results/generation_throughput.json]
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -18,13 +17,13 @@ import torch
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
 from sftpipe.evaluate import generate_greedy
 from sftpipe.io import read_jsonl
-from sftpipe.model import ModelSource, load_model, load_tokenizer, materialize_base_model
+from sftpipe.model import load_model, load_tokenizer
 
-DEFAULT_MODEL = Path("results/models/base/smollm2-135m-instruct")
+from common import host_info, smollm2
 
 
-def seeds_loop(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """One prompt per generate() call, as the seed notebooks do."""
+def one_by_one_loop(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """One prompt per generate() call, as the reference notebooks do."""
     outputs = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt")
@@ -42,10 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = DEFAULT_MODEL
-        if not model_dir.exists():
-            model_dir = Path(tmp) / "model"
-            materialize_base_model(ModelSource("packaged:smollm2-135m-instruct"), model_dir)
+        model_dir = smollm2(Path(tmp))
         spec = DatasetSpec.from_config("demo", {"preset": "sftpipe_demo", "limit": args.rows})
         download_dataset(spec, Path(tmp) / "raw.jsonl", Path(tmp) / "manifest.json", None)
         hydrate_dataset(spec, Path(tmp) / "raw.jsonl", Path(tmp) / "hydrated.jsonl", model_dir)
@@ -60,7 +56,7 @@ def main() -> None:
             new_tokens = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
             return outputs, {"seconds": seconds, "rows_per_s": len(prompts) / seconds, "new_tokens_per_s": new_tokens / seconds}
 
-        one_by_one, baseline = measure(lambda: seeds_loop(model, tokenizer, prompts, args.max_new_tokens))
+        one_by_one, baseline = measure(lambda: one_by_one_loop(model, tokenizer, prompts, args.max_new_tokens))
         batched, ours = measure(lambda: generate_greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size))
 
     result = {
@@ -68,9 +64,10 @@ def main() -> None:
         "rows": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
+        "date": time.strftime("%Y-%m-%d"),
+        **host_info(),
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "seeds_one_by_one": baseline,
+        "notebooks_one_by_one": baseline,
         "sftpipe_batched": ours,
         "speedup_rows_per_s": ours["rows_per_s"] / baseline["rows_per_s"],
         "same_outputs": one_by_one == batched,

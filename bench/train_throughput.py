@@ -1,11 +1,26 @@
-"""LoRA training on SmolLM2-135M, the same Alpaca rows and steps, in one run: TRL's SFTTrainer as the
-seed notebooks use it (fp32, pad = EOS, padded batches, full-sequence loss) vs sftpipe's training stage,
-plus four ablations of ours (sdpa's dense packed mask instead of per-example attention; the stock
-MLP instead of the lean SwiGLU; gradient checkpointing; glibc's malloc instead of the preloaded
-allocator). Reports real (non-pad) tokens/s, achieved FLOP/s (4·N per token: frozen weights need
-no weight gradient) against this machine's GEMM peak in the precision we train in, measured in the
-same run, peak RSS of each run (each in its own process), and the completion loss of every adapter
-on the same held-out rows. Writes JSON.
+"""LoRA training on SmolLM2-135M, the same Alpaca rows, steps and hyperparameters, in one run:
+
+- `notebooks`: TRL's SFTTrainer the way the reference notebooks use it: fp32, pad = EOS, padded
+  batches, loss on the whole sequence, no gradient checkpointing, glibc's malloc.
+- `trl-defaults`: TRL's SFTTrainer as shipped: its own defaults (activation checkpointing on,
+  padded batches, the tokenizer's own pad token), with bf16 where this CPU runs it natively (TRL
+  turns bf16 on everywhere; on a CPU without native bf16 it is an emulation, which no user keeps).
+- `sftpipe`: sftpipe's training stage with its defaults (padding-free batches with per-example
+  attention, loss on completion positions only, fused loss, lean SwiGLU, tcmalloc), in the
+  precision `auto` picks here.
+- ablations of ours, each a setting of the training stage that undoes one of those choices.
+
+Every variant trains with the same LoRA (r 8, alpha 16, all linear layers, no dropout), batch size,
+learning rate and linear schedule without warmup, on the same rows. What still differs is listed
+per variant in the JSON (`setup`).
+
+Reported per variant: real (non-pad) tokens/s; FLOP/s counted as computed: 4·N_body per computed
+position (forward, and the input gradient the frozen weights pass back; no weight gradient), 6·N_lora
+per computed position for the LoRA factors, 4·N_head per position projected onto the vocabulary,
+and one more forward (2·N_body + 2·N_lora) under checkpointing; attention scores are not counted,
+for any variant. Computed positions include padding. Each FLOP/s is set against this machine's GEMM
+peak in the variant's precision, measured in the same run; peak RSS of each variant's own process;
+the completion loss of every adapter on the same held-out rows. Writes JSON.
 
     .venv/bin/python bench/train_throughput.py [--rows 64] [--steps 8]
 """
@@ -20,30 +35,47 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-MODEL = Path("results/models/base/smollm2-135m-instruct")
+from common import host_info, smollm2
+
 ALPACA = Path(__file__).resolve().parents[2] / "shared/data/alpaca/alpaca_5000.json"
-
-
-def gemm_peak(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.matmul(a, b)
-    start = time.perf_counter()
-    for _ in range(reps):
-        torch.matmul(a, b)
-    return 2 * size**3 * reps / (time.perf_counter() - start)
-
-
 HELD_OUT = 32
-VARIANTS = ("baseline", "sftpipe", "sftpipe-dense-attention", "sftpipe-stock-mlp", "sftpipe-gradient-checkpointing",
-            "sftpipe-system-allocator")
+HYPERPARAMETERS = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 8, "learning_rate": 2e-4,
+                   "lr_scheduler": "linear", "warmup_ratio": 0.0}
+
+# Our ablations: (setting overrides, allocator, what the variant undoes).
+ABLATIONS = {
+    "sftpipe": ({}, "auto", "nothing: sftpipe's defaults"),
+    "sftpipe-dense-attention": ({"attention": "sdpa"}, "auto", "per-example attention: sdpa with a dense mask over the packed row"),
+    "sftpipe-stock-mlp": ({"lean_swiglu": False}, "auto", "the lean SwiGLU MLP"),
+    "sftpipe-logits-loss": ({"fused_loss": False}, "auto", "the fused loss: logits of the completion positions kept"),
+    "sftpipe-system-allocator": ({}, "system", "tcmalloc: glibc's malloc"),
+    "sftpipe-gradient-checkpointing": ({"gradient_checkpointing": True}, "auto", "no checkpointing: activations recomputed"),
+}
+VARIANTS = ("notebooks", "trl-defaults", *ABLATIONS)
 
 
-def prepare(work: Path, rows: int) -> None:
-    """Hydrate and tokenize Alpaca rows with sftpipe: the first `rows` to train both variants on, the
+def gemm_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """FLOP/s of square matrix products in `dtype`, repeated for `seconds`: 2048-wide, or 512-wide
+    where the type runs 100x slower than fp32 (bf16 emulated on a CPU without native bf16)."""
+    def rate(size: int, budget: float) -> float:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.matmul(a, b)
+        reps, start = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - start < budget:
+            torch.matmul(a, b)
+            reps += 1
+        return 2 * size**3 * reps / (time.perf_counter() - start)
+
+    return rate(2048 if rate(512, 0.0) > 20e9 else 512, seconds)
+
+
+def prepare(work: Path, model: Path, rows: int) -> None:
+    """Hydrate and tokenize Alpaca rows with sftpipe: the first `rows` to train every variant on, the
     next HELD_OUT to score them on."""
     from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
     from sftpipe.io import read_jsonl, write_jsonl
@@ -52,14 +84,14 @@ def prepare(work: Path, rows: int) -> None:
     spec = DatasetSpec.from_config("alpaca", {"preset": "alpaca", "path": str(ALPACA), "limit": rows + HELD_OUT})
     download_dataset(spec, work / "raw.jsonl", work / "manifest.json", None)
     hydrate_dataset(spec, work / "raw.jsonl", work / "hydrated.jsonl")
-    tokenize_and_split([work / "hydrated.jsonl"], MODEL, {s: work / f"all-{s}.jsonl" for s in SPLITS}, work / "stats.json",
+    tokenize_and_split([work / "hydrated.jsonl"], model, {s: work / f"all-{s}.jsonl" for s in SPLITS}, work / "stats.json",
                        LengthSettings(512), SplitSettings(0.0, 0.0, 0))
     tokenized = list(read_jsonl(work / "all-train.jsonl"))
     write_jsonl(work / "train.jsonl", tokenized[:rows])
     write_jsonl(work / "heldout.jsonl", tokenized[rows:])
 
 
-def run_baseline(work: Path, steps: int) -> dict:
+def run_trl(work: Path, model: Path, steps: int, variant: str, native_bf16: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -67,52 +99,117 @@ def run_baseline(work: Path, steps: int) -> dict:
     from sftpipe.io import read_jsonl
     from sftpipe.model import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(MODEL)
-    tokenizer.pad_token = tokenizer.eos_token  # as the seeds do
+    class CountingSFTTrainer(SFTTrainer):
+        """TRL's trainer, unchanged, counting the positions it computes: every position of the padded
+        batch runs through the model, and on CPU TRL's fused head scores every one of them."""
+
+        positions = projected = 0
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:
+                self.positions += inputs["input_ids"].numel()
+                self.projected += inputs["input_ids"].shape[0] * (inputs["input_ids"].shape[1] - 1)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    tokenizer = load_tokenizer(model)
+    common = dict(output_dir=str(work / f"{variant}-out"), per_device_train_batch_size=HYPERPARAMETERS["batch_size"],
+                  max_steps=steps, learning_rate=HYPERPARAMETERS["learning_rate"], lr_scheduler_type="linear", warmup_steps=0,
+                  logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
+    if variant == "notebooks":
+        tokenizer.pad_token = tokenizer.eos_token
+        args = SFTConfig(**common, max_length=512, use_cpu=True, bf16=False, activation_checkpointing=False)
+    else:
+        args = SFTConfig(**common, **({} if native_bf16 else {"bf16": False}))
     rows = [{"text": r["prompt"] + r["completion"]} for r in read_jsonl(work / "train.jsonl")]
-    args = SFTConfig(output_dir=str(work / "baseline-out"), per_device_train_batch_size=8, max_steps=steps,
-                     learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", max_length=512,
-                     use_cpu=True, disable_tqdm=True, seed=0,
-                     # fp32 as the seeds ran it: TRL 1.x's SFTConfig turns bf16 on by default.
-                     bf16=False)
-    trainer = SFTTrainer(model=load_model(MODEL), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=HYPERPARAMETERS["lora_r"], lora_alpha=HYPERPARAMETERS["lora_alpha"],
+                      lora_dropout=HYPERPARAMETERS["lora_dropout"], target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = CountingSFTTrainer(model=load_model(model), args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tokenizer, peft_config=lora)
     result = trainer.train()
-    trainer.model.save_pretrained(work / "baseline-adapter")
-    tokens = int([h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h][-1])
-    return {"seconds": result.metrics["train_runtime"], "real_tokens": tokens,
-            "final_train_loss": [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]}
+    trainer.model.save_pretrained(work / f"{variant}-adapter")
+    history = trainer.state.log_history
+    return {
+        "seconds": result.metrics["train_runtime"],
+        "real_tokens": int([h["num_tokens"] for h in history if "num_tokens" in h][-1]),
+        "computed_positions": trainer.positions,
+        "projected_positions": trainer.projected,
+        "final_train_loss": [h["loss"] for h in history if "loss" in h][-1],
+        "setup": {
+            "precision": "bf16" if args.bf16 else "fp32",
+            "gradient_checkpointing": bool(args.activation_checkpointing),
+            "batches": "padded" + ("" if args.padding_free else ", not padding-free"),
+            "pad_token": "EOS" if tokenizer.pad_token_id == tokenizer.eos_token_id else tokenizer.pad_token,
+            "loss_positions": "the whole sequence (prompt and completion)",
+            "attention": "sdpa with the padding mask",
+            "allocator": "system (glibc)",
+        },
+    }
 
 
-def run_sftpipe(work: Path, steps: int, variant: str) -> dict:
-    import sftpipe.train
+def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
+    from sftpipe.launch import current_allocator
     from sftpipe.train import TrainJob, TrainSettings, train_lora
 
-    if variant == "sftpipe-dense-attention":
-        sftpipe.train.use_varlen_attention = lambda model: None
-    if variant == "sftpipe-stock-mlp":
-        sftpipe.train.use_lean_swiglu = lambda model: 0
-    settings = TrainSettings(lora_r=8, lora_alpha=16, batch_size=8, max_steps=steps, learning_rate=2e-4,
-                             logging_steps=1, eval_steps=10_000, save_steps=10_000,
-                             gradient_checkpointing=variant == "sftpipe-gradient-checkpointing")
-    # In this process (its allocator was preloaded by main, as `train` would): the ablations patch it.
-    summary = train_lora(TrainJob(MODEL, work / "train.jsonl", work / "heldout.jsonl", work / f"{variant}-adapter",
+    overrides, _, _ = ABLATIONS[variant]
+    settings = TrainSettings(**HYPERPARAMETERS, max_steps=steps, logging_steps=1, eval_steps=10_000, save_steps=10_000, **overrides)
+    summary = train_lora(TrainJob(model, work / "train.jsonl", work / "heldout.jsonl", work / f"{variant}-adapter",
                                   work / f"{variant}-history.json", work / "ckpt", settings))
     history = json.loads((work / f"{variant}-history.json").read_text())["log_history"]
-    return {"seconds": summary["train_runtime_s"], "real_tokens": summary["train_tokens"],
-            "final_train_loss": [h["loss"] for h in history if "loss" in h][-1], "precision": summary["precision"],
-            "allocator": summary["allocator"]}
+    return {
+        "seconds": summary.train_runtime_s,
+        "real_tokens": summary.train_tokens,
+        "computed_positions": summary.train_tokens,  # padding-free: no pad position is computed
+        "projected_positions": summary.projected_positions,
+        "final_train_loss": [h["loss"] for h in history if "loss" in h][-1],
+        "setup": {
+            "precision": summary.precision,
+            "gradient_checkpointing": settings.gradient_checkpointing,
+            "batches": "padding-free" if settings.padding_free else "padded",
+            "pad_token": "none in the batches (padding-free)",
+            "loss_positions": "completion positions only",
+            "attention": summary.attention,
+            "lean_swiglu": settings.lean_swiglu and not settings.gradient_checkpointing,
+            "fused_loss": settings.fused_loss,
+            "allocator": current_allocator(),
+            "settings": asdict(settings),
+        },
+    }
+
+
+def parameter_counts(model_dir: Path) -> dict[str, int]:
+    """N_body (the decoder's linear weights), N_head (the output projection) and N_lora (the LoRA
+    factors of every linear layer of the decoder, at the bench's rank)."""
+    from sftpipe.model import load_model
+
+    model = load_model(model_dir)
+    body = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
+    r = HYPERPARAMETERS["lora_r"]
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "body_linear": sum(m.weight.numel() for m in body),
+        "head": model.get_output_embeddings().weight.numel(),
+        "lora": sum(r * (m.in_features + m.out_features) for m in body),
+    }
+
+
+def computed_flops(result: dict, counts: dict[str, int]) -> float:
+    """FLOPs the variant computed in training (see the module docstring)."""
+    positions = result["computed_positions"]
+    per_position = 4 * counts["body_linear"] + 6 * counts["lora"]
+    if result["setup"]["gradient_checkpointing"]:
+        per_position += 2 * counts["body_linear"] + 2 * counts["lora"]
+    return per_position * positions + 4 * counts["head"] * result["projected_positions"]
 
 
 @torch.no_grad()
-def completion_loss(adapter: Path, rows_path: Path) -> float:
-    """Mean loss over completion tokens (EOS included) of held-out rows: the same yardstick for both."""
+def completion_loss(model_dir: Path, adapter: Path, rows_path: Path) -> float:
+    """Mean loss over completion tokens (EOS included) of held-out rows: the same yardstick for all."""
     from peft import PeftModel
 
     from sftpipe.io import read_jsonl
     from sftpipe.model import load_model
 
-    model = PeftModel.from_pretrained(load_model(MODEL), adapter).eval()
+    model = PeftModel.from_pretrained(load_model(model_dir), adapter).eval()
     total, count = 0.0, 0
     for row in read_jsonl(rows_path):
         labels = torch.tensor([row["labels"]])
@@ -126,54 +223,68 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     args = parser.parse_args()
+    from sftpipe.train import resolve_precision
+
+    native_bf16 = resolve_precision("auto") == "bf16"
     if args.variant:  # a child process: one variant, so its peak RSS is its own
-        if args.variant == "baseline":
-            result = run_baseline(Path(args.work), args.steps)
+        if args.variant in ABLATIONS:
+            result = run_sftpipe(Path(args.work), Path(args.model), args.steps, args.variant)
         else:
-            result = run_sftpipe(Path(args.work), args.steps, args.variant)
+            result = run_trl(Path(args.work), Path(args.model), args.steps, args.variant, native_bf16)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
 
+    from sftpipe.launch import allocator_library
+
+    peaks = {"fp32": gemm_peak(torch.float32) / 1e9, "bf16": gemm_peak(torch.bfloat16) / 1e9}
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepare(work, args.rows)
-        from sftpipe.train import resolve_precision
-
-        precision = resolve_precision("auto")
-        # Without native bf16 a bf16 GEMM runs in a slow fallback: not a peak worth quoting, and ours trains in fp32.
-        peaks = {f"{p}_gflops": gemm_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[p])) / 1e9
-                 for p in ("fp32", "bf16") if p == "fp32" or precision == "bf16"}
-        parameters = sum(p.numel() for p in __import__("sftpipe.model", fromlist=["load_model"]).load_model(MODEL).parameters())
-        from sftpipe.train import allocator_library
-
-        preload = allocator_library("auto")
-        results = {}
-        for variant in VARIANTS:
-            env = dict(os.environ)
-            if preload and variant not in ("baseline", "sftpipe-system-allocator"):
+        model = smollm2(work)
+        counts = parameter_counts(model)
+        prepare(work, model, args.rows)
+        for variant in args.variants:
+            env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+            # As `sftpipe.launch` would: the variant's allocator preloaded into its process.
+            preload = allocator_library(ABLATIONS[variant][1]) if variant in ABLATIONS else None
+            if preload:
                 env["LD_PRELOAD"] = preload
-            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--work", tmp, "--steps", str(args.steps)],
+            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--work", tmp, "--model", str(model),
+                                  "--steps", str(args.steps)],
                                  capture_output=True, text=True, check=True, env=env).stdout
             result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            if variant in ABLATIONS:
+                result["setup"]["undoes"] = ABLATIONS[variant][2]
             result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
-            result["achieved_gflops"] = 4 * parameters * result["real_tokens_per_s"] / 1e9
-            result["heldout_completion_loss"] = completion_loss(work / f"{variant}-adapter", work / "heldout.jsonl")
+            result["computed_gflops"] = computed_flops(result, counts) / result["seconds"] / 1e9
+            result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
+            result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
             results[variant] = result
-    ours, base = results["sftpipe"], results["baseline"]
+            print(f"{variant}: {result['real_tokens_per_s']:.1f} real tokens/s, {result['computed_gflops']:.1f} GFLOP/s, "
+                  f"peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    baselines = [b for b in ("notebooks", "trl-defaults") if b in results]
     report = {
-        "benchmark": "LoRA SFT, SmolLM2-135M-Instruct, Alpaca rows, same steps",
-        "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), None),
-        "precision": precision,
-        "rows": args.rows, "steps": args.steps, "batch_size": 8, "parameters": parameters,
-        "gemm_peak": peaks, **results,
-        "speedup_real_tokens_per_s": {v: r["real_tokens_per_s"] / base["real_tokens_per_s"] for v, r in results.items()},
-        "sftpipe_fraction_of_peak": ours["achieved_gflops"] / peaks[f"{precision}_gflops"],
+        "benchmark": "LoRA SFT, SmolLM2-135M-Instruct, Alpaca rows, same steps and hyperparameters",
+        "date": time.strftime("%Y-%m-%d"),
+        **host_info(),
+        "native_bf16": native_bf16,
+        "rows": args.rows, "steps": args.steps, "heldout_rows": HELD_OUT,
+        "hyperparameters": HYPERPARAMETERS,
+        "parameters": counts,
+        "gemm_peak_gflops": peaks,
+        "flop_counting": "4·N_body + 6·N_lora per computed position (+2·N_body + 2·N_lora under checkpointing), "
+                         "4·N_head per projected position; attention scores not counted",
+        "variants": results,
+        "speedup_real_tokens_per_s": {
+            f"vs {b}": {v: r["real_tokens_per_s"] / results[b]["real_tokens_per_s"] for v, r in results.items()} for b in baselines
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

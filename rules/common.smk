@@ -4,27 +4,15 @@ import json
 import re
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
-
+from sftpipe.entry import checked
 from sftpipe.experiments import expand_experiments
-from sftpipe.io import PipelineError
 from sftpipe.launch import EXECUTION_KEYS
 
-try:
-    EXPERIMENTS = expand_experiments(config)
-except PipelineError as error:
-    raise WorkflowError(str(error)) from None
-for _experiment in EXPERIMENTS.values():
-    try:
-        validate(_experiment.train, "../config/experiment_train.schema.yaml")
-    except WorkflowError as error:
-        raise WorkflowError(f"config key 'experiments.{_experiment.name}.train': {error}") from None
+EXPERIMENTS = checked(workflow, lambda: expand_experiments(config))
 
 BASE_MODELS = {e.model: e.base_model for e in EXPERIMENTS.values()}
 DATASETS = sorted({d for e in EXPERIMENTS.values() for d in e.datasets})
 PACKAGE = Path(workflow.basedir) / "sftpipe"
-# Hydrated rows that do not depend on a tokenizer are shared by every base model.
-TEMPLATE_RENDERER = "template"
 
 
 def one_of(names):
@@ -40,7 +28,8 @@ def code(*modules):
 
 # What reading a dataset or an lm-eval task pulls in.
 DATA_MODULES = ("data.py", "formats.py", "demo.py")
-EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", *DATA_MODULES)
+TASK_MODULES = ("tasks.py", *DATA_MODULES)
+EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", *TASK_MODULES)
 TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py")
 
 
@@ -51,16 +40,30 @@ def dataset_config(name, without=()):
 
 def local_dataset_files(name):
     """The local files a dataset is read from: editing the data reruns its download and all after it."""
-    from sftpipe.data import DatasetSpec, local_source_files
+    from sftpipe.data import local_source_files
 
-    spec = DatasetSpec.from_config(name, config["datasets"][name])
-    return [str(p) for p in local_source_files(spec, config["data"]["mirror_dir"])]
+    return [str(p) for p in local_source_files(dataset_spec(name), config["data"]["mirror_dir"])]
 
 
-def uses_chat_template(name):
+def dataset_spec(name, **kwargs):
     from sftpipe.data import DatasetSpec
 
-    return DatasetSpec.from_config(name, config["datasets"][name]).template == "chat"
+    return DatasetSpec.from_config(name, config["datasets"][name], **kwargs)
+
+
+def hub_mirror(name):
+    """The mirror, for a dataset read from the Hub; None for the others, whose downloads it does not change."""
+    return config["data"]["mirror_dir"] if dataset_spec(name, template_required=False).from_hub else None
+
+
+def renderer(dataset, model):
+    """The directory of a dataset's hydrated rows: the template that renders them (see DatasetSpec.renderer)."""
+    return dataset_spec(dataset).renderer(model)
+
+
+# Every renderer the experiments use: named templates, `chat-<model>`, `user-<hash>`. Reading each
+# dataset's spec checks what the schema cannot (one source per dataset, a pin only on a file).
+RENDERERS = checked(workflow, lambda: sorted({renderer(d, e.model) for e in EXPERIMENTS.values() for d in e.datasets}))
 
 
 def experiment_of(wildcards):
@@ -109,38 +112,46 @@ def base_model_setting(key):
 def hydrated_rows(wildcards):
     """The experiment's datasets as hydrated rows; 'chat'-templated ones are rendered per base model."""
     experiment = experiment_of(wildcards)
-    return [
-        f"results/data/hydrated/{experiment.model if uses_chat_template(d) else TEMPLATE_RENDERER}/{d}.jsonl"
-        for d in experiment.datasets
-    ]
+    return [f"results/data/hydrated/{renderer(d, experiment.model)}/{d}.jsonl" for d in experiment.datasets]
 
 
 def eval_data_dir(task):
     return f"results/data/lm_eval/{task}"
 
 
-# lm-eval tasks whose data the pipeline downloads (the others name local files in the config).
-DOWNLOADED_TASKS = {t["name"]: t for t in config["eval"]["lm_eval"]["tasks"] if not t.get("data_files")}
+# The configured lm-eval tasks, by name.
+EVAL_TASKS = {t["name"]: t for t in config["eval"]["lm_eval"]["tasks"]}
 
 
-# What evaluation jobs get: the `eval.lm_eval` section, each task reading local data (its own
-# files or what was downloaded).
+# What evaluation jobs get: the `eval.lm_eval` section, each task reading the data `prepare_eval_data`
+# wrote (where that data came from is that rule's business).
 LM_EVAL_SETTINGS = {
     **config["eval"]["lm_eval"],
     "tasks": [
-        {**task, "data_dir": eval_data_dir(task["name"])} if task["name"] in DOWNLOADED_TASKS else task
-        for task in config["eval"]["lm_eval"]["tasks"]
+        {**{k: v for k, v in task.items() if k != "data_files"}, "data_dir": eval_data_dir(task["name"])}
+        for task in EVAL_TASKS.values()
     ],
 }
 
 
 def lm_eval_data_files(wildcards):
-    """The local data of every configured lm-eval task, so Snakemake builds or checks it first."""
-    return [
-        path
-        for task in LM_EVAL_SETTINGS["tasks"]
-        for path in ([task["data_dir"]] if "data_dir" in task else task["data_files"].values())
-    ]
+    """The prepared data of every configured lm-eval task, so Snakemake builds or checks it first."""
+    return [task["data_dir"] for task in LM_EVAL_SETTINGS["tasks"]]
+
+
+def eval_task_source_files(wildcards):
+    """The local files a task's data is prepared from, the user's `data_files` or its mirror files:
+    editing one prepares the data again."""
+    from sftpipe.data import source_files
+    from sftpipe.tasks import mirror_files
+
+    task = EVAL_TASKS[wildcards.task]
+    if task.get("data_files"):
+        return list(task["data_files"].values())
+    if not config["data"]["mirror_dir"]:
+        return []
+    found = mirror_files(task["name"], task["num_fewshot"], config["data"]["mirror_dir"])
+    return [str(f) for path in found for f in source_files(path)]
 
 
 def evaluated_model(wildcards):

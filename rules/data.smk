@@ -1,7 +1,7 @@
 # Downloads need the network, which cluster compute nodes often lack.
 localrules:
     download_dataset,
-    download_eval_data,
+    prepare_eval_data,
     build_demo_choice_task,
 
 
@@ -14,7 +14,7 @@ rule download_dataset:
         code=code(*DATA_MODULES),
     params:
         dataset=lambda wildcards: dataset_config(wildcards.dataset, without=("template", "weight")),
-        mirror_dir=config["data"]["mirror_dir"],
+        mirror_dir=lambda wildcards: hub_mirror(wildcards.dataset),
     log:
         "results/logs/download_dataset/{dataset}.log",
     benchmark:
@@ -30,12 +30,14 @@ rule download_dataset:
 
 rule hydrate_dataset:
     output:
-        # The renderer is 'template' or, for the 'chat' template, the base model whose own chat
-        # template renders the rows.
+        # The renderer is the named template, `chat-<model>` for the base model whose own chat template
+        # renders the rows, or `user-<hash>` for the config's Jinja templates.
         "results/data/hydrated/{renderer}/{dataset}.jsonl",
     input:
         rows=rules.download_dataset.output.rows,
-        tokenizer=lambda wildcards: [] if wildcards.renderer == TEMPLATE_RENDERER else base_model_dir(wildcards.renderer),
+        tokenizer=lambda wildcards: (
+            base_model_dir(wildcards.renderer.removeprefix("chat-")) if wildcards.renderer.startswith("chat-") else []
+        ),
         code=code(*DATA_MODULES),
     params:
         dataset=lambda wildcards: dataset_config(wildcards.dataset, without=("weight",)),
@@ -61,15 +63,13 @@ rule filter_and_mix:
         hydrated=hydrated_rows,
         # Decontamination reads the configured evaluation sets.
         eval_data=lm_eval_data_files,
-        code=code("filters.py", "tokenization.py", *EVALUATE_MODULES),
+        code=code("filters.py", "tokenization.py", "model.py", *TASK_MODULES),
     params:
         filters=config["data"]["filters"],
         weights=lambda wildcards: {name: config["datasets"][name].get("weight") for name in experiment_of(wildcards).datasets},
         split=config["data"]["split"],
         # Only what names the evaluation data: a change of limit or few-shot reruns no data stage.
-        eval_tasks=[
-            {key: t[key] for key in ("name", "data_files", "data_dir") if key in t} for t in LM_EVAL_SETTINGS["tasks"]
-        ],
+        eval_tasks=[{"name": t["name"], "data_dir": t["data_dir"]} for t in LM_EVAL_SETTINGS["tasks"]],
     log:
         "results/logs/filter_and_mix/{experiment}.log",
     benchmark:
@@ -110,29 +110,30 @@ rule tokenize_and_split:
         "../scripts/tokenize_and_split.py"
 
 
-rule download_eval_data:
+rule prepare_eval_data:
     output:
         directory(eval_data_dir("{task}")),
     input:
-        code=code(*EVALUATE_MODULES),
+        local=eval_task_source_files,
+        code=code(*TASK_MODULES),
     params:
-        # The splits to fetch depend on the task and on whether it is few-shot; not on its limit.
+        # The user's files, or the splits to fetch, which depend on the task and on whether it is
+        # few-shot; not on its limit.
         task=lambda wildcards: {
-            "name": wildcards.task,
-            "num_fewshot": DOWNLOADED_TASKS[wildcards.task]["num_fewshot"],
+            key: EVAL_TASKS[wildcards.task].get(key) for key in ("name", "num_fewshot", "data_files")
         },
-        mirror_dir=config["data"]["mirror_dir"],
+        mirror_dir=lambda wildcards: None if EVAL_TASKS[wildcards.task].get("data_files") else config["data"]["mirror_dir"],
     log:
-        "results/logs/download_eval_data/{task}.log",
+        "results/logs/prepare_eval_data/{task}.log",
     benchmark:
-        "results/benchmarks/download_eval_data/{task}.tsv"
+        "results/benchmarks/prepare_eval_data/{task}.tsv"
     resources:
         mem_mb=2000,
         runtime=60,
     conda:
         "../envs/eval.yaml"
     script:
-        "../scripts/download_eval_data.py"
+        "../scripts/prepare_eval_data.py"
 
 
 rule build_demo_choice_task:

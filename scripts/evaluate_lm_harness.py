@@ -1,5 +1,6 @@
 from sftpipe.entry import run_stage
-from sftpipe.evaluate import TaskSpec, lm_eval_tasks
+from sftpipe.tasks import TaskSpec
+from sftpipe.evaluate import lm_eval_tasks
 
 settings = snakemake.params.settings
 run_stage(

@@ -1,6 +1,6 @@
 from sftpipe.entry import run_stage
-from sftpipe.evaluate import TaskSpec
 from sftpipe.filters import FilterSettings, filter_and_mix
+from sftpipe.tasks import TaskSpec
 from sftpipe.tokenization import SplitSettings
 
 run_stage(

@@ -16,7 +16,18 @@ from typing import Any
 
 from .demo import generate_demo_rows
 from .formats import FORMATS, PRESETS, TEMPLATES, UserTemplate
-from .io import PipelineError, Progress, jsonl_line, numbered_jsonl, read_jsonl, sha256_file, write_json, write_jsonl
+from .io import (
+    PipelineError,
+    Progress,
+    jsonl_line,
+    numbered_jsonl,
+    read_jsonl,
+    remove_stale_temporaries,
+    sha256_file,
+    temporary_prefix,
+    write_json,
+    write_jsonl,
+)
 
 log = logging.getLogger("sftpipe")
 
@@ -54,11 +65,17 @@ class DatasetSpec:
             raise PipelineError(f"{where('preset')}: unknown preset '{preset_name}' (known: {', '.join(sorted(PRESETS))})")
         preset = PRESETS.get(preset_name) if preset_name else None
         fmt = cfg.get("format") or (preset.format if preset else None)
-        template = cfg.get("template") or (preset.template if preset else None)
+        # The config's template, or the format's own.
+        template = cfg.get("template") or (FORMATS[fmt].template if fmt in FORMATS else None)
         # A user template reads the raw row's own fields, so it needs no format; a format given
         # beside it still checks every row at download.
         format_optional = isinstance(template, dict) or not template_required
-        if fmt not in FORMATS and not (fmt is None and format_optional):
+        if fmt is None and not format_optional:
+            raise PipelineError(
+                f"{where()}: give a 'preset', a 'format' (one of {', '.join(sorted(FORMATS))}) or a Jinja 'template' "
+                "of your own ({prompt, completion})"
+            )
+        if fmt is not None and fmt not in FORMATS:
             raise PipelineError(f"{where('format')}: '{fmt}' is not one of {', '.join(sorted(FORMATS))}")
         if isinstance(template, dict):
             UserTemplate(name, template)  # a syntax error surfaces now, naming the key
@@ -89,6 +106,20 @@ class DatasetSpec:
             seed=cfg.get("seed", 0),
             builtin=builtin,
         )
+
+
+    @property
+    def from_hub(self) -> bool:
+        """Read from the Hub, or from its copy in the mirror: no url, path or built-in generator."""
+        return not (self.url or self.path or self.builtin)
+
+    def renderer(self, model: str) -> str:
+        """What renders the rows, which names the hydrated rows' directory, so that switching templates
+        back and forth finds the earlier rendering: the named template, `chat-<model>` for a base
+        model's own chat template, or `user-<hash>` for the config's own Jinja templates."""
+        if isinstance(self.template, dict):
+            return "user-" + hashlib.sha256(json.dumps(self.template, sort_keys=True).encode()).hexdigest()[:12]
+        return f"chat-{model}" if self.template == "chat" else self.template
 
 
 def read_local_rows(path: Path) -> Iterator[dict[str, Any]]:
@@ -178,19 +209,22 @@ def _data_files(directory: Path) -> list[Path]:
 def local_source(spec: DatasetSpec, mirror_dir: str | None) -> Path | None:
     """The local file or directory a dataset is read from: its `path`, or its copy in the mirror;
     None for a URL, the built-in demo or the Hub."""
-    if spec.url or spec.builtin:
-        return None
     if spec.path:
         return Path(spec.path)
-    return mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split) if mirror_dir else None
+    if not (spec.from_hub and mirror_dir):
+        return None
+    return mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split)
 
 
 def local_source_files(spec: DatasetSpec, mirror_dir: str | None) -> list[Path]:
     """The files of `local_source`, as the workflow's inputs: editing them reruns the download and all
     after it. None for a missing path, so that the download itself reports it."""
     path = local_source(spec, mirror_dir)
-    if path is None or not path.exists():
-        return []
+    return source_files(path) if path is not None and path.exists() else []
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a local source reads: the file itself, or a directory's data files in name order."""
     return _data_files(path) if path.is_dir() else [path]
 
 
@@ -274,8 +308,10 @@ def fetch_url(spec: DatasetSpec, directory: Path) -> tuple[Path, str]:
 
 def download_dataset(spec: DatasetSpec, out_path: str | Path, manifest_path: str | Path, mirror_dir: str | None) -> dict:
     """Write the first `limit` rows of the dataset's source to `out_path`, and a manifest of where they came from."""
+    # A scratch directory named like the rows' own temporaries, so a later run removes it if this one is killed.
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as scratch:
+    remove_stale_temporaries(Path(out_path), "scratch")
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent, prefix=temporary_prefix(Path(out_path), "scratch")) as scratch:
         return _download(spec, out_path, manifest_path, mirror_dir, Path(scratch))
 
 
@@ -304,7 +340,7 @@ def _download(spec: DatasetSpec, out_path, manifest_path, mirror_dir: str | None
         rows = _hub_rows(spec, revision)
 
     progress = Progress(f"download {spec.name}", spec.limit)
-    parse = FORMATS.get(spec.format)
+    parse = FORMATS[spec.format].parse if spec.format in FORMATS else None
 
     def checked() -> Iterator[dict[str, Any]]:
         # The format's parser checks each row where the user can find it: in their own file.
@@ -377,7 +413,7 @@ def hydrate_dataset(spec: DatasetSpec, raw_path: str | Path, out_path: str | Pat
             return [(*user_template.render(row, where), content)]
 
     else:
-        parse, render = FORMATS[spec.format], TEMPLATES[spec.template]
+        parse, render = FORMATS[spec.format].parse, TEMPLATES[spec.template]
         chat_template = load_chat_template(tokenizer_dir) if spec.template == "chat" else None
 
         def render_row(row: dict[str, Any], where: str) -> list[tuple[str, str, str]]:

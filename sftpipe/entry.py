@@ -7,9 +7,11 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .io import PipelineError
+
+T = TypeVar("T")
 
 
 def prepare_job_environment(workflow_dir: str, remote: bool) -> None:
@@ -24,6 +26,19 @@ def prepare_job_environment(workflow_dir: str, remote: bool) -> None:
     if remote:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def checked(workflow: Any, check: Callable[[], T]) -> T:
+    """`check()`, run while Snakemake reads the workflow; a PipelineError (a config problem) stops it
+    with the problem's message alone, one line per problem, and exit status 1. Under `--verbose`,
+    Snakemake shows the traceback too."""
+    try:
+        return check()
+    except PipelineError as err:
+        if workflow.output_settings.verbose:
+            raise
+        print(err, file=sys.stderr)
+        sys.exit(1)
 
 
 def run_stage(smk: Any, stage: Callable[[], Any]) -> None:

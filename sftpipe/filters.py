@@ -106,7 +106,7 @@ def _strip_common_affixes(texts: list[list[str]]) -> list[list[str]]:
 def eval_references(tasks: Iterable[Any]) -> list[tuple[str, list[str]]]:
     """(task#doc, words) for every evaluation document: its question or context, alone and with its
     choices or target, with the task's prompt template stripped."""
-    from .evaluate import task_config, task_manager
+    from .tasks import build_task, task_manager
 
     tasks = list(tasks)
     if not tasks:
@@ -114,18 +114,17 @@ def eval_references(tasks: Iterable[Any]) -> list[tuple[str, list[str]]]:
     manager = task_manager(tuple(sorted({spec.name for spec in tasks})))
     references = []
     for spec in tasks:
-        built = manager.load_task_or_group([task_config(manager, spec)])
-        for task in built.values():
-            docs = list(task.eval_docs)
-            questions = _strip_common_affixes([words(str(task.doc_to_text(doc))) for doc in docs])
-            for index, (doc, question) in enumerate(zip(docs, questions)):
-                if task.OUTPUT_TYPE == "multiple_choice":
-                    answers = [words(str(choice)) for choice in task.doc_to_choice(doc)]
-                else:
-                    answers = [words(str(task.doc_to_target(doc)))]
-                label = f"{spec.name}#{index}"
-                references.append((label, question))
-                references += [(label, question + answer) for answer in answers]
+        task = build_task(manager, spec)
+        docs = list(task.eval_docs)
+        questions = _strip_common_affixes([words(str(task.doc_to_text(doc))) for doc in docs])
+        for index, (doc, question) in enumerate(zip(docs, questions)):
+            if task.OUTPUT_TYPE == "multiple_choice":
+                answers = [words(str(choice)) for choice in task.doc_to_choice(doc)]
+            else:
+                answers = [words(str(task.doc_to_target(doc)))]
+            label = f"{spec.name}#{index}"
+            references.append((label, question))
+            references += [(label, question + answer) for answer in answers]
     return references
 
 

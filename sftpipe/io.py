@@ -26,12 +26,14 @@ class PipelineError(Exception):
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds.
 
-    Works for files and directories: the caller decides what it writes at the yielded path.
+    Works for files and directories: the caller decides what it writes at the yielded path. What a
+    killed writer of the same path left behind (`.<name>.tmp-<pid>...`) is removed first: Snakemake
+    runs one job per output at a time, so no other writer of `path` is alive.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    remove_stale_temporaries(final)
+    tmp = final.with_name(f"{temporary_prefix(final)}{os.getpid()}")
     try:
         yield tmp
         if final.is_dir() and tmp.is_dir():
@@ -39,6 +41,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         _remove(tmp)
+
+
+def temporary_prefix(final: Path, purpose: str = "tmp") -> str:
+    """The name every temporary file or directory written for `final` starts with: `tmp` for what
+    becomes `final`, another `purpose` for a stage's scratch space beside it."""
+    return f".{final.name}.{purpose}-"
+
+
+def remove_stale_temporaries(final: Path, purpose: str = "tmp") -> None:
+    for stale in final.parent.glob(f"{temporary_prefix(final, purpose)}*"):
+        log.info("removing %s, left by a writer of %s that did not finish", stale, final.name)
+        _remove(stale)
 
 
 def _remove(path: Path) -> None:

@@ -33,7 +33,8 @@ def model_card(base_dir: str | Path, training: TrainSummary | None, dtype: str) 
     if training:
         lines += [
             f"- training: {training.steps} steps on {training.train_rows} rows, precision {training.precision}, "
-            f"final train loss {training.train_loss:.4f}, validation loss {training.eval_loss:.4f}",
+            f"final train loss {training.train_loss:.4f}, "
+            + (f"validation loss {training.eval_loss:.4f}" if training.eval_loss is not None else "no validation split"),
             "",
             "## Hyperparameters",
             "",

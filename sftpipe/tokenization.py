@@ -185,6 +185,18 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _check_splits(stats: dict[str, Any], split: SplitSettings) -> None:
+    """A held-out split the config asks for must hold rows: a tiny dataset can hash none into it."""
+    total = sum(stats[name]["rows"] for name in SPLITS)
+    for name, fraction in (("validation", split.validation_fraction), ("test", split.test_fraction)):
+        if fraction > 0 and total and stats[name]["rows"] == 0:
+            raise PipelineError(
+                f"config key 'data.split.{name}_fraction': of {total} rows kept, none fell into the {name} split "
+                f"(each row's split is drawn from a hash of its id, a {fraction:.0%} chance); add rows or raise the "
+                "fraction, or set it to 0 to go without"
+            )
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 # The code the token ids come from: this module, the tokenizer loading and the artifact writing.
 FINGERPRINTED_CODE = ("tokenization.py", "model.py", "io.py")
@@ -236,6 +248,7 @@ def tokenize_and_split(
         for batch in _batches(hydrated_paths):
             _collect(batch, encode_rows(batch, tokenizer, max_length), seen, stats, writers, lengths, split, bin_width)
             progress.update(len(batch))
+        _check_splits(stats, split)
     stats["settings"] = {
         "max_length": max_length,
         "min_tokens": lengths.min_tokens,

@@ -163,12 +163,11 @@ def _quantization_config(settings: TrainSettings):
 
 
 def _load_split(path: str | Path):
+    """The split's rows, or None for an empty one (a validation fraction of 0)."""
     from datasets import Dataset
 
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
-    if not rows:
-        raise PipelineError(f"{path}: the split is empty; lower the validation/test fractions or add data")
-    return Dataset.from_list(rows)
+    return Dataset.from_list(rows) if rows else None
 
 
 def _completion_only_trainer():
@@ -261,6 +260,16 @@ class LoraRecipe:
 
     def setup_data(self) -> None:
         self.train_set, self.eval_set = _load_split(self.job.train_path), _load_split(self.job.validation_path)
+        if self.train_set is None:
+            raise PipelineError(
+                f"{self.job.train_path}: the training split is empty (its stats.json tells how many rows were dropped "
+                "as too long or too short: see data.max_length, data.overlong, data.min_tokens)"
+            )
+        if self.eval_set is None and self.settings.early_stopping_patience is not None:
+            raise PipelineError(
+                "config key 'train.early_stopping_patience': early stopping needs validation rows "
+                "(data.split.validation_fraction above 0)"
+            )
 
     def setup_trainer(self) -> None:
         from peft import LoraConfig
@@ -283,7 +292,7 @@ class LoraRecipe:
             lr_scheduler_type=settings.lr_scheduler,
             warmup_steps=settings.warmup_ratio,  # transformers 5: a value below 1 is a fraction of all steps
             weight_decay=settings.weight_decay,
-            eval_strategy="steps",
+            eval_strategy="steps" if self.eval_set is not None else "no",
             eval_steps=settings.eval_steps,
             logging_steps=settings.logging_steps,
             save_strategy="steps",
@@ -336,14 +345,15 @@ class LoraRecipe:
 
     def train(self) -> TrainSummary:
         trainer = self.trainer
+        validation_rows = len(self.eval_set) if self.eval_set is not None else 0
         log.info("training: %d train rows, %d validation rows, precision %s, attention %s, allocator %s",
-                 len(self.train_set), len(self.eval_set), self.precision, self.attention, current_allocator())
+                 len(self.train_set), validation_rows, self.precision, self.attention, current_allocator())
         resume = last_complete_checkpoint(self.checkpoints, self.main_process)
         resumed_from = int(resume.name.removeprefix("checkpoint-")) if resume else 0
         if resume:
             log.info("resuming from %s (step %d)", resume, resumed_from)
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        final_eval = trainer.evaluate()
+        final_eval = trainer.evaluate() if self.eval_set is not None else {}
         tokens, positions = self._over_all_processes(trainer.tokens_seen, trainer.projected_positions)
         return TrainSummary(
             train_loss=result.training_loss,
@@ -357,7 +367,7 @@ class LoraRecipe:
             train_tokens_per_s=tokens / result.metrics["train_runtime"],
             projected_positions=positions,
             train_rows=len(self.train_set),
-            validation_rows=len(self.eval_set),
+            validation_rows=validation_rows,
             precision=self.precision,
             attention=self.attention,
             world_size=self.world_size,

@@ -64,6 +64,17 @@ DOLPHIN_ROWS = [
 ]
 
 
+def prepared(spec, out: Path):
+    """`spec` (a TaskSpec naming the user's `data_files`) with its data prepared, as the pipeline's
+    `prepare_eval_data` rule does, under `out`."""
+    from dataclasses import replace
+
+    from sftpipe.tasks import prepare_task_data
+
+    prepare_task_data(spec, out)
+    return replace(spec, data_dir=str(out))
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     import json
 

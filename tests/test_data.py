@@ -383,12 +383,29 @@ def test_chat_messages_formats_train_every_assistant_turn(tmp_path, tiny_model, 
     assert hydrated[1]["prompt"].endswith("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_unanswered_last_user_turn_is_left_out_with_a_warning(tmp_path, caplog):
-    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]}
+@pytest.mark.parametrize(
+    ("fmt", "row"),
+    [
+        ("messages", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]}),
+        ("guanaco", {"text": "### Human: Hi### Assistant: Hello.### Human: Bye"}),
+    ],
+)
+def test_unanswered_last_user_turn_is_left_out_with_a_warning(tmp_path, caplog, fmt, row):
     with caplog.at_level("WARNING", logger="sftpipe"):
-        hydrated = _hydrate(tmp_path, "chat", {"format": "messages", "template": "chatml", "path": "x"}, [row])
+        hydrated = _hydrate(tmp_path, "chat", {"format": fmt, "template": "chatml", "path": "x"}, [row])
     assert [h["completion"] for h in hydrated] == ["Hello."]
     assert "chat.raw.jsonl:1 (dataset 'chat'): the last user turn has no answer to learn" in caplog.text
+
+
+@pytest.mark.parametrize(("fmt", "template"), [("alpaca", "alpaca"), ("dolphin", "chatml"), ("guanaco", "guanaco"),
+                                                ("messages", "chat"), ("qa", "qa"), ("text", "raw")])
+def test_a_format_without_a_template_takes_its_natural_one(fmt, template):
+    assert DatasetSpec.from_config("mine", {"format": fmt, "path": "x"}).template == template
+
+
+def test_a_dataset_without_format_or_template_names_what_to_add():
+    with pytest.raises(PipelineError, match=r"config key 'datasets.mine': give a 'preset', a 'format' \(one of alpaca, "):
+        DatasetSpec.from_config("mine", {"path": "x"})
 
 
 def test_messages_must_alternate(tmp_path, tiny_model):

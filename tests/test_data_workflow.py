@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import GUANACO_ROWS, write_jsonl
+from sftpipe.data import DatasetSpec
 from workflow import snakemake, stray_files
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def test_bad_input_through_snakemake(tmp_path, http_server):
     config = {"experiment": "bad", "base_model": {"name": "tiny", "source": "tiny-random"}, "datasets": datasets}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
 
-    targets = [f"results/data/hydrated/template/{name}.jsonl" for name in datasets]
+    targets = [f"results/data/hydrated/{DatasetSpec.from_config(name, cfg).renderer('tiny')}/{name}.jsonl" for name, cfg in datasets.items()]
     result = snakemake(tmp_path, *targets, "--keep-going", "--cores", "2", "--configfile", "bad.yaml", check=False)
     assert result.returncode != 0
 
@@ -98,7 +99,7 @@ def test_bad_input_through_snakemake(tmp_path, http_server):
             stage: path.read_text() if path.exists() else ""
             for stage, path in (
                 ("download", results / "logs" / "download_dataset" / f"{name}.log"),
-                ("hydrate", results / "logs" / "hydrate_dataset" / "template" / f"{name}.log"),
+                *(("hydrate", path) for path in (results / "logs" / "hydrate_dataset").glob(f"*/{name}.log")),
             )
         }
         [stage] = [stage for stage, text in logs.items() if " ERROR " in text] or [None]
@@ -107,29 +108,13 @@ def test_bad_input_through_snakemake(tmp_path, http_server):
             assert re.search(pattern, logs[stage]), f"{name}: {pattern!r} not in the {stage} log:\n{logs[stage]}"
         failed_at[name] = stage
         # No artifact of the stage that failed (or of any later one).
-        assert not (results / "data" / "hydrated" / "template" / f"{name}.jsonl").exists(), name
+        assert not list((results / "data" / "hydrated").glob(f"*/{name}.jsonl")), name
         if stage == "download":
             assert not list((results / "data" / "raw").glob(f"{name}.*")), name
     # Where each case is caught today: reading a file at download, its rows' fields at hydrate.
     assert {n for n, s in failed_at.items() if s == "download"} >= {"malformed_json", "empty_file", "non_utf8", "sha_mismatch"}
     assert failed_at["unknown_field"] == "hydrate"
     assert not stray_files(results / "data"), stray_files(results / "data")
-
-
-def test_unknown_preset_fails_config_validation(tmp_path):
-    config = {
-        "experiment": "bad",
-        "base_model": {"name": "tiny", "source": "tiny-random"},
-        "datasets": {"mine": {"preset": "alpacca", "path": "rows.jsonl"}},
-    }
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(tmp_path, "--cores", "1", "--configfile", "bad.yaml", check=False)
-    assert result.returncode != 0
-    message = result.stdout + result.stderr
-    # jsonschema's own words: "On instance['datasets']['mine']['preset']: 'alpacca'" (or our dotted key).
-    assert re.search(r"datasets(\.|'\]\[')mine(\.|'\]\[')preset", message), message
-    assert "alpacca" in message
-    assert not (tmp_path / "results").exists()
 
 
 # --- Determinism and rebuilds ------------------------------------------------------------------------
@@ -158,6 +143,7 @@ CHAT_ROWS = [
     {"messages": [{"role": "user", "content": ARC_QUESTION}, {"role": "assistant", "content": "Planetary days will become shorter."}]},
 ]
 LAMINI_TEMPLATE = {"prompt": "### Question:\n{{ question }}\n\n### Answer:", "completion": "{{ answer }}"}
+LAMINI_RENDERER = DatasetSpec.from_config("lamini", {"format": "qa", "template": LAMINI_TEMPLATE, "path": "x"}).renderer("tiny")
 
 
 def data_config(work: Path, shared_data: Path, base_model: Path) -> Path:
@@ -209,8 +195,10 @@ def test_data_artifacts_are_byte_identical_across_runs(two_runs):
     data = Path("results") / "data"
     artifacts = [
         *(data / "raw" / f"{name}.jsonl" for name in ("alpaca", "guanaco", "chat", "lamini")),
-        *(data / "hydrated" / "template" / f"{name}.jsonl" for name in ("alpaca", "guanaco", "lamini")),
-        data / "hydrated" / "tiny" / "chat.jsonl",  # rendered by the base model's chat template
+        data / "hydrated" / "alpaca" / "alpaca.jsonl",
+        data / "hydrated" / "guanaco" / "guanaco.jsonl",
+        data / "hydrated" / LAMINI_RENDERER / "lamini.jsonl",  # the config's own Jinja template
+        data / "hydrated" / "chat-tiny" / "chat.jsonl",  # rendered by the base model's chat template
         data / "mixed" / "det.jsonl",
         data / "mixed" / "det.removed.jsonl",
         *(data / "tokenized" / "det" / f"{split}.jsonl" for split in ("train", "validation", "test")),
@@ -226,7 +214,7 @@ def test_data_artifacts_are_byte_identical_across_runs(two_runs):
     reasons = {r["reason"] for r in removed}
     assert {"exact_duplicate", "eval_contamination"} <= reasons, reasons
     assert any(r["reason"] == "eval_contamination" and ARC_QUESTION in r["prompt"] for r in removed)
-    hydrated_chat = [json.loads(line) for line in (a / data / "hydrated" / "tiny" / "chat.jsonl").read_text().splitlines()]
+    hydrated_chat = [json.loads(line) for line in (a / data / "hydrated" / "chat-tiny" / "chat.jsonl").read_text().splitlines()]
     assert [r["completion"] for r in hydrated_chat] == ["Paris.", "Rome.", "Gracias.", "Planetary days will become shorter."]
 
 
@@ -268,6 +256,9 @@ def test_tokenized_data_rebuilds_when_its_inputs_change(two_runs):
     # (e) an unrelated setting plans no data job at all
     assert changed("learning-rate", lambda c: c.setdefault("train", {}).update(learning_rate=0.001)) == {}
 
+    # (f) a mirror: no dataset here reads the Hub, so none downloads again
+    assert changed("mirror", lambda c: c["data"].update(mirror_dir="mirror")) == {}
+
     # (d) the base model's tokenizer, edited in its local source directory
     tokenizer_config = work / "base-model" / "tokenizer_config.json"
     original, times = tokenizer_config.read_bytes(), os.stat(tokenizer_config)
@@ -282,3 +273,89 @@ def test_tokenized_data_rebuilds_when_its_inputs_change(two_runs):
     finally:
         tokenizer_config.write_bytes(original)
         os.utime(tokenizer_config, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def test_switching_a_template_back_finds_the_earlier_rendering(two_runs):
+    """Rows hydrated under each template keep their own file: switching back renders nothing again."""
+    _, work = two_runs
+    target = TOKENIZED.format(experiment="det")
+    config = yaml.safe_load((work / "data.yaml").read_text())
+    config["datasets"]["guanaco"]["template"] = "chatml"
+    (work / "chatml.yaml").write_text(yaml.safe_dump(config))
+    snakemake(work, target, "--cores", "2", "--configfile", "chatml.yaml")
+    assert (work / "results" / "data" / "hydrated" / "chatml" / "guanaco.jsonl").exists()
+    jobs = planned(work, work / "data.yaml", target)
+    assert "hydrate_dataset" not in jobs and "filter_and_mix" in jobs, jobs
+
+
+# --- Evaluation data and interrupted stages ---------------------------------------------------------
+
+
+def _arc_mirror(work: Path, shared_data: Path, broken_line: int | None = None) -> Path:
+    """ARC-Easy's test split in a mirror (the first 40 rows), with one answer key that names no choice."""
+    rows = [json.loads(line) for line in (shared_data / "arc" / "hf_schema" / "ARC-Easy-test.jsonl").open()][:40]
+    if broken_line is not None:
+        rows[broken_line - 1]["answerKey"] = "Z"
+    return write_jsonl(work / "mirror" / "allenai" / "ai2_arc" / "ARC-Easy" / "test.jsonl", rows)
+
+
+def test_a_fixed_mirror_file_prepares_the_eval_data_again(tmp_path, shared_data):
+    mirrored = _arc_mirror(tmp_path, shared_data, broken_line=7)
+    config = {
+        "experiment": "eval-data",
+        "base_model": {"name": "tiny", "source": "tiny-random"},
+        "datasets": {"demo": {"preset": "sftpipe_demo", "limit": 40}},
+        "data": {"mirror_dir": "mirror"},
+        "eval": {"lm_eval": {"tasks": [{"name": "arc_easy"}]}},
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    target = "results/data/lm_eval/arc_easy"
+    failed = snakemake(tmp_path, target, "--cores", "1", "--configfile", "eval.yaml", check=False)
+    assert failed.returncode != 0
+    message = f"{mirrored.relative_to(tmp_path)}:7: lm-eval task 'arc_easy': the task cannot read the row"
+    assert message in failed.stdout + failed.stderr and "'Z' is not in list" in failed.stdout + failed.stderr
+    assert message in (tmp_path / "results" / "logs" / "prepare_eval_data" / "arc_easy.log").read_text()
+    assert not (tmp_path / target).exists() and not stray_files(tmp_path / "results")
+
+    _arc_mirror(tmp_path, shared_data)  # the user fixes the file
+    assert planned(tmp_path, tmp_path / "eval.yaml", target) == {"prepare_eval_data": 1}
+    snakemake(tmp_path, target, "--cores", "1", "--configfile", "eval.yaml")
+    assert json.loads((tmp_path / target / "manifest.json").read_text())["splits"]["test"]["kind"] == "mirror"
+    assert planned(tmp_path, tmp_path / "eval.yaml", target) == {}
+    # A later edit of the mirror file prepares the data again: the file is an input of the rule.
+    _arc_mirror(tmp_path, shared_data, broken_line=3)
+    assert planned(tmp_path, tmp_path / "eval.yaml", target) == {"prepare_eval_data": 1}
+
+
+def test_a_stage_killed_mid_write_leaves_nothing_after_the_rerun(tmp_path, shared_data, tiny_model):
+    import signal
+    import subprocess
+    import time
+
+    from workflow import SNAKEMAKE
+
+    shutil.copytree(tiny_model, tmp_path / "base-model")
+    config = {
+        "experiment": "killed",
+        "base_model": {"name": "tiny", "source": "base-model"},
+        "datasets": {"alpaca": {"preset": "alpaca", "path": str(shared_data / "alpaca" / "alpaca_5000.json")}},
+        "data": {"filters": {"near_dedup": False, "decontaminate": False}},
+    }
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(config))
+    target = TOKENIZED.format(experiment="killed")
+    tokenized = tmp_path / "results" / "data" / "tokenized" / "killed"
+    command = [*SNAKEMAKE, "-d", str(tmp_path), target, "--cores", "1", "--configfile", "killed.yaml"]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(tokenized.glob(".*.tmp-*")):
+        assert run.poll() is None and time.monotonic() < deadline, "the tokenize stage ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGKILL)  # Snakemake and the job, as a machine or a scheduler would
+    run.wait()
+    assert stray_files(tokenized), "the kill left no temporary file: nothing to clean"
+    # What the user then runs: Snakemake's lock goes first (its message says so), then the rerun.
+    snakemake(tmp_path, "--unlock", "--configfile", "killed.yaml")
+    snakemake(tmp_path, target, "--cores", "1", "--configfile", "killed.yaml")
+    assert not stray_files(tmp_path / "results"), stray_files(tmp_path / "results")
+    assert json.loads((tokenized / "stats.json").read_text())["train"]["rows"] > 0
+

@@ -5,18 +5,12 @@ import json
 import pytest
 import torch
 
-from conftest import write_jsonl
-from sftpipe.evaluate import (
-    TaskSpec,
-    download_task_data,
-    exact_match_eval,
-    generate_greedy,
-    lm_eval_tasks,
-    task_config,
-)
+from conftest import prepared, write_jsonl
+from sftpipe.evaluate import exact_match_eval, generate_greedy, lm_eval_tasks
 from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.metrics import normalize_answer, token_f1
 from sftpipe.model import load_model, load_tokenizer
+from sftpipe.tasks import TaskSpec, build_task, task_manager
 
 
 @pytest.mark.parametrize(
@@ -83,60 +77,12 @@ def test_empty_test_split_is_an_error(tmp_path, tiny_model):
     assert not (tmp_path / "m.json").exists()
 
 
-@pytest.fixture(scope="module")
-def task_manager():
-    from sftpipe.evaluate import task_manager
-
-    return task_manager()
-
-
-@pytest.mark.parametrize(("num_fewshot", "splits"), [(0, ["test"]), (5, ["test", "train"])])
-def test_downloaded_arc_keeps_official_prompt_and_metrics(task_manager, shared_data, tmp_path, num_fewshot, splits):
-    mirror = tmp_path / "mirror" / "allenai" / "ai2_arc" / "ARC-Challenge"
-    mirror.mkdir(parents=True)
-    for split in ("train", "validation", "test"):
-        (mirror / f"{split}.jsonl").symlink_to(shared_data / "arc" / "hf_schema" / f"ARC-Challenge-{split}.jsonl")
-    spec = TaskSpec("arc_challenge", num_fewshot=num_fewshot, data_dir=str(tmp_path / "arc_challenge"))
-    sources = download_task_data(spec, spec.data_dir, str(tmp_path / "mirror"))
-    # Only what lm-eval reads: the evaluation split, and the few-shot examples' split when few-shot.
-    assert sorted(sources) == sorted(splits) and all(s["kind"] == "mirror" for s in sources.values())
-    original = [json.loads(line) for line in (mirror / "test.jsonl").open() if line.strip()]
-    assert list(read_jsonl(tmp_path / "arc_challenge" / "test.jsonl")) == original
-    assert sources["test"]["rows"] == len(original)
-    local = task_config(task_manager, spec)
-    assert local["dataset_path"] == "json"
-    assert local["dataset_kwargs"] == {"data_files": {s: str(tmp_path / "arc_challenge" / f"{s}.jsonl") for s in sorted(splits)}}
-    assert local["doc_to_text"] == "Question: {{question}}\nAnswer:"
-    assert [m["metric"] for m in local["metric_list"]] == ["acc", "acc_norm"]
-    assert local["test_split"] == "test" and local["training_split"] == ("train" if num_fewshot else None)
-    # Without local data the task is left to lm-eval as named (it reads the Hub).
-    assert task_config(task_manager, TaskSpec("arc_challenge")) == "arc_challenge"
-
-
-def test_named_tasks_index_only_their_own_directories(task_manager):
-    from sftpipe.evaluate import task_manager as manager_for
-
-    narrow = manager_for(("arc_easy", "hellaswag", "sftpipe_demo_mc"))
-    assert len(narrow.task_index) < 20 < len(task_manager.task_index)
-    for name in ("arc_easy", "hellaswag", "sftpipe_demo_mc"):
-        assert narrow.task_index[name].yaml_path == task_manager.task_index[name].yaml_path
-    # A tag names tasks defined elsewhere: the whole index.
-    assert len(manager_for(("ai2_arc",)).task_index) == len(task_manager.task_index)
-
-
-def test_unknown_task_and_missing_file_name_the_config_key(task_manager, tmp_path):
-    with pytest.raises(PipelineError, match="eval.lm_eval.tasks.*no_such_task"):
-        task_config(task_manager, TaskSpec("no_such_task"))
-    with pytest.raises(PipelineError, match="eval.lm_eval.tasks.*not found"):
-        task_config(task_manager, TaskSpec("arc_easy", data_files={"test": str(tmp_path / "missing.jsonl")}))
-
-
 @torch.no_grad()
-def _choice_accuracy(model_dir, manager, spec: TaskSpec) -> dict[str, float]:
+def _choice_accuracy(model_dir, spec: TaskSpec) -> dict[str, float]:
     """acc and acc_norm of a multiple-choice task, computed here from the model's own log-probabilities:
     the choice whose continuation is most likely (acc_norm: per byte of the choice) is the answer."""
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-    [task] = manager.load_task_or_group([task_config(manager, spec)]).values()
+    task = build_task(task_manager((spec.name,)), spec)
     hits = {"acc": 0, "acc_norm": 0}
     docs = list(task.eval_docs)[: spec.limit]
     for doc in docs:
@@ -156,26 +102,29 @@ def _choice_accuracy(model_dir, manager, spec: TaskSpec) -> dict[str, float]:
     return {metric: count / len(docs) for metric, count in hits.items()}
 
 
-def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_data, task_manager):
+def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_data):
     arc = shared_data / "arc" / "hf_schema"
     tasks = [
-        TaskSpec("arc_easy", limit=8, data_files={"test": str(arc / "ARC-Easy-test.jsonl")}),
-        TaskSpec("hellaswag", limit=8, data_files={"validation": str(shared_data / "hellaswag" / "hellaswag_val_sample1000.jsonl")}),
+        prepared(TaskSpec("arc_easy", limit=8, data_files={"test": str(arc / "ARC-Easy-test.jsonl")}), tmp_path / "arc_easy"),
+        prepared(
+            TaskSpec("hellaswag", limit=8, data_files={"validation": str(shared_data / "hellaswag" / "hellaswag_val_sample1000.jsonl")}),
+            tmp_path / "hellaswag",
+        ),
     ]
     summary = lm_eval_tasks(tiny_model, tasks, tmp_path / "lm_eval.json", batch_size=8)
     for spec in tasks:
         result = summary["tasks"][spec.name]
         # The scores of the model we pointed it at, on the local data we gave it, and no other.
-        expected = _choice_accuracy(tiny_model, task_manager, spec)
+        expected = _choice_accuracy(tiny_model, spec)
         assert result["metrics"]["acc,none"] == pytest.approx(expected["acc"])
         assert result["metrics"]["acc_norm,none"] == pytest.approx(expected["acc_norm"])
         assert "acc_norm_stderr,none" in result["metrics"]
-        assert result["n_samples"]["effective"] == 8 and result["data"] == "local"
+        assert result["n_samples"]["effective"] == 8 and set(result["data"].values()) == {"local"}
     assert summary["tasks"]["hellaswag"]["n_samples"]["original"] == 1000
     assert json.loads((tmp_path / "lm_eval.json").read_text()) == json.loads(json.dumps(summary))
 
 
-def test_arc_easy_accuracy_equals_the_lm_eval_cli(tmp_path, tiny_model, shared_data, task_manager):
+def test_arc_easy_accuracy_equals_the_lm_eval_cli(tmp_path, tiny_model, shared_data):
     """Parity: the pipeline's number is exactly what plain `lm_eval` gives on the same data, model and settings."""
     import subprocess
     import sys
@@ -183,14 +132,15 @@ def test_arc_easy_accuracy_equals_the_lm_eval_cli(tmp_path, tiny_model, shared_d
     import yaml
 
     test_file = str(shared_data / "arc" / "hf_schema" / "ARC-Easy-test.jsonl")
-    ours = lm_eval_tasks(tiny_model, [TaskSpec("arc_easy", limit=24, data_files={"test": test_file})], tmp_path / "ours.json", batch_size=8)
+    spec = prepared(TaskSpec("arc_easy", limit=24, data_files={"test": test_file}), tmp_path / "arc_easy")
+    ours = lm_eval_tasks(tiny_model, [spec], tmp_path / "ours.json", batch_size=8)
     ours = ours["tasks"]["arc_easy"]["metrics"]
 
     # The CLI's own task: the official arc_easy YAML, included unchanged, reading the same local file.
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "arc_easy_cli.yaml").write_text(yaml.safe_dump({
-        "include": str(task_manager.task_index["arc_easy"].yaml_path),
+        "include": str(task_manager(("arc_easy",)).task_index["arc_easy"].yaml_path),
         "task": "arc_easy_cli",
         "tag": [],
         "dataset_path": "json",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
-from sftpipe.evaluate import TaskSpec
+from conftest import prepared, write_jsonl
+from sftpipe.tasks import TaskSpec
 from sftpipe.filters import FilterSettings, filter_and_mix, mix, words
 from sftpipe.formats import ALPACA_NO_INPUT
 from sftpipe.io import read_jsonl
@@ -69,7 +69,7 @@ def test_planted_arc_questions_are_removed_with_their_match(tmp_path, shared_dat
         for i, q in enumerate(arc[:200:40])
     ]
     rows = _alpaca_rows(shared_data, 300)
-    tasks = [TaskSpec("arc_easy", data_files={"test": str(arc_file)})]
+    tasks = [prepared(TaskSpec("arc_easy", data_files={"test": str(arc_file)}), tmp_path / "arc_easy")]
     stats, mixed, removed = _run(tmp_path, {"alpaca": rows[:150] + planted + rows[150:]}, tasks=tasks)
     contaminated = {r["id"]: r for r in removed if r["reason"] == "eval_contamination"}
     assert set(contaminated) == {p["id"] for p in planted}
@@ -96,8 +96,8 @@ def test_planted_arc_challenge_choices_and_hellaswag_contexts_are_removed(tmp_pa
         for i, h in enumerate(hellaswag[:400:100])
     ]
     tasks = [
-        TaskSpec("arc_challenge", data_files={"test": str(challenge_file)}),
-        TaskSpec("hellaswag", data_files={"validation": str(hellaswag_file)}),
+        prepared(TaskSpec("arc_challenge", data_files={"test": str(challenge_file)}), tmp_path / "arc_challenge"),
+        prepared(TaskSpec("hellaswag", data_files={"validation": str(hellaswag_file)}), tmp_path / "hellaswag"),
     ]
     rows = _alpaca_rows(shared_data, 200)
     _, mixed, removed = _run(tmp_path, {"alpaca": rows + planted}, tasks=tasks)

@@ -29,7 +29,7 @@ def test_every_stage_wrote_its_artifacts(workdir):
         assert manifest["rows"] == (60 if name == "alpaca" else 20)
         [hydrated] = (results / "data" / "hydrated").glob(f"*/{name}.jsonl")
         # Dolphin's ChatML renders with the base model's own chat template, the others with a named one.
-        assert hydrated.parent.name == ("tiny" if name == "dolphin" else "template") and hydrated.stat().st_size > 0
+        assert hydrated.parent.name == ("chat-tiny" if name == "dolphin" else name) and hydrated.stat().st_size > 0
     assert json.loads((results / "data" / "raw" / "alpaca.manifest.json").read_text())["source"]["kind"] == "mirror"
     filters = json.loads((results / "data" / "mixed" / "smoke.filters.json").read_text())
     # The fixtures repeat each Dolphin and Guanaco row ten times: exact dedup keeps one of each.
@@ -43,7 +43,10 @@ def test_every_stage_wrote_its_artifacts(workdir):
     for lm_eval in ("base_model/tiny", "smoke/tuned"):
         lm = json.loads((results / "eval" / lm_eval / "lm_eval.json").read_text())
         assert set(lm["tasks"]) == {"arc_easy", "arc_challenge", "hellaswag"}
-        assert all(t["data"] == "local" for t in lm["tasks"].values())
+        # Where each task's data came from: the mirror, or the user's own file (arc_challenge's).
+        assert {name: t["data"] for name, t in lm["tasks"].items()} == {
+            "arc_easy": {"test": "mirror"}, "arc_challenge": {"test": "local"}, "hellaswag": {"validation": "mirror"},
+        }
     for variant in ("base", "tuned"):
         em = json.loads((results / "eval" / "smoke" / variant / "exact_match.json").read_text())
         assert em["rows"] == min(12, stats["test"]["rows"]) > 0  # the configured limit, or every held-out row
@@ -156,24 +159,41 @@ def test_lint_is_clean(tmp_path):
     assert "Lints for" not in result.stdout + result.stderr
 
 
-def test_bad_config_names_the_key(tmp_path):
+def _config_problems(tmp_path, edit) -> list[str]:
+    """What `snakemake -n` prints for the demo config after `edit`: it must fail."""
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    config["train"]["learning_rate"] = "fast"
+    edit(config)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(tmp_path, "-n", "--configfile", "bad.yaml", check=False)
     assert result.returncode != 0
-    assert "learning_rate" in result.stdout + result.stderr
+    return (result.stdout + result.stderr).strip().splitlines()
 
 
-def test_bad_experiment_override_names_the_experiment_and_key(tmp_path):
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+def _sweep(config, experiments):
     del config["experiment"]
-    config["experiments"] = {"fast": {"train": {"learning_rate": 1e-3}}, "broken": {"train": {"lora_r": "big"}}}
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(tmp_path, "-n", "--configfile", "bad.yaml", check=False)
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "experiments.broken.train" in output and "lora_r" in output
+    config["experiments"] = experiments
+
+
+@pytest.mark.parametrize(
+    ("edit", "problems"),
+    [
+        (lambda c: c["train"].update(lora_rank=4, learning_rate="fast"),
+         ["config key 'train.learning_rate': 'fast' is not a number",
+          "config key 'train.lora_rank': unknown key (did you mean lora_r?)"]),
+        (lambda c: _sweep(c, {"fast": {"train": {"learning_rate": 1e-3}}, "broken": {"train": {"lora_r": "big"}}}),
+         ["config key 'experiments.broken.train.lora_r': 'big' is not an integer"]),
+        (lambda c: c["datasets"]["demo"].update(preset="alpacca"),
+         ["config key 'datasets.demo.preset': 'alpacca' is not one of alpaca, dolphin, guanaco, lamini_docs, "
+          "sftpipe_demo (did you mean alpaca?)"]),
+        (lambda c: c["datasets"]["demo"].update(hub_id="acme/rows", url="https://example.org/rows.jsonl"),
+         ["config key 'datasets.demo': give one source, not 'hub_id' and 'url'"]),
+    ],
+    ids=["top-level train keys", "an experiment's train override", "unknown preset", "two sources"],
+)
+def test_a_bad_config_prints_each_key_first_and_alone(tmp_path, edit, problems):
+    # Exactly the problems, one line each: no schema dump, no traceback.
+    assert _config_problems(tmp_path, edit) == problems
+    assert not (tmp_path / "results").exists()
 
 
 def test_bad_input_fails_the_rule_with_file_and_line_and_leaves_no_artifact(tmp_path):

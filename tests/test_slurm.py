@@ -17,7 +17,7 @@ from workflow import smoke_config, snakemake
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 CLUSTER = REPO / "cluster" / "local-slurm.sh"
 # Rules that run on the submitting host (`localrules`): downloads, the base model, the reports.
-LOCAL_RULES = {"download_dataset", "download_eval_data", "materialize_base_model", "report", "summarize_experiments", "all"}
+LOCAL_RULES = {"download_dataset", "prepare_eval_data", "materialize_base_model", "report", "summarize_experiments", "all"}
 GPU_RULES = {"train_lora", "evaluate_lm_harness", "evaluate_base_lm_harness", "evaluate_exact_match"}
 
 

@@ -219,3 +219,15 @@ def test_a_duplicate_id_fails_leaving_no_split_file_and_gc_on(tmp_path, tiny_mod
         _run(tmp_path, tiny_model, rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hydrated.jsonl"]
     assert gc.isenabled()
+
+
+def test_a_split_the_config_asks_for_but_gets_no_row_names_the_key(tmp_path, tiny_model):
+    # 12 rows, 5% each for validation and test, none of which the hash sends to validation.
+    rows = [r for r in _rows(60) if assign_split(r["id"], SplitSettings()) != "validation"][:12]
+    with pytest.raises(PipelineError, match=r"config key 'data.split.validation_fraction': of 12 rows kept, none fell into the validation split"):
+        _run(tmp_path, tiny_model, rows, split=SplitSettings())
+    assert not list(tmp_path.glob("*.jsonl*")) or [p.name for p in tmp_path.glob("*.jsonl*")] == ["hydrated.jsonl"]
+    # A fraction of 0 asks for no such split.
+    splits, _ = _run(tmp_path / "none", tiny_model, rows, split=SplitSettings(validation_fraction=0.0, test_fraction=0.2))
+    assert splits["validation"] == [] and splits["test"]
+

@@ -32,8 +32,8 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = 
 
 def stray_files(results: Path) -> list[Path]:
     """Temporary files or directories a stage left behind (atomic writes' `.<name>.tmp-<pid>`, scratch
-    `tmp*`): Snakemake deletes a failed job's declared outputs, but only its outputs."""
-    return [p for p in results.rglob("*") if ".tmp-" in p.name or p.name.startswith("tmp")]
+    `.<name>.scratch-*` or `tmp*`): Snakemake deletes a failed job's declared outputs, but only its outputs."""
+    return [p for p in results.rglob("*") if ".tmp-" in p.name or ".scratch-" in p.name or p.name.startswith("tmp")]
 
 
 def planned_jobs(workdir: Path, configfile: Path) -> dict[str, int]:
