@@ -18,13 +18,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common import host_info, smollm2
+
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
-from sftpipe.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from sftpipe.io import read_jsonl
 from sftpipe.model import load_tokenizer
 from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
 
-from common import host_info, smollm2
+# The Alpaca prompt as the reference notebooks write it, one format string per case.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 
 def main() -> None:
@@ -43,8 +53,7 @@ def main() -> None:
         download_dataset(spec, tmp / "raw.jsonl", tmp / "manifest.json", None)
         raw = list(read_jsonl(tmp / "raw.jsonl"))
         texts = [
-            (ALPACA_WITH_INPUT if r["input"] else ALPACA_NO_INPUT).format(**r) + r["output"] + tokenizer.eos_token
-            for r in raw
+            (ALPACA_WITH_INPUT if r["input"] else ALPACA_NO_INPUT).format(**r) + r["output"] + tokenizer.eos_token for r in raw
         ]
 
         from datasets import Dataset
@@ -61,8 +70,12 @@ def main() -> None:
         def ours() -> None:
             hydrate_dataset(spec, tmp / "raw.jsonl", tmp / "hydrated.jsonl")
             tokenize_and_split(
-                [tmp / "hydrated.jsonl"], model_dir, {s: tmp / f"{s}.jsonl" for s in SPLITS}, tmp / "stats.json",
-                LengthSettings(args.max_length), SplitSettings(),
+                [tmp / "hydrated.jsonl"],
+                model_dir,
+                {s: tmp / f"{s}.jsonl" for s in SPLITS},
+                tmp / "stats.json",
+                LengthSettings(args.max_length),
+                SplitSettings(),
             )
 
         ways: dict[str, Callable[[], object]] = {

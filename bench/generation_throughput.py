@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import host_info, smollm2
 
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
 from sftpipe.evaluate import generate_greedy
 from sftpipe.io import read_jsonl
 from sftpipe.model import load_model, load_tokenizer
-
-from common import host_info, smollm2
 
 
 def one_by_one_loop(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -71,7 +70,7 @@ def main() -> None:
         "sftpipe_batched": ours,
         "speedup_rows_per_s": ours["rows_per_s"] / baseline["rows_per_s"],
         "same_outputs": one_by_one == batched,
-        "outputs_differing": sum(a != b for a, b in zip(one_by_one, batched)),
+        "outputs_differing": sum(a != b for a, b in zip(one_by_one, batched, strict=True)),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

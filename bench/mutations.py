@@ -35,55 +35,127 @@ class Mutation:
 
 T = "tests/test_train_merge.py::"
 MUTATIONS = [
-    Mutation("resume-from-scratch", "sftpipe/train.py",
-             "trainer.train(resume_from_checkpoint=str(resume) if resume else None)", "trainer.train(resume_from_checkpoint=None)",
-             (T + "test_sigkill_then_rerun_resumes_from_the_last_checkpoint",), "resuming a killed run from its checkpoint"),
-    Mutation("ddp-bypassed", "sftpipe/train.py",
-             "completion_loss(model, inputs, self.accelerator.unwrap_model(model), self.fused_loss)",
-             "completion_loss(self.accelerator.unwrap_model(model), inputs, self.accelerator.unwrap_model(model), self.fused_loss)",
-             (T + "test_data_parallel_ranks_train_one_adapter_on_disjoint_rows",), "gradient all-reduce across data-parallel ranks"),
-    Mutation("per-process-batch", "sftpipe/train.py",
-             "per_device = settings.batch_size // self.world_size", "per_device = settings.batch_size",
-             (T + "test_data_parallel_ranks_train_one_adapter_on_disjoint_rows",), "batch_size counted over all processes"),
-    Mutation("dora-ignored", "sftpipe/train.py", "use_dora=settings.use_dora,", "use_dora=False,",
-             (T + "test_dora_trains_magnitude_vectors",), "train.use_dora"),
-    Mutation("rslora-ignored", "sftpipe/train.py", "use_rslora=settings.use_rslora,", "use_rslora=False,",
-             (T + "test_rslora_scales_by_alpha_over_the_square_root_of_r",), "train.use_rslora"),
-    Mutation("modules-to-save-ignored", "sftpipe/train.py", "modules_to_save=settings.modules_to_save,", "modules_to_save=None,",
-             (T + "test_modules_to_save_trains_a_full_copy_of_the_module",), "train.modules_to_save"),
-    Mutation("amx-not-native", "sftpipe/train.py", 'flags & {"avx512_bf16", "amx_bf16"}', 'flags & {"avx512_bf16"}',
-             (T + "test_native_bf16_is_read_from_the_cpu_flags",), "bf16 on AMX hosts"),
-    Mutation("auto-always-bf16", "sftpipe/train.py",
-             'return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"', 'return "bf16"',
-             (T + "test_auto_precision_follows_the_hardware",), "precision auto on a CPU without native bf16"),
-    Mutation("fused-loss-counts-prompts", "sftpipe/loss.py",
-             "total += ((log_norm - logits.gather(1, picked[:, None]).squeeze(1)) * learned).sum()",
-             "total += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()",
-             (T + "test_training_with_the_fused_loss_matches_full_logits",), "the fused loss ignoring prompt positions"),
-    Mutation("normalized-is-strict", "sftpipe/evaluate.py",
-             '"normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference)',
-             '"normalized_exact_match": prediction.strip() == reference.strip()',
-             ("tests/test_evaluate.py::test_exact_match_scores_predictions_against_references",), "normalized exact match"),
-    Mutation("lm-eval-chat-template-forced", "sftpipe/evaluate.py",
-             "apply_chat_template=spec.apply_chat_template,", "apply_chat_template=True,",
-             ("tests/test_evaluate.py::test_lm_eval_runs_arc_and_hellaswag_offline",), "lm-eval run with the configured prompt settings"),
-    Mutation("not-atomic", "sftpipe/io.py",
-             "    final.parent.mkdir(parents=True, exist_ok=True)\n    remove_stale_temporaries(final)\n",
-             "    final.parent.mkdir(parents=True, exist_ok=True)\n    yield final\n    return\n",
-             ("tests/test_data.py::test_bad_local_file_names_the_line_and_leaves_nothing",), "atomic writes: no partial artifact"),
-    Mutation("hub-revision-unpinned", "sftpipe/data.py",
-             "return HfApi().dataset_info(spec.hub_id, revision=spec.revision).sha", "return spec.revision",
-             ("tests/test_hub.py::test_gated_hub_download_uses_the_token_and_pins_the_commit",), "the manifest's pinned Hub commit"),
-    Mutation("gated-traceback", "sftpipe/data.py",
-             "    except (GatedRepoError, RepositoryNotFoundError) as err:  # the Hub answered: not for this user\n"
-             "        raise _hub_access_error(spec, err) from None\n", "",
-             ("tests/test_hub.py::test_gated_hub_download_without_token_fails_and_writes_nothing",), "a clear error for a gated dataset"),
+    Mutation(
+        "resume-from-scratch",
+        "sftpipe/train.py",
+        "trainer.train(resume_from_checkpoint=str(resume) if resume else None)",
+        "trainer.train(resume_from_checkpoint=None)",
+        (T + "test_sigkill_then_rerun_resumes_from_the_last_checkpoint",),
+        "resuming a killed run from its checkpoint",
+    ),
+    Mutation(
+        "ddp-bypassed",
+        "sftpipe/train.py",
+        "completion_loss(model, inputs, self.accelerator.unwrap_model(model), self.fused_loss)",
+        "completion_loss(self.accelerator.unwrap_model(model), inputs, self.accelerator.unwrap_model(model), self.fused_loss)",
+        (T + "test_data_parallel_ranks_train_one_adapter_on_disjoint_rows",),
+        "gradient all-reduce across data-parallel ranks",
+    ),
+    Mutation(
+        "per-process-batch",
+        "sftpipe/train.py",
+        "per_device = settings.batch_size // self.world_size",
+        "per_device = settings.batch_size",
+        (T + "test_data_parallel_ranks_train_one_adapter_on_disjoint_rows",),
+        "batch_size counted over all processes",
+    ),
+    Mutation(
+        "dora-ignored",
+        "sftpipe/train.py",
+        "use_dora=settings.use_dora,",
+        "use_dora=False,",
+        (T + "test_dora_trains_magnitude_vectors",),
+        "train.use_dora",
+    ),
+    Mutation(
+        "rslora-ignored",
+        "sftpipe/train.py",
+        "use_rslora=settings.use_rslora,",
+        "use_rslora=False,",
+        (T + "test_rslora_scales_by_alpha_over_the_square_root_of_r",),
+        "train.use_rslora",
+    ),
+    Mutation(
+        "modules-to-save-ignored",
+        "sftpipe/train.py",
+        "modules_to_save=settings.modules_to_save,",
+        "modules_to_save=None,",
+        (T + "test_modules_to_save_trains_a_full_copy_of_the_module",),
+        "train.modules_to_save",
+    ),
+    Mutation(
+        "amx-not-native",
+        "sftpipe/train.py",
+        'flags & {"avx512_bf16", "amx_bf16"}',
+        'flags & {"avx512_bf16"}',
+        (T + "test_native_bf16_is_read_from_the_cpu_flags",),
+        "bf16 on AMX hosts",
+    ),
+    Mutation(
+        "auto-always-bf16",
+        "sftpipe/train.py",
+        'return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"',
+        'return "bf16"',
+        (T + "test_auto_precision_follows_the_hardware",),
+        "precision auto on a CPU without native bf16",
+    ),
+    Mutation(
+        "fused-loss-counts-prompts",
+        "sftpipe/loss.py",
+        "total += ((log_norm - logits.gather(1, picked[:, None]).squeeze(1)) * learned).sum()",
+        "total += (log_norm - logits.gather(1, picked[:, None]).squeeze(1)).sum()",
+        (T + "test_training_with_the_fused_loss_matches_full_logits",),
+        "the fused loss ignoring prompt positions",
+    ),
+    Mutation(
+        "normalized-is-strict",
+        "sftpipe/evaluate.py",
+        '"normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference)',
+        '"normalized_exact_match": prediction.strip() == reference.strip()',
+        ("tests/test_evaluate.py::test_exact_match_scores_predictions_against_references",),
+        "normalized exact match",
+    ),
+    Mutation(
+        "lm-eval-chat-template-forced",
+        "sftpipe/evaluate.py",
+        "apply_chat_template=spec.apply_chat_template,",
+        "apply_chat_template=True,",
+        ("tests/test_evaluate.py::test_lm_eval_runs_arc_and_hellaswag_offline",),
+        "lm-eval run with the configured prompt settings",
+    ),
+    Mutation(
+        "not-atomic",
+        "sftpipe/io.py",
+        "    final.parent.mkdir(parents=True, exist_ok=True)\n    remove_stale_temporaries(final)\n",
+        "    final.parent.mkdir(parents=True, exist_ok=True)\n    yield final\n    return\n",
+        ("tests/test_data.py::test_bad_local_file_names_the_line_and_leaves_nothing",),
+        "atomic writes: no partial artifact",
+    ),
+    Mutation(
+        "hub-revision-unpinned",
+        "sftpipe/data.py",
+        "return HfApi().dataset_info(spec.hub_id, revision=spec.revision).sha",
+        "return spec.revision",
+        ("tests/test_hub.py::test_gated_hub_download_uses_the_token_and_pins_the_commit",),
+        "the manifest's pinned Hub commit",
+    ),
+    Mutation(
+        "gated-traceback",
+        "sftpipe/data.py",
+        "    except (GatedRepoError, RepositoryNotFoundError) as err:  # the Hub answered: not for this user\n"
+        "        raise _hub_access_error(spec, err) from None\n",
+        "",
+        ("tests/test_hub.py::test_gated_hub_download_without_token_fails_and_writes_nothing",),
+        "a clear error for a gated dataset",
+    ),
 ]
 
 
 def scratch_copy(root: Path) -> Path:
     """The working tree's files (tracked and untracked, not ignored) under root/repo, ../shared beside it."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout
     copy = root / "repo"
     for name in filter(None, files.decode().split("\0")):
         if (REPO / name).is_file():
@@ -95,8 +167,13 @@ def scratch_copy(root: Path) -> Path:
 
 def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                            cwd=copy, capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     failures = [line for line in result.stdout.splitlines() if line.startswith(("E ", "FAILED"))]
     return result.returncode, "\n".join(failures[:3] + failures[-1:]) or result.stdout[-400:]
 
@@ -119,8 +196,13 @@ def main() -> None:
             clean, clean_output = run_tests(copy, mutation.tests)
             target.write_text(text.replace(mutation.old, mutation.new))
             mutated, output = run_tests(copy, mutation.tests)
-        result = {**asdict(mutation), "passes_unmutated": clean == 0, "killed": clean == 0 and mutated != 0,
-                  "failure": output if clean == 0 else clean_output, "seconds": round(time.monotonic() - start)}
+        result = {
+            **asdict(mutation),
+            "passes_unmutated": clean == 0,
+            "killed": clean == 0 and mutated != 0,
+            "failure": output if clean == 0 else clean_output,
+            "seconds": round(time.monotonic() - start),
+        }
         results.append(result)
         print(f"{mutation.name}: {'killed' if result['killed'] else 'SURVIVED'} ({result['seconds']} s)", file=sys.stderr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

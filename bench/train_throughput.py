@@ -39,18 +39,28 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
 from common import host_info, smollm2
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared/data/alpaca/alpaca_5000.json"
 HELD_OUT = 32
-HYPERPARAMETERS = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 8, "learning_rate": 2e-4,
-                   "lr_scheduler": "linear", "warmup_ratio": 0.0}
+HYPERPARAMETERS = {
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "batch_size": 8,
+    "learning_rate": 2e-4,
+    "lr_scheduler": "linear",
+    "warmup_ratio": 0.0,
+}
 
 # Our ablations: (setting overrides, allocator, what the variant undoes).
 ABLATIONS = {
     "sftpipe": ({}, "auto", "nothing: sftpipe's defaults"),
-    "sftpipe-dense-attention": ({"attention": "sdpa"}, "auto", "per-example attention: sdpa with a dense mask over the packed row"),
+    "sftpipe-dense-attention": (
+        {"attention": "sdpa"},
+        "auto",
+        "per-example attention: sdpa with a dense mask over the packed row",
+    ),
     "sftpipe-stock-mlp": ({"lean_swiglu": False}, "auto", "the lean SwiGLU MLP"),
     "sftpipe-logits-loss": ({"fused_loss": False}, "auto", "the fused loss: logits of the completion positions kept"),
     "sftpipe-system-allocator": ({}, "system", "tcmalloc: glibc's malloc"),
@@ -62,6 +72,7 @@ VARIANTS = ("notebooks", "trl-defaults", *ABLATIONS)
 def gemm_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
     """FLOP/s of square matrix products in `dtype`, repeated for `seconds`: 2048-wide, or 512-wide
     where the type runs 100x slower than fp32 (bf16 emulated on a CPU without native bf16)."""
+
     def rate(size: int, budget: float) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         torch.matmul(a, b)
@@ -84,8 +95,14 @@ def prepare(work: Path, model: Path, rows: int) -> None:
     spec = DatasetSpec.from_config("alpaca", {"preset": "alpaca", "path": str(ALPACA), "limit": rows + HELD_OUT})
     download_dataset(spec, work / "raw.jsonl", work / "manifest.json", None)
     hydrate_dataset(spec, work / "raw.jsonl", work / "hydrated.jsonl")
-    tokenize_and_split([work / "hydrated.jsonl"], model, {s: work / f"all-{s}.jsonl" for s in SPLITS}, work / "stats.json",
-                       LengthSettings(512), SplitSettings(0.0, 0.0, 0))
+    tokenize_and_split(
+        [work / "hydrated.jsonl"],
+        model,
+        {s: work / f"all-{s}.jsonl" for s in SPLITS},
+        work / "stats.json",
+        LengthSettings(512),
+        SplitSettings(0.0, 0.0, 0),
+    )
     tokenized = list(read_jsonl(work / "all-train.jsonl"))
     write_jsonl(work / "train.jsonl", tokenized[:rows])
     write_jsonl(work / "heldout.jsonl", tokenized[rows:])
@@ -112,19 +129,35 @@ def run_trl(work: Path, model: Path, steps: int, variant: str, native_bf16: bool
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     tokenizer = load_tokenizer(model)
-    common = dict(output_dir=str(work / f"{variant}-out"), per_device_train_batch_size=HYPERPARAMETERS["batch_size"],
-                  max_steps=steps, learning_rate=HYPERPARAMETERS["learning_rate"], lr_scheduler_type="linear", warmup_steps=0,
-                  logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
+    common = dict(
+        output_dir=str(work / f"{variant}-out"),
+        per_device_train_batch_size=HYPERPARAMETERS["batch_size"],
+        max_steps=steps,
+        learning_rate=HYPERPARAMETERS["learning_rate"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
     if variant == "notebooks":
         tokenizer.pad_token = tokenizer.eos_token
         args = SFTConfig(**common, max_length=512, use_cpu=True, bf16=False, activation_checkpointing=False)
     else:
         args = SFTConfig(**common, **({} if native_bf16 else {"bf16": False}))
     rows = [{"text": r["prompt"] + r["completion"]} for r in read_jsonl(work / "train.jsonl")]
-    lora = LoraConfig(r=HYPERPARAMETERS["lora_r"], lora_alpha=HYPERPARAMETERS["lora_alpha"],
-                      lora_dropout=HYPERPARAMETERS["lora_dropout"], target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = CountingSFTTrainer(model=load_model(model), args=args, train_dataset=Dataset.from_list(rows),
-                                 processing_class=tokenizer, peft_config=lora)
+    lora = LoraConfig(
+        r=HYPERPARAMETERS["lora_r"],
+        lora_alpha=HYPERPARAMETERS["lora_alpha"],
+        lora_dropout=HYPERPARAMETERS["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = CountingSFTTrainer(
+        model=load_model(model), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
+    )
     result = trainer.train()
     trainer.model.save_pretrained(work / f"{variant}-adapter")
     history = trainer.state.log_history
@@ -151,9 +184,20 @@ def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
     from sftpipe.train import TrainJob, TrainSettings, train_lora
 
     overrides, _, _ = ABLATIONS[variant]
-    settings = TrainSettings(**HYPERPARAMETERS, max_steps=steps, logging_steps=1, eval_steps=10_000, save_steps=10_000, **overrides)
-    summary = train_lora(TrainJob(model, work / "train.jsonl", work / "heldout.jsonl", work / f"{variant}-adapter",
-                                  work / f"{variant}-history.json", work / "ckpt", settings))
+    settings = TrainSettings(
+        **HYPERPARAMETERS, max_steps=steps, logging_steps=1, eval_steps=10_000, save_steps=10_000, **overrides
+    )
+    summary = train_lora(
+        TrainJob(
+            model,
+            work / "train.jsonl",
+            work / "heldout.jsonl",
+            work / f"{variant}-adapter",
+            work / f"{variant}-history.json",
+            work / "ckpt",
+            settings,
+        )
+    )
     history = json.loads((work / f"{variant}-history.json").read_text())["log_history"]
     return {
         "seconds": summary.train_runtime_s,
@@ -256,9 +300,24 @@ def main() -> None:
             preload = allocator_library(ABLATIONS[variant][1]) if variant in ABLATIONS else None
             if preload:
                 env["LD_PRELOAD"] = preload
-            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--work", tmp, "--model", str(model),
-                                  "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True, env=env).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--variant",
+                    variant,
+                    "--work",
+                    tmp,
+                    "--model",
+                    str(model),
+                    "--steps",
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            ).stdout
             result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
             if variant in ABLATIONS:
                 result["setup"]["undoes"] = ABLATIONS[variant][2]
@@ -267,23 +326,29 @@ def main() -> None:
             result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
             result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
             results[variant] = result
-            print(f"{variant}: {result['real_tokens_per_s']:.1f} real tokens/s, {result['computed_gflops']:.1f} GFLOP/s, "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            print(
+                f"{variant}: {result['real_tokens_per_s']:.1f} real tokens/s, {result['computed_gflops']:.1f} GFLOP/s, "
+                f"peak RSS {result['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
     baselines = [b for b in ("notebooks", "trl-defaults") if b in results]
     report = {
         "benchmark": "LoRA SFT, SmolLM2-135M-Instruct, Alpaca rows, same steps and hyperparameters",
         "date": time.strftime("%Y-%m-%d"),
         **host_info(),
         "native_bf16": native_bf16,
-        "rows": args.rows, "steps": args.steps, "heldout_rows": HELD_OUT,
+        "rows": args.rows,
+        "steps": args.steps,
+        "heldout_rows": HELD_OUT,
         "hyperparameters": HYPERPARAMETERS,
         "parameters": counts,
         "gemm_peak_gflops": peaks,
         "flop_counting": "4·N_body + 6·N_lora per computed position (+2·N_body + 2·N_lora under checkpointing), "
-                         "4·N_head per projected position; attention scores not counted",
+        "4·N_head per projected position; attention scores not counted",
         "variants": results,
         "speedup_real_tokens_per_s": {
-            f"vs {b}": {v: r["real_tokens_per_s"] / results[b]["real_tokens_per_s"] for v, r in results.items()} for b in baselines
+            f"vs {b}": {v: r["real_tokens_per_s"] / results[b]["real_tokens_per_s"] for v, r in results.items()}
+            for b in baselines
         },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,5 @@
 # Helpers that turn the validated config into paths and per-rule parameters. Each rule gets only
 # the config section it needs, so an unrelated edit reruns nothing.
-import json
 import re
 from pathlib import Path
 
@@ -34,8 +33,8 @@ TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py"
 
 
 def dataset_config(name, without=()):
-    """`datasets.<name>` as JSON, less the keys a rule does not read, so editing them reruns nothing there."""
-    return json.dumps({k: v for k, v in config["datasets"][name].items() if k not in without}, sort_keys=True)
+    """`datasets.<name>`, less the keys a rule does not read, so editing them reruns nothing there."""
+    return {k: v for k, v in config["datasets"][name].items() if k not in without}
 
 
 def local_dataset_files(name):
@@ -87,7 +86,9 @@ def local_model_files(wildcards):
     if path is None:
         return []
     # Hidden entries (a download tool's .cache/) are not the model.
-    return sorted(str(p) for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts))
+    return sorted(
+        str(p) for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
+    )
 
 
 def train_settings(wildcards):
@@ -152,6 +153,11 @@ def eval_task_source_files(wildcards):
         return []
     found = mirror_files(task["name"], task["num_fewshot"], config["data"]["mirror_dir"])
     return [str(f) for path in found for f in source_files(path)]
+
+
+def of_variant(path, variant):
+    """An evaluation output path of the job's experiment for one variant (base or tuned)."""
+    return lambda wildcards: path.format(experiment=wildcards.experiment, variant=variant)
 
 
 def evaluated_model(wildcards):

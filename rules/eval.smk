@@ -1,68 +1,68 @@
 rule evaluate_lm_harness:
-    output:
-        "results/eval/{experiment}/tuned/lm_eval.json",
     input:
         model=rules.merge_adapter.output[0],
         data_files=lm_eval_data_files,
         code=code(*EVALUATE_MODULES),
-    params:
-        settings=LM_EVAL_SETTINGS,
-        trust_remote_code=trust_remote_code,
+    output:
+        "results/eval/{experiment}/tuned/lm_eval.json",
     log:
         "results/logs/evaluate_lm_harness/{experiment}/tuned.log",
     benchmark:
         "results/benchmarks/evaluate_lm_harness/{experiment}/tuned.tsv"
+    conda:
+        "../envs/eval.yaml"
     # Capped at --cores on a workstation; on a cluster, the CPUs the job asks for.
     threads: 8
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../envs/eval.yaml"
+    params:
+        settings=LM_EVAL_SETTINGS,
+        trust_remote_code=trust_remote_code,
     script:
         "../scripts/evaluate_lm_harness.py"
 
 
 # The base model's scores depend on the model alone, so the experiments that share it share them.
 use rule evaluate_lm_harness as evaluate_base_lm_harness with:
-    output:
-        "results/eval/base_model/{model}/lm_eval.json",
     input:
         model=base_model_dir("{model}"),
         data_files=lm_eval_data_files,
         code=code(*EVALUATE_MODULES),
-    params:
-        settings=LM_EVAL_SETTINGS,
-        trust_remote_code=base_model_setting("trust_remote_code"),
+    output:
+        "results/eval/base_model/{model}/lm_eval.json",
     log:
         "results/logs/evaluate_base_lm_harness/{model}.log",
     benchmark:
         "results/benchmarks/evaluate_base_lm_harness/{model}.tsv"
+    params:
+        settings=LM_EVAL_SETTINGS,
+        trust_remote_code=base_model_setting("trust_remote_code"),
 
 
 rule evaluate_exact_match:
-    output:
-        metrics="results/eval/{experiment}/{variant}/exact_match.json",
-        predictions="results/eval/{experiment}/{variant}/predictions.jsonl",
     input:
         model=evaluated_model,
         test=rules.tokenize_and_split.output.test,
         code=code(*EVALUATE_MODULES),
-    params:
-        settings=config["eval"]["exact_match"],
-        trust_remote_code=trust_remote_code,
+    output:
+        metrics="results/eval/{experiment}/{variant}/exact_match.json",
+        predictions="results/eval/{experiment}/{variant}/predictions.jsonl",
     log:
         "results/logs/evaluate_exact_match/{experiment}/{variant}.log",
     benchmark:
         "results/benchmarks/evaluate_exact_match/{experiment}/{variant}.tsv"
+    conda:
+        "../envs/eval.yaml"
     # Capped at --cores on a workstation; on a cluster, the CPUs the job asks for.
     threads: 8
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/eval.yaml"
+    params:
+        settings=config["eval"]["exact_match"],
+        trust_remote_code=trust_remote_code,
     script:
         "../scripts/evaluate_exact_match.py"

@@ -4,23 +4,21 @@ localrules:
 
 
 rule materialize_base_model:
-    output:
-        directory(base_model_dir("{model}")),
     input:
         local=local_model_files,
         code=code("model.py"),
-    params:
-        source=base_model_setting("source"),
-        revision=base_model_setting("revision"),
-        trust_remote_code=base_model_setting("trust_remote_code"),
+    output:
+        directory(base_model_dir("{model}")),
     log:
         "results/logs/materialize_base_model/{model}.log",
     benchmark:
         "results/benchmarks/materialize_base_model/{model}.tsv"
+    conda:
+        "../envs/train.yaml"
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/train.yaml"
+    params:
+        source=lambda wildcards: {key: BASE_MODELS[wildcards.model][key] for key in ("source", "revision", "trust_remote_code")},
     script:
         "../scripts/materialize_base_model.py"

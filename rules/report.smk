@@ -4,6 +4,18 @@ localrules:
 
 
 rule report:
+    input:
+        lm_eval_base=lambda wildcards: rules.evaluate_base_lm_harness.output[0].format(model=experiment_of(wildcards).model),
+        lm_eval_tuned=rules.evaluate_lm_harness.output[0],
+        exact_match_base=of_variant(rules.evaluate_exact_match.output.metrics, "base"),
+        exact_match_tuned=of_variant(rules.evaluate_exact_match.output.metrics, "tuned"),
+        predictions_base=of_variant(rules.evaluate_exact_match.output.predictions, "base"),
+        predictions_tuned=of_variant(rules.evaluate_exact_match.output.predictions, "tuned"),
+        history=rules.train_lora.output.history,
+        data_stats=rules.tokenize_and_split.output.stats,
+        filters=rules.filter_and_mix.output.stats,
+        manifests=lambda wildcards: expand(rules.download_dataset.output.manifest, dataset=experiment_of(wildcards).datasets),
+        code=code("report.py", "metrics.py", "artifacts.py"),
     output:
         markdown="results/report/{experiment}.md",
         summary="results/report/{experiment}.json",
@@ -37,38 +49,22 @@ rule report:
             caption="../report/data_stats.rst",
             category="Data",
         ),
-    input:
-        # base, then tuned
-        lm_eval=lambda wildcards: [
-            rules.evaluate_base_lm_harness.output[0].format(model=experiment_of(wildcards).model),
-            rules.evaluate_lm_harness.output[0].format(experiment=wildcards.experiment),
-        ],
-        exact_match=expand(
-            rules.evaluate_exact_match.output.metrics, variant=["base", "tuned"], allow_missing=True
-        ),
-        predictions=expand(
-            rules.evaluate_exact_match.output.predictions,
-            variant=["base", "tuned"],
-            allow_missing=True,
-        ),
-        history=rules.train_lora.output.history,
-        data_stats=rules.tokenize_and_split.output.stats,
-        filters=rules.filter_and_mix.output.stats,
-        manifests=lambda wildcards: expand(rules.download_dataset.output.manifest, dataset=experiment_of(wildcards).datasets),
-        code=code("report.py", "metrics.py", "artifacts.py"),
-    params:
-        setup=lambda wildcards: experiment_of(wildcards).describe(),
     log:
         "results/logs/report/{experiment}.log",
     benchmark:
         "results/benchmarks/report/{experiment}.tsv"
     conda:
         "../envs/report.yaml"
+    params:
+        setup=lambda wildcards: experiment_of(wildcards).describe(),
     script:
         "../scripts/report.py"
 
 
 rule summarize_experiments:
+    input:
+        reports=expand(rules.report.output.summary, experiment=EXPERIMENTS),
+        code=code("report.py", "metrics.py", "artifacts.py"),
     output:
         summary="results/summary.json",
         comparison=report(
@@ -76,9 +72,6 @@ rule summarize_experiments:
             caption="../report/experiments.rst",
             category="Experiments",
         ),
-    input:
-        reports=expand(rules.report.output.summary, experiment=EXPERIMENTS),
-        code=code("report.py", "metrics.py", "artifacts.py"),
     log:
         "results/logs/summarize_experiments/summary.log",
     benchmark:

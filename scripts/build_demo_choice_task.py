@@ -3,5 +3,5 @@ from sftpipe.entry import run_stage
 
 run_stage(
     snakemake,
-    lambda: write_demo_choice_task(snakemake.output[0], snakemake.params.rows, snakemake.params.seed),
+    lambda: write_demo_choice_task(out_path=snakemake.output[0], **snakemake.params.task),
 )

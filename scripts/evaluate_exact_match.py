@@ -1,13 +1,13 @@
 from sftpipe.entry import run_stage
-from sftpipe.evaluate import exact_match_eval
+from sftpipe.evaluate import evaluate_exact_match
 
 run_stage(
     snakemake,
-    lambda: exact_match_eval(
-        snakemake.input.model,
-        snakemake.input.test,
-        snakemake.output.metrics,
-        snakemake.output.predictions,
+    lambda: evaluate_exact_match(
+        model_dir=snakemake.input.model,
+        test_path=snakemake.input.test,
+        metrics_path=snakemake.output.metrics,
+        predictions_path=snakemake.output.predictions,
         trust_remote_code=snakemake.params.trust_remote_code,
         **snakemake.params.settings,
     ),

@@ -6,13 +6,13 @@ from sftpipe.tokenization import SplitSettings
 run_stage(
     snakemake,
     lambda: filter_and_mix(
-        dict(zip(snakemake.params.weights, snakemake.input.hydrated)),
-        snakemake.params.weights,
-        snakemake.output.rows,
-        snakemake.output.stats,
-        snakemake.output.removed,
-        FilterSettings(**snakemake.params.filters),
-        SplitSettings(**snakemake.params.split),
-        [TaskSpec(**task) for task in snakemake.params.eval_tasks],
+        hydrated_paths=list(snakemake.input.hydrated),
+        weights=snakemake.params.weights,
+        out_path=snakemake.output.rows,
+        stats_path=snakemake.output.stats,
+        removed_path=snakemake.output.removed,
+        settings=FilterSettings(**snakemake.params.filters),
+        split=SplitSettings(**snakemake.params.split),
+        eval_tasks=[TaskSpec(**task) for task in snakemake.params.eval_tasks],
     ),
 )

@@ -1,14 +1,12 @@
-import json
-
 from sftpipe.data import DatasetSpec, hydrate_dataset
 from sftpipe.entry import run_stage
 
 run_stage(
     snakemake,
     lambda: hydrate_dataset(
-        DatasetSpec.from_config(snakemake.wildcards.dataset, json.loads(snakemake.params.dataset)),
-        snakemake.input.rows,
-        snakemake.output[0],
-        snakemake.input.tokenizer or None,
+        spec=DatasetSpec.from_config(snakemake.wildcards.dataset, snakemake.params.dataset),
+        raw_path=snakemake.input.rows,
+        out_path=snakemake.output[0],
+        tokenizer_dir=snakemake.input.tokenizer or None,
     ),
 )

@@ -3,12 +3,5 @@ from sftpipe.model import ModelSource, materialize_base_model
 
 run_stage(
     snakemake,
-    lambda: materialize_base_model(
-        ModelSource(
-            source=snakemake.params.source,
-            revision=snakemake.params.revision,
-            trust_remote_code=snakemake.params.trust_remote_code,
-        ),
-        snakemake.output[0],
-    ),
+    lambda: materialize_base_model(source=ModelSource(**snakemake.params.source), out_dir=snakemake.output[0]),
 )

@@ -3,5 +3,9 @@ from sftpipe.report import write_summary
 
 run_stage(
     snakemake,
-    lambda: write_summary(list(snakemake.input.reports), snakemake.output.summary, snakemake.output.comparison),
+    lambda: write_summary(
+        report_summaries=list(snakemake.input.reports),
+        out_path=snakemake.output.summary,
+        comparison_path=snakemake.output.comparison,
+    ),
 )

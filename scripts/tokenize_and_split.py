@@ -1,15 +1,15 @@
 from sftpipe.entry import run_stage
-from sftpipe.tokenization import LengthSettings, SplitSettings, tokenize_and_split
+from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
 
 run_stage(
     snakemake,
     lambda: tokenize_and_split(
-        [snakemake.input.rows],
-        snakemake.input.tokenizer,
-        {split: snakemake.output[split] for split in ("train", "validation", "test")},
-        snakemake.output.stats,
-        LengthSettings(**snakemake.params.lengths),
-        SplitSettings(**snakemake.params.split),
-        snakemake.params.trust_remote_code,
+        hydrated_paths=[snakemake.input.rows],
+        tokenizer_dir=snakemake.input.tokenizer,
+        out_paths={split: snakemake.output[split] for split in SPLITS},
+        stats_path=snakemake.output.stats,
+        lengths=LengthSettings(**snakemake.params.lengths),
+        split=SplitSettings(**snakemake.params.split),
+        trust_remote_code=snakemake.params.trust_remote_code,
     ),
 )

@@ -41,22 +41,29 @@ def resolve_attention(choice: str) -> str:
     return choice
 
 
-def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                 cu_seq_lens_q=None, **kwargs):
+def _varlen_sdpa(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, cu_seq_lens_q=None, **kwargs
+):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     bounds = cu_seq_lens_q.tolist()
     grouped = getattr(module, "num_key_value_groups", 1) > 1
     out = torch.cat(
         [
             torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=grouped,
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=True,
+                enable_gqa=grouped,
             )
-            for start, end in zip(bounds[:-1], bounds[1:])
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True)
             if end > start
         ],
         dim=2,

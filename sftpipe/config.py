@@ -5,6 +5,7 @@ experiment's training overrides are checked under their own key (`experiments.<n
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,31 +61,46 @@ def _messages(error, prefix: tuple = ()) -> Iterator[str]:
         yield f"config key '{key}': {instance!r} is not {' or '.join(TYPE_NAMES.get(t, t) for t in expected)}"
     elif kind == "enum":
         yield f"config key '{key}': {instance!r} is not one of {', '.join(map(str, error.validator_value))}" + (
-            _suggestion(instance, error.validator_value) if isinstance(instance, str) and
-            difflib.get_close_matches(instance, map(str, error.validator_value), n=1) else ""
+            _suggestion(instance, error.validator_value)
+            if isinstance(instance, str) and difflib.get_close_matches(instance, map(str, error.validator_value), n=1)
+            else ""
         )
     elif kind in ("oneOf", "anyOf") and not path and "experiment" in str(error.validator_value):
         yield "config: give either 'experiment' (one run) or 'experiments' (a sweep), not both or neither"
-    elif kind in ("oneOf", "anyOf") and "description" in error.schema:
-        yield f"config key '{key}': {instance!r} is not {error.schema['description']}"
     elif kind in ("oneOf", "anyOf") and error.context:
-        # The alternative meant for a value of this type (a mapping, a string) says what is wrong with it.
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import best_match
-
-        fitting = [
-            e for e in error.context
-            if Draft202012Validator({"type": error.validator_value[e.relative_schema_path[0]].get("type", [])}).is_valid(instance)
-        ]
-        if fitting or any(e.validator != "type" for e in error.context):
-            yield from _messages(best_match(fitting or error.context), prefix)
-        else:
-            types = [TYPE_NAMES.get(t, t) for e in error.context for t in ([e.validator_value] if isinstance(e.validator_value, str) else e.validator_value)]
-            yield f"config key '{key}': {instance!r} is not {' or '.join(dict.fromkeys(types))}"
+        yield from _alternatives(error, key, prefix)
     elif "propertyNames" in error.schema_path:
         yield f"config key '{_named(key, instance)}': not a valid name (it must match {error.validator_value})"
     else:
         yield f"config key '{key}': {error.message}"
+
+
+def _alternatives(error, key: str, prefix: tuple) -> Iterator[str]:
+    """A value that fits none of a key's alternatives: the one alternative for a value of its kind (a
+    choice among names, a mapping of keys) says what is wrong; else the key's description does."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    branches, instance = error.validator_value, error.instance
+
+    def fits(branch: dict) -> bool:
+        kind = branch.get("type") or ("string" if all(isinstance(v, str) for v in branch.get("enum", [None])) else [])
+        return Draft202012Validator({"type": kind}).is_valid(instance)
+
+    fitting = [i for i, branch in enumerate(branches) if fits(branch)]
+    if len(fitting) == 1 and ("enum" in branches[fitting[0]] or "properties" in branches[fitting[0]]):
+        yield from _messages(best_match(e for e in error.context if e.relative_schema_path[0] == fitting[0]), prefix)
+    elif not fitting:
+        kinds = [
+            t
+            for branch in branches
+            for t in ([branch["type"]] if isinstance(branch.get("type"), str) else branch.get("type", []))
+        ]
+        yield f"config key '{key}': {instance!r} is not {' or '.join(dict.fromkeys(TYPE_NAMES.get(t, t) for t in kinds))}"
+    elif "description" in error.schema:
+        yield f"config key '{key}': {instance!r} is not {error.schema['description']}"
+    else:
+        yield from _messages(best_match(error.context), prefix)
 
 
 def config_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
@@ -100,8 +116,79 @@ def config_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     return sorted(messages)
 
 
+def canonical(value: Any) -> Any:
+    """`value` with the keys of every mapping in it sorted. Snakemake compares a job's params by their
+    repr, so a config whose keys are sorted reruns nothing when its author reorders them."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
 def check_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> None:
     """Raise a PipelineError listing every problem of `config`, one line each."""
     problems = config_errors(config, load_schema(schema_path))
     if problems:
         raise PipelineError("\n".join(problems))
+
+
+def _type(node: dict[str, Any]) -> str:
+    if "enum" in node:
+        return "one of " + ", ".join(f"`{v}`" for v in node["enum"])
+    for either in ("oneOf", "anyOf"):
+        if either in node:
+            return " or ".join(_type(branch) for branch in node[either])
+    kinds = node.get("type", "object" if "properties" in node else "any")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    names = {
+        "array": "list",
+        "object": "mapping",
+        "number": "number",
+        "integer": "integer",
+        "boolean": "boolean",
+        "string": "string",
+        "null": "null",
+    }
+    return " or ".join(names.get(k, k) for k in kinds)
+
+
+def _rows(node: dict[str, Any], key: str, root: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    if "$ref" in node:
+        yield key, "as `" + node["$ref"].removeprefix("#/properties/").replace("/properties/", ".") + "`", "", ""
+        return
+    children = node.get("properties")
+    if key and (node.get("description") or not children):
+        default = json.dumps(node["default"]) if "default" in node and node["default"] != {} else ""
+        yield key, _type(node), default, " ".join(node.get("description", "").split())
+    for name, child in (children or {}).items():
+        yield from _rows(child, _named(key, name), root)
+    entries = node.get("additionalProperties")
+    if isinstance(entries, dict) and ("properties" in entries or "$ref" in entries):
+        yield from _rows(entries, _named(key, "<name>"), root)
+    items = node.get("items")
+    if isinstance(items, dict) and "properties" in items:
+        yield from _rows(items, f"{key}[]", root)
+
+
+def describe(schema: dict[str, Any]) -> str:
+    """`config/README.md`: every key of the schema, its type, default and description."""
+    lines = [
+        "# Configuration keys",
+        "",
+        "Every key `config/schema.yaml` accepts, generated from it (`python -m sftpipe.config > config/README.md`;",
+        "tests/test_config.py checks this file is current). A config is checked against the schema before",
+        "anything runs; a key left out takes its default. `<name>` stands for a name of yours.",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{key}` | {kind} | {f'`{default}`' if default else ''} | {text.replace('|', chr(92) + '|')} |"
+        for key, kind, default, text in _rows(schema, "", schema)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(describe(load_schema()), end="")

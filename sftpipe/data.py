@@ -57,6 +57,7 @@ class DatasetSpec:
     def from_config(cls, name: str, cfg: dict[str, Any], *, template_required: bool = True) -> DatasetSpec:
         """The spec of `datasets.<name>`. The download stage, which gets the source keys alone (so a
         template edit never downloads again), passes `template_required=False`."""
+
         def where(key: str = "") -> str:
             return f"config key 'datasets.{name}{'.' if key else ''}{key}'"
 
@@ -106,7 +107,6 @@ class DatasetSpec:
             seed=cfg.get("seed", 0),
             builtin=builtin,
         )
-
 
     @property
     def from_hub(self) -> bool:
@@ -267,7 +267,9 @@ def _resolve_hub_revision(spec: DatasetSpec) -> str | None:
     try:
         return HfApi().dataset_info(spec.hub_id, revision=spec.revision).sha
     except RevisionNotFoundError:
-        raise PipelineError(f"config key 'datasets.{spec.name}.revision': '{spec.revision}' is not a revision of {spec.hub_id}") from None
+        raise PipelineError(
+            f"config key 'datasets.{spec.name}.revision': '{spec.revision}' is not a revision of {spec.hub_id}"
+        ) from None
     except (GatedRepoError, RepositoryNotFoundError) as err:  # the Hub answered: not for this user
         raise _hub_access_error(spec, err) from None
     except Exception as err:  # offline, or a local dataset directory: read what was asked for

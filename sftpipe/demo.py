@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def _instances(seed: int, reserved: bool) -> Iterator[tuple[str, str, str, list[
 def generate_demo_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
     """Instruction rows `{id, task, instruction, output}`, tasks interleaved evenly."""
     rows = []
-    for i, (task, instruction, answer, _) in zip(range(count), _instances(seed, reserved=False)):
+    for i, (task, instruction, answer, _) in enumerate(islice(_instances(seed, reserved=False), count)):
         rows.append({"id": f"demo-{i:06d}", "task": task, "instruction": instruction, "output": answer})
     return rows
 
@@ -132,7 +133,7 @@ def generate_demo_choice_rows(count: int, seed: int = 0) -> list[dict[str, Any]]
     """Multiple-choice rows `{id, task, question, choices, answer_index}` from the reserved instances."""
     rng = random.Random(seed + 1)
     rows = []
-    for i, (task, instruction, answer, distractors) in zip(range(count), _instances(seed, reserved=True)):
+    for i, (task, instruction, answer, distractors) in enumerate(islice(_instances(seed, reserved=True), count)):
         options = list(dict.fromkeys([answer, *distractors]))
         rng.shuffle(options)
         rows.append(

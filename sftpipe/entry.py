@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -58,10 +59,24 @@ def run_stage(smk: Any, stage: Callable[[], Any]) -> None:
             with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
                 stage()
         except PipelineError as err:
-            logging.getLogger("sftpipe").error("%s", err)
-            print(f"sftpipe error in rule {smk.rule}: {err}", file=sys.stderr)
+            message = name_experiment_keys(str(err), smk.config, getattr(smk.wildcards, "experiment", None))
+            logging.getLogger("sftpipe").error("%s", message)
+            print(f"sftpipe error in rule {smk.rule}: {message}", file=sys.stderr)
             sys.exit(1)
         except Exception:
             # A bug or an input no check foresaw: the traceback belongs in the rule's log too.
             logging.getLogger("sftpipe").exception("unexpected error in rule %s", smk.rule)
             raise
+
+
+def name_experiment_keys(message: str, config: dict[str, Any], experiment: str | None) -> str:
+    """`message` with every `config key '<section>.<key>...'` that experiment `experiment` sets itself
+    renamed to where it is set, `experiments.<experiment>.<section>.<key>...`: a stage sees the merged
+    settings, the user edits the override."""
+    override = (config.get("experiments") or {}).get(experiment) or {}
+
+    def where(match: re.Match) -> str:
+        section, key = match[1], match[2]
+        return f"config key 'experiments.{experiment}.{section}.{key}" if key in (override.get(section) or {}) else match[0]
+
+    return re.sub(r"config key '(\w+)\.(\w+)", where, message)

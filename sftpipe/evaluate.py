@@ -42,13 +42,13 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             pad_token_id=tokenizer.pad_token_id,
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        for i, text in zip(index, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+        for i, text in zip(index, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
             outputs[i] = text
         progress.update(len(index))
     return outputs
 
 
-def exact_match_eval(
+def evaluate_exact_match(
     model_dir: str | Path,
     test_path: str | Path,
     metrics_path: str | Path,
@@ -66,7 +66,7 @@ def exact_match_eval(
     model = load_model(model_dir, trust_remote_code).to(_device()).eval()
     predictions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
     scored = []
-    for row, prediction in zip(rows, predictions):
+    for row, prediction in zip(rows, predictions, strict=True):
         reference = row["completion"]
         scored.append(
             {
@@ -91,7 +91,9 @@ def exact_match_eval(
         "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit, "decoding": "greedy"},
     }
     write_json(metrics_path, metrics)
-    log.info("exact match: %.3f (normalized %.3f) on %d rows", metrics["exact_match"], metrics["normalized_exact_match"], len(scored))
+    log.info(
+        "exact match: %.3f (normalized %.3f) on %d rows", metrics["exact_match"], metrics["normalized_exact_match"], len(scored)
+    )
     return metrics
 
 
@@ -99,7 +101,7 @@ def _rates(scored: list[dict[str, Any]]) -> dict[str, float]:
     return {key: sum(s[key] for s in scored) / len(scored) for key in EXACT_MATCH_METRICS}
 
 
-def lm_eval_tasks(
+def evaluate_lm_harness(
     model_dir: str | Path,
     tasks: list[TaskSpec],
     out_path: str | Path,

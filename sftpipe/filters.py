@@ -117,7 +117,7 @@ def eval_references(tasks: Iterable[Any]) -> list[tuple[str, list[str]]]:
         task = build_task(manager, spec)
         docs = list(task.eval_docs)
         questions = _strip_common_affixes([words(str(task.doc_to_text(doc))) for doc in docs])
-        for index, (doc, question) in enumerate(zip(docs, questions)):
+        for index, (doc, question) in enumerate(zip(docs, questions, strict=True)):
             if task.OUTPUT_TYPE == "multiple_choice":
                 answers = [words(str(choice)) for choice in task.doc_to_choice(doc)]
             else:
@@ -175,7 +175,7 @@ def mix(rows: list[dict[str, Any]], weight: float | None, seed: str, split: Spli
 
 
 def filter_and_mix(
-    hydrated: dict[str, str | Path],
+    hydrated_paths: list[str | Path],
     weights: dict[str, float | None],
     out_path: str | Path,
     stats_path: str | Path,
@@ -184,14 +184,21 @@ def filter_and_mix(
     split: SplitSettings,
     eval_tasks: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """Filter each dataset (exact dedup, near dedup, decontamination), then mix them by weight."""
-    rows = {name: list(read_jsonl(path)) for name, path in sorted(hydrated.items())}
+    """Filter the hydrated rows of every dataset together (exact dedup, near dedup, decontamination),
+    then mix each dataset (the rows' `dataset`) by its weight."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for path in hydrated_paths:
+        for row in read_jsonl(path):
+            rows.setdefault(row["dataset"], []).append(row)
+    rows = {name: rows[name] for name in sorted(rows)}
     everything = [row for name in rows for row in rows[name]]
     removed: dict[str, dict[str, Any]] = {}
     if settings.exact_dedup:
         removed |= exact_duplicates(everything)
     if settings.near_dedup:
-        removed |= near_duplicates([r for r in everything if r["id"] not in removed], settings.near_dedup_threshold, settings.seed)
+        removed |= near_duplicates(
+            [r for r in everything if r["id"] not in removed], settings.near_dedup_threshold, settings.seed
+        )
     if settings.decontaminate:
         kept = [r for r in everything if r["id"] not in removed]
         references = eval_references(eval_tasks or [])
@@ -200,8 +207,8 @@ def filter_and_mix(
         # Train/validation rows that share content with held-out test rows would inflate exact match.
         remaining = [r for r in kept if r["id"] not in removed]
         in_test = [row_split(r, split) == "test" for r in remaining]
-        others = [r for r, test in zip(remaining, in_test) if not test]
-        held_out = [(r["id"], words(_content(r))) for r, test in zip(remaining, in_test) if test]
+        others = [r for r, test in zip(remaining, in_test, strict=True) if not test]
+        held_out = [(r["id"], words(_content(r))) for r, test in zip(remaining, in_test, strict=True) if test]
         for row_id, hit in contaminated(others, held_out, settings.ngram).items():
             removed[row_id] = {"reason": "test_overlap", **hit}
 

@@ -180,8 +180,6 @@ ALPACA_PREAMBLE_WITH_INPUT = (
 ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_BODY_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_BODY = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_WITH_INPUT = f"{ALPACA_PREAMBLE_WITH_INPUT}\n\n{ALPACA_BODY_WITH_INPUT}"
-ALPACA_NO_INPUT = f"{ALPACA_PREAMBLE}\n\n{ALPACA_BODY}"
 
 
 def _user_text(ex: Example) -> str:
@@ -190,7 +188,9 @@ def _user_text(ex: Example) -> str:
 
 def _single_turn(ex: Example, where: str, template: str) -> None:
     if ex.history:
-        raise PipelineError(f"{where}: the '{template}' template has no place for earlier turns; use 'chatml', 'chat' or 'guanaco'")
+        raise PipelineError(
+            f"{where}: the '{template}' template has no place for earlier turns; use 'chatml', 'chat' or 'guanaco'"
+        )
 
 
 def _system_first(ex: Example, prompt: str) -> str:
@@ -207,9 +207,7 @@ def render_alpaca(ex: Example, where: str, chat_template: Callable | None) -> tu
 
 def render_guanaco(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
     turns = [*ex.history, (_user_text(ex), None)]
-    prompt = "".join(
-        f"### Human: {user}### Assistant:" + ("" if reply is None else f" {reply}") for user, reply in turns
-    )
+    prompt = "".join(f"### Human: {user}### Assistant:" + ("" if reply is None else f" {reply}") for user, reply in turns)
     return _system_first(ex, prompt), f" {ex.output}"
 
 
@@ -276,10 +274,8 @@ class UserTemplate:
     """
 
     def __init__(self, dataset: str, templates: dict[str, str]) -> None:
-        from jinja2 import StrictUndefined, TemplateSyntaxError
+        from jinja2 import StrictUndefined, TemplateSyntaxError, meta
         from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        from jinja2 import meta
 
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, finalize=_printable)
         self.dataset = dataset
@@ -290,7 +286,9 @@ class UserTemplate:
                 self.templates[part] = env.from_string(templates[part])
                 self.fields[part] = sorted(meta.find_undeclared_variables(env.parse(templates[part])))
             except TemplateSyntaxError as err:
-                raise PipelineError(f"config key 'datasets.{dataset}.template.{part}': {err.message} (line {err.lineno})") from None
+                raise PipelineError(
+                    f"config key 'datasets.{dataset}.template.{part}': {err.message} (line {err.lineno})"
+                ) from None
 
     def render(self, row: dict[str, Any], where: str) -> tuple[str, str]:
         from jinja2 import TemplateError, UndefinedError

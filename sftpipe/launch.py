@@ -12,6 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
 from .artifacts import TrainSummary, read_history
 from .io import PipelineError
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .artifacts import TrainSummary, read_history
-from .io import PipelineError, atomic_path, read_json, write_json
-from .model import load_model, load_tokenizer
+from .io import PipelineError, read_json
+from .model import load_model, load_tokenizer, save_model_dir
 
 log = logging.getLogger("sftpipe")
 
@@ -27,8 +27,10 @@ def model_card(base_dir: str | Path, training: TrainSummary | None, dtype: str) 
         "---",
         "# Merged LoRA fine-tune (sftpipe)",
         "",
-        f"- base model: `{source.get('source', base_dir)}`" + (f" (revision `{source['revision']}`)" if source.get("revision") else ""),
-        f"- saved dtype: {dtype}; weights: safetensors; pad token `{source.get('pad_token')}` differs from EOS `{source.get('eos_token')}`",
+        f"- base model: `{source.get('source', base_dir)}`"
+        + (f" (revision `{source['revision']}`)" if source.get("revision") else ""),
+        f"- saved dtype: {dtype}; weights: safetensors; "
+        f"pad token `{source.get('pad_token')}` differs from EOS `{source.get('eos_token')}`",
     ]
     if training:
         lines += [
@@ -66,11 +68,7 @@ def merge_adapter(
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
     info = {"base": str(base_dir), "adapter": str(adapter_dir), "dtype": dtype}
-    with atomic_path(out_dir) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "sftpipe_merge.json", info)
-        training = read_history(history_path)[0] if history_path else None
-        (tmp / "README.md").write_text(model_card(base_dir, training, dtype), encoding="utf-8")
+    training = read_history(history_path)[0] if history_path else None
+    save_model_dir(out_dir, merged, tokenizer, {"sftpipe_merge.json": info, "README.md": model_card(base_dir, training, dtype)})
     log.info("merged %s into %s (%s)", adapter_dir, base_dir, dtype)
     return info

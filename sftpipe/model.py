@@ -6,11 +6,12 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .io import PipelineError, atomic_path, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("sftpipe")
 
@@ -53,15 +54,32 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs: 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """The model at `path`, in `dtype` (float32 unless given). torch is imported here, not by the
+    module: the workflow imports this module to plan jobs, and importing torch takes seconds."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
 
 
+def save_model_dir(out_dir: str | Path, model, tokenizer, files: dict[str, str | dict[str, Any]] | None = None) -> None:
+    """A model (or adapter) directory, whole or not at all: the weights as safetensors, the tokenizer,
+    and `files` beside them (a dict is written as JSON)."""
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, content in (files or {}).items():
+            if isinstance(content, dict):
+                write_json(tmp / name, content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
+
+
 def _from_gguf(name: str):
+    import torch
     from transformers import AutoModelForCausalLM
 
     directory, filename = _packaged_gguf(name)
@@ -79,6 +97,7 @@ def _from_gguf(name: str):
 
 def tiny_random_model(seed: int = 0):
     """A 2-layer Llama with the SmolLM2 tokenizer: real code paths in seconds, for smoke runs and tests."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory, filename = _packaged_gguf("smollm2-135m-instruct")
@@ -101,14 +120,13 @@ def tiny_random_model(seed: int = 0):
 
 def ensure_distinct_pad(model, tokenizer) -> None:
     """Give the tokenizer a pad token that is not EOS, so padding never masks the EOS the model must learn."""
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        pass
-    elif tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-        tokenizer.pad_token = tokenizer.unk_token
-    else:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+            if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+                model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -144,6 +162,7 @@ def materialize_base_model(source: ModelSource, out_dir: str | Path) -> dict[str
                 f"config key 'base_model.source': '{source.source}' is neither a local directory nor "
                 "'hub:<repo id>', 'packaged:<name>' or 'tiny-random'"
             )
+        import torch
         from transformers import AutoModelForCausalLM
 
         kwargs = {} if local else {"revision": source.revision}
@@ -160,9 +179,6 @@ def materialize_base_model(source: ModelSource, out_dir: str | Path) -> dict[str
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
     }
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "sftpipe_source.json", info)
+    save_model_dir(out_dir, model, tokenizer, {"sftpipe_source.json": info})
     log.info("base model %s: %s, %d parameters", source.source, info["architecture"], info["parameters"])
     return info

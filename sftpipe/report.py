@@ -79,9 +79,7 @@ def _fmt(value: float | None, stderr: float | None = None) -> str:
 
 def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td><pre>{html.escape(str(c))}</pre></td>" for c in row) + "</tr>" for row in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td><pre>{html.escape(str(c))}</pre></td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -118,7 +116,7 @@ def plot_loss_curves(log_history: list[dict[str, Any]], path: str | Path) -> Non
     for key, label in (("loss", "training"), ("eval_loss", "validation")):
         points = [(h["step"], h[key]) for h in log_history if key in h]
         if points:
-            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+            ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (completion tokens)")
     ax.legend()
@@ -165,7 +163,9 @@ def plot_token_lengths(stats: dict[str, Any], path: str | Path) -> None:
     _save_figure(fig, path)
 
 
-def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, setup: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_report(
+    experiment: str, inputs: ReportInputs, outputs: ReportOutputs, setup: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write every report artifact; return the JSON summary. `setup` records the experiment's
     datasets, base model and training settings (see `Experiment.describe`)."""
     harness = {v: read_json(inputs.lm_eval[v]) for v in VARIANTS}
@@ -188,7 +188,9 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, 
     lines += ["", "Per dataset (normalized exact match):", "", "| dataset | rows | base | tuned |", "|---|---|---|---|"]
     for name, base in em["base"]["per_dataset"].items():
         tuned = em["tuned"]["per_dataset"][name]
-        lines.append(f"| {name} | {base['rows']} | {base['normalized_exact_match']:.4f} | {tuned['normalized_exact_match']:.4f} |")
+        lines.append(
+            f"| {name} | {base['rows']} | {base['normalized_exact_match']:.4f} | {tuned['normalized_exact_match']:.4f} |"
+        )
     lines += ["", "## lm-evaluation-harness", ""]
     lines += [
         "| task | metric | base | tuned | delta | samples | few-shot | chat template | data |",
@@ -213,11 +215,28 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, 
     lines += ["", "## Data", "", "| dataset | source | rows | sha256 |", "|---|---|---|---|"]
     lines += [f"| {n} | {k} | {r} | `{h}` |" for n, k, r, h in data_rows]
     filter_headers = [
-        "dataset", "rows in", "exact dup", "near dup", "eval contamination", "test overlap", "after filters", "weight", "rows out",
+        "dataset",
+        "rows in",
+        "exact dup",
+        "near dup",
+        "eval contamination",
+        "test overlap",
+        "after filters",
+        "weight",
+        "rows out",
     ]
     filter_rows = [
-        [name, f["rows_in"], f["exact_duplicate"], f["near_duplicate"], f["eval_contamination"], f["test_overlap"],
-         f["rows_after_filters"], f["weight"] if f["weight"] is not None else "all", f["rows_out"]]
+        [
+            name,
+            f["rows_in"],
+            f["exact_duplicate"],
+            f["near_duplicate"],
+            f["eval_contamination"],
+            f["test_overlap"],
+            f["rows_after_filters"],
+            f["weight"] if f["weight"] is not None else "all",
+            f["rows_out"],
+        ]
         for name, f in filters["datasets"].items()
     ]
     lines += ["", "| " + " | ".join(filter_headers) + " |", "|" + "---|" * len(filter_headers)]
@@ -235,7 +254,7 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, 
     predictions = {v: list(read_jsonl(inputs.predictions[v]))[:SAMPLE_GENERATIONS] for v in VARIANTS}
     samples = [
         [b["id"], b["prompt"], b["reference"], b["prediction"], t["prediction"]]
-        for b, t in zip(predictions["base"], predictions["tuned"])
+        for b, t in zip(predictions["base"], predictions["tuned"], strict=True)
     ]
     _write_text(outputs.sample_generations, _html_page(_html_table(["id", "prompt", "reference", "base", "tuned"], samples)))
     _write_text(
@@ -246,7 +265,13 @@ def write_report(experiment: str, inputs: ReportInputs, outputs: ReportOutputs, 
             _html_table(["split", "rows", "tokens", "truncated", "dropped (too long)"], split_rows),
         ),
     )
-    summary = {"experiment": experiment, "setup": setup or {}, "exact_match": em_rows, "lm_eval": lm_rows, "training": training.to_json()}
+    summary = {
+        "experiment": experiment,
+        "setup": setup or {},
+        "exact_match": em_rows,
+        "lm_eval": lm_rows,
+        "training": training.to_json(),
+    }
     write_json(outputs.summary, summary)
     return summary
 
@@ -257,7 +282,7 @@ def comparison_rows(experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     settings = [e["setup"].get("train", {}) for e in experiments]
     varying = sorted({k for s in settings for k in s if len({repr(t.get(k)) for t in settings}) > 1})
     rows = []
-    for e, train in zip(experiments, settings):
+    for e, train in zip(experiments, settings, strict=True):
         em = {r["metric"]: r for r in e["exact_match"]}
         rows.append(
             {
@@ -285,9 +310,16 @@ def write_summary(report_summaries: list[str | Path], out_path: str | Path, comp
         return "n/a" if pair is None else f"{pair['base']:.4f} → {pair['tuned']:.4f}"
 
     table = [
-        [r["experiment"], r["base_model"], ", ".join(r["datasets"] or []),
-         ", ".join(f"{k}={v}" for k, v in r["train"].items()), _fmt(r["train_loss"]), _fmt(r["eval_loss"]),
-         base_to_tuned(r["exact_match"]), *(base_to_tuned(r["lm_eval"].get(m)) for m in metrics)]
+        [
+            r["experiment"],
+            r["base_model"],
+            ", ".join(r["datasets"] or []),
+            ", ".join(f"{k}={v}" for k, v in r["train"].items()),
+            _fmt(r["train_loss"]),
+            _fmt(r["eval_loss"]),
+            base_to_tuned(r["exact_match"]),
+            *(base_to_tuned(r["lm_eval"].get(m)) for m in metrics),
+        ]
         for r in rows
     ]
     _write_text(comparison_path, _html_page(_html_table(headers, table)))

@@ -159,7 +159,9 @@ def prepare_task_data(spec: TaskSpec, out_dir: str | Path, mirror_dir: str | Non
                     where.append(place)
                     yield row
 
-            count = write_jsonl(tmp / f"{split}.jsonl", located(), if_empty=f"lm-eval task '{spec.name}': split '{split}' has no rows")
+            count = write_jsonl(
+                tmp / f"{split}.jsonl", located(), if_empty=f"lm-eval task '{spec.name}': split '{split}' has no rows"
+            )
             locations[split] = where
             manifest["splits"][split] = {**source, "rows": count, "sha256": sha256_file(tmp / f"{split}.jsonl")}
             log.info("lm-eval task %s: %d %s rows from %s", spec.name, count, split, source["kind"])
@@ -180,7 +182,11 @@ def task_sources(names: list[str]) -> dict[str, dict[str, Any]]:
     from importlib.metadata import version
 
     package = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(PACKAGE_TASKS.glob("*.yaml")))).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sftpipe" / f"lm_eval-{version('lm_eval')}-{package}.json"
+    cache = (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "sftpipe"
+        / f"lm_eval-{version('lm_eval')}-{package}.json"
+    )
     try:
         known = read_json(cache)
     except (OSError, ValueError):
@@ -201,14 +207,20 @@ def task_sources(names: list[str]) -> dict[str, dict[str, Any]]:
 def mirror_files(name: str, num_fewshot: int, mirror_dir: str) -> list[Path]:
     """The mirror files the task's data would be prepared from."""
     source = task_sources([name])[name]
-    found = (mirror_location(Path(mirror_dir), source["dataset_path"], source["dataset_name"], split)
-             for split in needed_splits(source, num_fewshot))
+    found = (
+        mirror_location(Path(mirror_dir), source["dataset_path"], source["dataset_name"], split)
+        for split in needed_splits(source, num_fewshot)
+    )
     return [path for path in found if path is not None]
 
 
 # Which split each of a task's document lists comes from.
-DOCUMENT_ROLES = {"test_split": "test_docs", "validation_split": "validation_docs", "training_split": "training_docs",
-                  "fewshot_split": "fewshot_docs"}
+DOCUMENT_ROLES = {
+    "test_split": "test_docs",
+    "validation_split": "validation_docs",
+    "training_split": "training_docs",
+    "fewshot_split": "fewshot_docs",
+}
 
 
 def check_documents(task, config: dict[str, Any], locations: dict[str, list[str]]) -> int:
@@ -225,7 +237,7 @@ def check_documents(task, config: dict[str, Any], locations: dict[str, list[str]
         # process_docs maps row to document for the official tasks; otherwise say which document.
         if len(docs) != len(rows):
             rows, locations[split] = docs, [f"{split} document {i}" for i in range(len(docs))]
-        for place, doc, row in zip(locations[split], docs, rows):
+        for place, doc, row in zip(locations[split], docs, rows, strict=True):
             _check_document(task, doc, f"{place}: lm-eval task '{config['task']}'", row)
             checked += 1
     return checked

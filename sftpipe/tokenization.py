@@ -57,11 +57,14 @@ def _batches(paths: list[str | Path]) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
+OVERLONG = ("truncate", "drop")  # what happens to a row over max_length
+
+
 @dataclass(frozen=True)
 class LengthSettings:
     max_length: int = 512
     min_tokens: int = 1
-    overlong: str = "truncate"  # truncate | drop
+    overlong: str = "truncate"  # one of OVERLONG
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -94,11 +97,11 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[
     lead = _leading_special_tokens(tokenizer)
     if lead:
         lead_text = tokenizer.decode(lead)
-        prompts = [ids if text.startswith(lead_text) else lead + ids for ids, text in zip(prompts, texts)]
+        prompts = [ids if text.startswith(lead_text) else lead + ids for ids, text in zip(prompts, texts, strict=True)]
     completions = _encode(tokenizer, [r["completion"] for r in rows], add_special_tokens=False)
     eos = tokenizer.eos_token_id
     out: list[dict[str, Any] | None] = []
-    for row, prompt_ids, completion_ids in zip(rows, prompts, completions):
+    for row, prompt_ids, completion_ids in zip(rows, prompts, completions, strict=True):
         n_prompt = len(prompt_ids)
         if n_prompt >= max_length:
             out.append(None)
@@ -142,7 +145,7 @@ def _collect(
 ) -> None:
     """Apply the length filters and the split to one encoded batch, counting per split and per
     dataset within it, and write each kept row to its split."""
-    for row, encoded in zip(batch, encoded_batch):
+    for row, encoded in zip(batch, encoded_batch, strict=True):
         if row["id"] in seen:
             raise PipelineError(f"dataset '{row['dataset']}': row id '{row['id']}' appears twice")
         seen.add(row["id"])
@@ -231,8 +234,8 @@ def tokenize_and_split(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Write one token JSONL per split (`out_paths[split]`) and the stats; return the stats."""
-    if lengths.overlong not in ("truncate", "drop"):
-        raise PipelineError(f"config key 'data.overlong': '{lengths.overlong}' is not 'truncate' or 'drop'")
+    if lengths.overlong not in OVERLONG:
+        raise PipelineError(f"config key 'data.overlong': '{lengths.overlong}' is not one of {', '.join(OVERLONG)}")
     max_length = lengths.max_length
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

@@ -22,10 +22,10 @@ import torch
 
 from .artifacts import TrainSummary, write_history
 from .attention import use_attention
-from .io import PipelineError, Progress, atomic_path, read_json, read_jsonl, sha256_file
+from .io import PipelineError, Progress, read_json, read_jsonl, sha256_file
 from .launch import current_allocator
 from .loss import completion_loss
-from .model import load_model, load_tokenizer
+from .model import load_model, load_tokenizer, save_model_dir
 from .swiglu import use_lean_swiglu
 
 log = logging.getLogger("sftpipe")
@@ -249,7 +249,9 @@ class LoraRecipe:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(
-                self.job.base_dir, quantization_config=quantization, trust_remote_code=self.job.trust_remote_code,
+                self.job.base_dir,
+                quantization_config=quantization,
+                trust_remote_code=self.job.trust_remote_code,
                 use_safetensors=True,
             )
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
@@ -279,7 +281,9 @@ class LoraRecipe:
         settings = self.settings
         early_stopping = settings.early_stopping_patience is not None
         # Early stopping keeps the best checkpoint, so checkpoints must fall on evaluation steps.
-        save_steps = -(-settings.save_steps // settings.eval_steps) * settings.eval_steps if early_stopping else settings.save_steps
+        save_steps = (
+            -(-settings.save_steps // settings.eval_steps) * settings.eval_steps if early_stopping else settings.save_steps
+        )
         per_device = settings.batch_size // self.world_size
         args = SFTConfig(
             output_dir=str(self.checkpoints),
@@ -346,8 +350,14 @@ class LoraRecipe:
     def train(self) -> TrainSummary:
         trainer = self.trainer
         validation_rows = len(self.eval_set) if self.eval_set is not None else 0
-        log.info("training: %d train rows, %d validation rows, precision %s, attention %s, allocator %s",
-                 len(self.train_set), validation_rows, self.precision, self.attention, current_allocator())
+        log.info(
+            "training: %d train rows, %d validation rows, precision %s, attention %s, allocator %s",
+            len(self.train_set),
+            validation_rows,
+            self.precision,
+            self.attention,
+            current_allocator(),
+        )
         resume = last_complete_checkpoint(self.checkpoints, self.main_process)
         resumed_from = int(resume.name.removeprefix("checkpoint-")) if resume else 0
         if resume:
@@ -386,9 +396,7 @@ class LoraRecipe:
         """The adapter (safetensors) and the history, from the main process; then the checkpoints go."""
         if not self.main_process:
             return
-        with atomic_path(self.job.adapter_dir) as tmp:
-            self.trainer.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
+        save_model_dir(self.job.adapter_dir, self.trainer.model, self.tokenizer)
         write_history(self.job.history_path, summary, self.trainer.state.log_history)
         shutil.rmtree(self.job.work_dir, ignore_errors=True)
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import DOLPHIN_ROWS, GUANACO_ROWS, write_jsonl
+
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset, mirror_location
 from sftpipe.io import PipelineError, read_jsonl, sha256_file
 
@@ -53,7 +53,9 @@ def test_download_parquet_and_csv(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
     (tmp_path / "qa.csv").write_text("question,answer\n" + "".join(f"Q{i}?,A{i}\n" for i in range(5)))
     for suffix in ("parquet", "csv"):
-        _, raw, manifest = _download(tmp_path / suffix, "qa", {"format": "qa", "template": "qa", "path": str(tmp_path / f"qa.{suffix}")})
+        _, raw, manifest = _download(
+            tmp_path / suffix, "qa", {"format": "qa", "template": "qa", "path": str(tmp_path / f"qa.{suffix}")}
+        )
         assert list(read_jsonl(raw)) == rows
         assert manifest["rows"] == 5
 
@@ -117,10 +119,18 @@ def test_builtin_demo_dataset_needs_no_files(tmp_path):
         ("rows.jsonl", b"", "source .*rows.jsonl has no rows"),
         ("rows.jsonl", b'{"instruction": "caf\xe9", "output": "b"}\n', "rows.jsonl:1: not valid UTF-8"),
         ("rows.jsonl", b'["not an object"]\n', "rows.jsonl:1: expected a JSON object"),
-        ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n\n{"instruction": "x"}\n', r"rows.jsonl:3 .*missing field 'output'"),
+        (
+            "rows.jsonl",
+            b'{"instruction": "a", "output": "b"}\n\n{"instruction": "x"}\n',
+            r"rows.jsonl:3 .*missing field 'output'",
+        ),
         ("rows.jsonl", b'{"instruction": "x", "output": 3}\n', r"rows.jsonl:1 .*field 'output' must be a string, got int"),
         ("rows.json", b"  \n", "rows.json: empty file"),
-        ("rows.json", b'[{"instruction": "a",\n "output": "b"}, {"instruction": "x"}]', r"rows.json: element 1 .*missing field 'output'"),
+        (
+            "rows.json",
+            b'[{"instruction": "a",\n "output": "b"}, {"instruction": "x"}]',
+            r"rows.json: element 1 .*missing field 'output'",
+        ),
         ("rows.json", b'[{"instruction": "\xff", "output": "b"}]', "rows.json:1: not valid UTF-8"),
         ("rows.csv", b"instruction,output\na,b\nc,d,e\n", "rows.csv:3: more fields than the header's 2"),
         ("rows.csv", b"instruction,output\na,b\nc\n", "rows.csv:3: fewer fields than the header's 2"),
@@ -184,12 +194,17 @@ def test_row_ids_do_not_depend_on_position_or_collide_across_datasets(tmp_path):
 def test_templates_without_a_system_slot_keep_the_system_prompt(tmp_path):
     row = DOLPHIN_ROWS[1]
     alpaca = _hydrate(tmp_path, "d1", {"format": "dolphin", "template": "alpaca", "path": "x"}, [row])[0]
-    assert alpaca["prompt"] == "You are a helpful assistant who answers briefly.\n\n### Instruction:\nWhat is two plus two?\n\n### Response:\n"
+    assert (
+        alpaca["prompt"]
+        == "You are a helpful assistant who answers briefly.\n\n### Instruction:\nWhat is two plus two?\n\n### Response:\n"
+    )
     braces = {**row, "instruction": 'Reply as JSON: {"answer": 4}'}
     alpaca = _hydrate(tmp_path, "d3", {"format": "dolphin", "template": "alpaca", "path": "x"}, [braces])[0]
     assert alpaca["prompt"].startswith('Reply as JSON: {"answer": 4}\n\n### Instruction:\n')
     qa = _hydrate(tmp_path, "d2", {"format": "dolphin", "template": "qa", "path": "x"}, [row])[0]
-    assert qa["prompt"] == "You are a helpful assistant who answers briefly.\n\n### Question:\nWhat is two plus two?\n\n### Answer:"
+    assert (
+        qa["prompt"] == "You are a helpful assistant who answers briefly.\n\n### Question:\nWhat is two plus two?\n\n### Answer:"
+    )
     with pytest.raises(PipelineError, match="the 'qa' template has no place for earlier turns"):
         _hydrate(tmp_path, "g", {"format": "guanaco", "template": "qa", "path": "x"}, [GUANACO_ROWS[1]])
 
@@ -318,14 +333,18 @@ def test_url_that_does_not_answer_names_the_key(tmp_path, http_server):
 
 def test_user_jinja_template_renders_raw_fields(tmp_path):
     template = {"prompt": "Q: {{ question | trim }}\nA:", "completion": " {{ answer }}"}
-    hydrated = _hydrate(tmp_path, "qa", {"format": "qa", "template": template, "path": "x"}, [{"question": " Why? ", "answer": "Because."}])
+    hydrated = _hydrate(
+        tmp_path, "qa", {"format": "qa", "template": template, "path": "x"}, [{"question": " Why? ", "answer": "Because."}]
+    )
     assert (hydrated[0]["prompt"], hydrated[0]["completion"]) == ("Q: Why?\nA:", " Because.")
 
 
 def test_user_template_missing_field_names_template_field_and_row(tmp_path):
     template = {"prompt": "{{ question }} {{ context }}", "completion": "{{ answer }}"}
     rows = [{"question": "a", "context": "b", "answer": "c"}, {"question": "a", "answer": "c"}]
-    with pytest.raises(PipelineError, match=r"qa\.raw\.jsonl:2 .*template 'datasets\.qa\.template\.prompt': 'context' is undefined"):
+    with pytest.raises(
+        PipelineError, match=r"qa\.raw\.jsonl:2 .*template 'datasets\.qa\.template\.prompt': 'context' is undefined"
+    ):
         _hydrate(tmp_path, "qa", {"format": "qa", "template": template, "path": "x"}, rows)
     assert not (tmp_path / "qa.jsonl").exists()
 
@@ -341,14 +360,20 @@ def test_user_template_missing_field_names_template_field_and_row(tmp_path):
 )
 def test_user_template_type_errors_name_template_and_row(tmp_path, row, message):
     template = {"prompt": "{{ question }}{% if n is defined %}{{ n - 1 }}{% endif %}", "completion": "{{ answer }}"}
-    with pytest.raises(PipelineError, match=rf"u\.raw\.jsonl:1 \(dataset 'u'\): template 'datasets\.u\.template\.prompt': {message}"):
+    with pytest.raises(
+        PipelineError, match=rf"u\.raw\.jsonl:1 \(dataset 'u'\): template 'datasets\.u\.template\.prompt': {message}"
+    ):
         _hydrate(tmp_path, "u", {"template": template, "path": "x"}, [row])
 
 
 def test_user_template_reads_any_field_name_without_a_format(tmp_path):
     # `self` would clash with a keyword argument of Jinja's render(); the row goes in as one mapping.
-    hydrated = _hydrate(tmp_path, "u", {"template": {"prompt": "{{ ctx }}", "completion": "{{ ending }}"}, "path": "x"},
-                        [{"ctx": "Context", "ending": " end.", "self": "x"}])
+    hydrated = _hydrate(
+        tmp_path,
+        "u",
+        {"template": {"prompt": "{{ ctx }}", "completion": "{{ ending }}"}, "path": "x"},
+        [{"ctx": "Context", "ending": " end.", "self": "x"}],
+    )
     assert (hydrated[0]["prompt"], hydrated[0]["completion"]) == ("Context", " end.")
 
 
@@ -366,12 +391,24 @@ def test_user_template_syntax_error_names_the_key():
 @pytest.mark.parametrize(
     "row",
     [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
-                      {"role": "assistant", "content": "Goodbye."}]},
-        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                           {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Bye"},
-                           {"from": "gpt", "value": "Goodbye."}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye."},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello."},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Goodbye."},
+            ]
+        },
     ],
     ids=["openai", "sharegpt"],
 )
@@ -386,7 +423,16 @@ def test_chat_messages_formats_train_every_assistant_turn(tmp_path, tiny_model, 
 @pytest.mark.parametrize(
     ("fmt", "row"),
     [
-        ("messages", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]}),
+        (
+            "messages",
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Bye"},
+                ]
+            },
+        ),
         ("guanaco", {"text": "### Human: Hi### Assistant: Hello.### Human: Bye"}),
     ],
 )
@@ -397,8 +443,10 @@ def test_unanswered_last_user_turn_is_left_out_with_a_warning(tmp_path, caplog, 
     assert "chat.raw.jsonl:1 (dataset 'chat'): the last user turn has no answer to learn" in caplog.text
 
 
-@pytest.mark.parametrize(("fmt", "template"), [("alpaca", "alpaca"), ("dolphin", "chatml"), ("guanaco", "guanaco"),
-                                                ("messages", "chat"), ("qa", "qa"), ("text", "raw")])
+@pytest.mark.parametrize(
+    ("fmt", "template"),
+    [("alpaca", "alpaca"), ("dolphin", "chatml"), ("guanaco", "guanaco"), ("messages", "chat"), ("qa", "qa"), ("text", "raw")],
+)
 def test_a_format_without_a_template_takes_its_natural_one(fmt, template):
     assert DatasetSpec.from_config("mine", {"format": fmt, "path": "x"}).template == template
 

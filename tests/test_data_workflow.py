@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import GUANACO_ROWS, write_jsonl
-from sftpipe.data import DatasetSpec
 from workflow import snakemake, stray_files
+
+from sftpipe.data import DatasetSpec
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,14 @@ def test_bad_input_through_snakemake(tmp_path, http_server):
     good = json.dumps(ALPACA_ROW) + "\n"
     (fixtures / "malformed_json.jsonl").write_text(good + '{"instruction": "a", "output": \n' + good)
     write_jsonl(fixtures / "missing_field.jsonl", [ALPACA_ROW, {"instruction": "No answer here.", "input": ""}])
-    write_jsonl(fixtures / "wrong_type.jsonl", [ALPACA_ROW, ALPACA_ROW | {"instruction": "Add 40 and 2."}, {"instruction": "Six times seven?", "input": "", "output": 42}])
+    write_jsonl(
+        fixtures / "wrong_type.jsonl",
+        [
+            ALPACA_ROW,
+            ALPACA_ROW | {"instruction": "Add 40 and 2."},
+            {"instruction": "Six times seven?", "input": "", "output": 42},
+        ],
+    )
     (fixtures / "empty_file.jsonl").write_bytes(b"")
     write_jsonl(fixtures / "unknown_field.jsonl", [ALPACA_ROW])
     (fixtures / "non_utf8.jsonl").write_bytes(good.encode() + b'{"instruction": "Caf\xe9?", "input": "", "output": "Yes."}\n')
@@ -73,12 +80,20 @@ def test_bad_input_through_snakemake(tmp_path, http_server):
             for name in ("malformed_json", "missing_field", "wrong_type", "empty_file", "non_utf8")
         },
         "unknown_field": {"format": "alpaca", "template": user_template, "path": "fixtures/unknown_field.jsonl"},
-        "sha_mismatch": {"preset": "alpaca", "url": f"{http_server}/lamini_docs/lamini_docs.jsonl", "sha256": "0" * 64, "limit": 5},
+        "sha_mismatch": {
+            "preset": "alpaca",
+            "url": f"{http_server}/lamini_docs/lamini_docs.jsonl",
+            "sha256": "0" * 64,
+            "limit": 5,
+        },
     }
     config = {"experiment": "bad", "base_model": {"name": "tiny", "source": "tiny-random"}, "datasets": datasets}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
 
-    targets = [f"results/data/hydrated/{DatasetSpec.from_config(name, cfg).renderer('tiny')}/{name}.jsonl" for name, cfg in datasets.items()]
+    targets = [
+        f"results/data/hydrated/{DatasetSpec.from_config(name, cfg).renderer('tiny')}/{name}.jsonl"
+        for name, cfg in datasets.items()
+    ]
     result = snakemake(tmp_path, *targets, "--keep-going", "--cores", "2", "--configfile", "bad.yaml", check=False)
     assert result.returncode != 0
 
@@ -140,7 +155,12 @@ CHAT_ROWS = [
         ]
     },
     # An ARC-Challenge test question planted in training data: decontamination must remove it.
-    {"messages": [{"role": "user", "content": ARC_QUESTION}, {"role": "assistant", "content": "Planetary days will become shorter."}]},
+    {
+        "messages": [
+            {"role": "user", "content": ARC_QUESTION},
+            {"role": "assistant", "content": "Planetary days will become shorter."},
+        ]
+    },
 ]
 LAMINI_TEMPLATE = {"prompt": "### Question:\n{{ question }}\n\n### Answer:", "completion": "{{ answer }}"}
 LAMINI_RENDERER = DatasetSpec.from_config("lamini", {"format": "qa", "template": LAMINI_TEMPLATE, "path": "x"}).renderer("tiny")
@@ -358,4 +378,3 @@ def test_a_stage_killed_mid_write_leaves_nothing_after_the_rerun(tmp_path, share
     snakemake(tmp_path, target, "--cores", "1", "--configfile", "killed.yaml")
     assert not stray_files(tmp_path / "results"), stray_files(tmp_path / "results")
     assert json.loads((tokenized / "stats.json").read_text())["train"]["rows"] > 0
-

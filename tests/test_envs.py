@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 # Needed at run time without being imported by name: transformers reads GGUF files through gguf
@@ -86,9 +85,21 @@ def planned_code_inputs() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for config in ("config.yaml", "demo.yaml"):
         plan = subprocess.run(
-            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "-d", tempfile.mkdtemp(),
-             "--configfile", str(REPO / "config" / config)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-s",
+                str(REPO / "Snakefile"),
+                "-n",
+                "-d",
+                tempfile.mkdtemp(),
+                "--configfile",
+                str(REPO / "config" / config),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         plan = plan.stdout + plan.stderr
         for rule, inputs in re.findall(r"^(?:local)?rule (\w+):\n    input: (.*)$", plan, re.M):
@@ -125,9 +136,21 @@ RULES = rules()
 
 def test_every_rule_is_found():
     listed = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", tempfile.mkdtemp(), "--list-rules",
-         "--configfile", str(REPO / "config" / "demo.yaml")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            tempfile.mkdtemp(),
+            "--list-rules",
+            "--configfile",
+            str(REPO / "config" / "demo.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     # Every rule Snakemake knows but the target rule runs a script, and each is checked below.
     assert sorted(r["name"] for r in RULES) == sorted(set(listed) - {"all"})

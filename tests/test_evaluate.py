@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import prepared, write_jsonl
-from sftpipe.evaluate import exact_match_eval, generate_greedy, lm_eval_tasks
+
+from sftpipe.evaluate import evaluate_exact_match, evaluate_lm_harness, generate_greedy
 from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.metrics import normalize_answer, token_f1
 from sftpipe.model import load_model, load_tokenizer
@@ -58,10 +58,10 @@ def test_exact_match_scores_predictions_against_references(tmp_path, tiny_model)
     # normalized match but never a strict one.
     worded = next(i for i, o in enumerate(outputs) if normalize_answer(o) and o.upper() != o)
     cases = [(prompts[0], outputs[0]), (prompts[worded], outputs[worded].upper() + "!"), (prompts[2], "definitely not this")]
-    test = write_jsonl(tmp_path / "test.jsonl", [
-        {"id": str(i), "dataset": "d", "prompt": p, "completion": r} for i, (p, r) in enumerate(cases)
-    ])
-    metrics = exact_match_eval(tiny_model, test, tmp_path / "m.json", tmp_path / "p.jsonl", max_new_tokens=6, batch_size=2)
+    test = write_jsonl(
+        tmp_path / "test.jsonl", [{"id": str(i), "dataset": "d", "prompt": p, "completion": r} for i, (p, r) in enumerate(cases)]
+    )
+    metrics = evaluate_exact_match(tiny_model, test, tmp_path / "m.json", tmp_path / "p.jsonl", max_new_tokens=6, batch_size=2)
     predictions = list(read_jsonl(tmp_path / "p.jsonl"))
     assert [p["prediction"] for p in predictions] == [outputs[0], outputs[worded], outputs[2]]
     assert [p["exact_match"] for p in predictions] == [True, False, False]
@@ -73,7 +73,7 @@ def test_exact_match_scores_predictions_against_references(tmp_path, tiny_model)
 def test_empty_test_split_is_an_error(tmp_path, tiny_model):
     (tmp_path / "test.jsonl").write_text("")
     with pytest.raises(PipelineError, match="test_fraction"):
-        exact_match_eval(tiny_model, tmp_path / "test.jsonl", tmp_path / "m.json", tmp_path / "p.jsonl")
+        evaluate_exact_match(tiny_model, tmp_path / "test.jsonl", tmp_path / "m.json", tmp_path / "p.jsonl")
     assert not (tmp_path / "m.json").exists()
 
 
@@ -107,11 +107,13 @@ def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_dat
     tasks = [
         prepared(TaskSpec("arc_easy", limit=8, data_files={"test": str(arc / "ARC-Easy-test.jsonl")}), tmp_path / "arc_easy"),
         prepared(
-            TaskSpec("hellaswag", limit=8, data_files={"validation": str(shared_data / "hellaswag" / "hellaswag_val_sample1000.jsonl")}),
+            TaskSpec(
+                "hellaswag", limit=8, data_files={"validation": str(shared_data / "hellaswag" / "hellaswag_val_sample1000.jsonl")}
+            ),
             tmp_path / "hellaswag",
         ),
     ]
-    summary = lm_eval_tasks(tiny_model, tasks, tmp_path / "lm_eval.json", batch_size=8)
+    summary = evaluate_lm_harness(tiny_model, tasks, tmp_path / "lm_eval.json", batch_size=8)
     for spec in tasks:
         result = summary["tasks"][spec.name]
         # The scores of the model we pointed it at, on the local data we gave it, and no other.
@@ -133,27 +135,52 @@ def test_arc_easy_accuracy_equals_the_lm_eval_cli(tmp_path, tiny_model, shared_d
 
     test_file = str(shared_data / "arc" / "hf_schema" / "ARC-Easy-test.jsonl")
     spec = prepared(TaskSpec("arc_easy", limit=24, data_files={"test": test_file}), tmp_path / "arc_easy")
-    ours = lm_eval_tasks(tiny_model, [spec], tmp_path / "ours.json", batch_size=8)
+    ours = evaluate_lm_harness(tiny_model, [spec], tmp_path / "ours.json", batch_size=8)
     ours = ours["tasks"]["arc_easy"]["metrics"]
 
     # The CLI's own task: the official arc_easy YAML, included unchanged, reading the same local file.
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "arc_easy_cli.yaml").write_text(yaml.safe_dump({
-        "include": str(task_manager(("arc_easy",)).task_index["arc_easy"].yaml_path),
-        "task": "arc_easy_cli",
-        "tag": [],
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"test": test_file}},
-        "training_split": None,
-        "validation_split": None,
-    }))
+    (tasks / "arc_easy_cli.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "include": str(task_manager(("arc_easy",)).task_index["arc_easy"].yaml_path),
+                "task": "arc_easy_cli",
+                "tag": [],
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {"test": test_file}},
+                "training_split": None,
+                "validation_split": None,
+            }
+        )
+    )
     cli = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_model},dtype=float32",
-         "--tasks", "arc_easy_cli", "--include_path", str(tasks), "--limit", "24", "--batch_size", "8",
-         "--device", "cpu", "--output_path", str(tmp_path / "cli")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={tiny_model},dtype=float32",
+            "--tasks",
+            "arc_easy_cli",
+            "--include_path",
+            str(tasks),
+            "--limit",
+            "24",
+            "--batch_size",
+            "8",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     printed = {}
     for line in cli.stdout.splitlines():

@@ -48,3 +48,28 @@ def test_experiments_override_datasets_model_and_single_training_keys():
 def test_config_errors_name_the_key(extra, message):
     with pytest.raises(PipelineError, match=message):
         expand_experiments(config(**extra))
+
+
+def test_a_stage_error_names_the_experiment_key_the_user_set(tmp_path, capsys):
+    """A job sees an experiment's merged settings; its error names the key where the user set it."""
+    from types import SimpleNamespace
+
+    from sftpipe.entry import run_stage
+
+    def failing():
+        raise PipelineError("config key 'train.precision': fp16 needs CUDA")
+
+    config_with_sweep = config(experiments={"gpu": {"train": {"precision": "fp16"}}, "plain": {}})
+    for experiment, expected in (("gpu", "experiments.gpu.train.precision"), ("plain", "train.precision")):
+        smk = SimpleNamespace(
+            rule="train_lora",
+            threads=1,
+            log=[str(tmp_path / f"{experiment}.log")],
+            config=config_with_sweep,
+            wildcards=SimpleNamespace(experiment=experiment),
+        )
+        with pytest.raises(SystemExit) as stopped:
+            run_stage(smk, failing)
+        assert stopped.value.code == 1
+        assert f"sftpipe error in rule train_lora: config key '{expected}': fp16 needs CUDA" in capsys.readouterr().err
+        assert f"config key '{expected}'" in (tmp_path / f"{experiment}.log").read_text()

@@ -3,32 +3,48 @@
 import json
 
 import pytest
-
 from conftest import prepared, write_jsonl
-from sftpipe.tasks import TaskSpec
+
 from sftpipe.filters import FilterSettings, filter_and_mix, mix, words
-from sftpipe.formats import ALPACA_NO_INPUT
+from sftpipe.formats import TEMPLATES, Example
 from sftpipe.io import read_jsonl
+from sftpipe.tasks import TaskSpec
 from sftpipe.tokenization import SplitSettings, row_split
 
 
 def _alpaca_rows(shared_data, n):
     raw = json.loads((shared_data / "alpaca" / "alpaca_5000.json").read_text())[:n]
-    return [_alpaca_row(f"alpaca-{i}", r["instruction"] + (" " + r["input"] if r["input"] else ""), r["output"]) for i, r in enumerate(raw)]
+    return [
+        _alpaca_row(f"alpaca-{i}", r["instruction"] + (" " + r["input"] if r["input"] else ""), r["output"])
+        for i, r in enumerate(raw)
+    ]
 
 
 def _alpaca_row(row_id, instruction, output):
     return {
-        "id": row_id, "source_id": row_id, "dataset": "alpaca", "prompt": ALPACA_NO_INPUT.format(instruction=instruction),
-        "completion": output, "content": f"{instruction}\n{output}",
+        "id": row_id,
+        "source_id": row_id,
+        "dataset": "alpaca",
+        "prompt": TEMPLATES["alpaca"](Example(instruction, ""), "", None)[0],
+        "completion": output,
+        "content": f"{instruction}\n{output}",
     }
 
 
-def _run(tmp_path, datasets, weights=None, settings=FilterSettings(), tasks=None):
-    paths = {name: write_jsonl(tmp_path / f"{name}.hydrated.jsonl", rows) for name, rows in datasets.items()}
+DEFAULT_FILTERS = FilterSettings()
+
+
+def _run(tmp_path, datasets, weights=None, settings=DEFAULT_FILTERS, tasks=None):
+    paths = [write_jsonl(tmp_path / f"{name}.hydrated.jsonl", rows) for name, rows in datasets.items()]
     stats = filter_and_mix(
-        paths, weights or {}, tmp_path / "mixed.jsonl", tmp_path / "filters.json", tmp_path / "removed.jsonl",
-        settings, SplitSettings(0.1, 0.1, 0), tasks or [],
+        paths,
+        weights or {},
+        tmp_path / "mixed.jsonl",
+        tmp_path / "filters.json",
+        tmp_path / "removed.jsonl",
+        settings,
+        SplitSettings(0.1, 0.1, 0),
+        tasks or [],
     )
     return stats, list(read_jsonl(tmp_path / "mixed.jsonl")), list(read_jsonl(tmp_path / "removed.jsonl"))
 
@@ -51,7 +67,9 @@ def test_every_turn_of_a_conversation_survives_near_dedup(tmp_path):
     from sftpipe.data import DatasetSpec, hydrate_dataset
 
     answer = " ".join(f"Step {i}: mix the flour, the water and the salt, then knead for a minute." for i in range(12))
-    conversation = {"text": f"### Human: How do I make bread dough?### Assistant: {answer}### Human: Thanks!### Assistant: Enjoy."}
+    conversation = {
+        "text": f"### Human: How do I make bread dough?### Assistant: {answer}### Human: Thanks!### Assistant: Enjoy."
+    }
     raw = write_jsonl(tmp_path / "raw.jsonl", [conversation])
     hydrate_dataset(DatasetSpec.from_config("guanaco", {"preset": "guanaco"}), raw, tmp_path / "guanaco.jsonl")
     turns = list(read_jsonl(tmp_path / "guanaco.jsonl"))
@@ -140,15 +158,33 @@ def test_mixing_fraction_count_and_upsampling():
 
 
 def test_mixing_ratios_across_datasets(tmp_path):
-    a = [{"id": f"a{i}", "source_id": f"a{i}", "dataset": "a", "prompt": f"alpha question {i} " * 3, "completion": f"answer {i}"} for i in range(40)]
-    b = [{"id": f"b{i}", "source_id": f"b{i}", "dataset": "b", "prompt": f"beta prompt number {i} " * 3, "completion": f"reply {i}"} for i in range(10)]
+    a = [
+        {"id": f"a{i}", "source_id": f"a{i}", "dataset": "a", "prompt": f"alpha question {i} " * 3, "completion": f"answer {i}"}
+        for i in range(40)
+    ]
+    b = [
+        {
+            "id": f"b{i}",
+            "source_id": f"b{i}",
+            "dataset": "b",
+            "prompt": f"beta prompt number {i} " * 3,
+            "completion": f"reply {i}",
+        }
+        for i in range(10)
+    ]
     settings = FilterSettings(near_dedup=False, decontaminate=False)
     stats, mixed, _ = _run(tmp_path, {"a": a, "b": b}, weights={"a": 0.25, "b": 30}, settings=settings)
     counts = {name: sum(r["dataset"] == name for r in mixed) for name in ("a", "b")}
     assert counts == {"a": 10, "b": 30}
     assert stats["datasets"]["b"] == {
-        "rows_in": 10, "exact_duplicate": 0, "near_duplicate": 0, "eval_contamination": 0, "test_overlap": 0,
-        "rows_after_filters": 10, "weight": 30, "rows_out": 30,
+        "rows_in": 10,
+        "exact_duplicate": 0,
+        "near_duplicate": 0,
+        "eval_contamination": 0,
+        "test_overlap": 0,
+        "rows_after_filters": 10,
+        "weight": 30,
+        "rows_out": 30,
     }
 
 
@@ -161,10 +197,9 @@ def test_everything_filtered_is_an_error_and_leaves_no_mixture(tmp_path):
 
 @pytest.mark.parametrize(("weight", "valid"), [(0.25, True), (1, True), (3000, True), (1.5, False), (0, False), (2.0, True)])
 def test_weight_is_a_fraction_or_a_whole_row_count(weight, valid):
+    from conftest import REPO
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
-
-    from conftest import REPO
 
     config = {
         "experiment": "x",

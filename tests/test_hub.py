@@ -22,10 +22,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-
 from conftest import REPO
-from sftpipe.io import read_jsonl
 from workflow import HF_TOKEN
+
+from sftpipe.io import read_jsonl
 
 HUB_ID = "acme/gated-rows"
 COMMIT = "5eed0fc0ffee5eed0fc0ffee5eed0fc0ffee5eed"  # what `main` points at on the fake Hub

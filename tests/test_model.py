@@ -44,7 +44,7 @@ def test_packaged_gguf_becomes_a_plain_model(tmp_path):
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
     )
     inputs = tokenizer(prompt, return_tensors="pt")
-    answer = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    answer = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert "Paris" in tokenizer.decode(answer)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 from workflow import HF_TOKEN, concurrency, planned_jobs, snakemake, stray_files
 
@@ -45,7 +44,9 @@ def test_every_stage_wrote_its_artifacts(workdir):
         assert set(lm["tasks"]) == {"arc_easy", "arc_challenge", "hellaswag"}
         # Where each task's data came from: the mirror, or the user's own file (arc_challenge's).
         assert {name: t["data"] for name, t in lm["tasks"].items()} == {
-            "arc_easy": {"test": "mirror"}, "arc_challenge": {"test": "local"}, "hellaswag": {"validation": "mirror"},
+            "arc_easy": {"test": "mirror"},
+            "arc_challenge": {"test": "local"},
+            "hellaswag": {"validation": "mirror"},
         }
     for variant in ("base", "tuned"):
         em = json.loads((results / "eval" / "smoke" / variant / "exact_match.json").read_text())
@@ -109,6 +110,43 @@ def test_changing_a_training_setting_reruns_training_but_not_data(workdir):
     assert not {"download_dataset", "hydrate_dataset", "tokenize_and_split", "materialize_base_model"} & set(jobs)
 
 
+DATA_AND_TRAINING = {
+    "materialize_base_model",
+    "download_dataset",
+    "hydrate_dataset",
+    "prepare_eval_data",
+    "filter_and_mix",
+    "tokenize_and_split",
+    "train_lora",
+    "merge_adapter",
+}
+
+
+def test_editing_a_metric_reruns_evaluation_and_reports_only(workdir):
+    import os
+    import time
+
+    metrics = REPO / "sftpipe" / "metrics.py"
+    times = os.stat(metrics)
+    try:
+        edited = time.time() + 60  # as an edit would leave it: newer than every output
+        os.utime(metrics, (edited, edited))
+        jobs = planned_jobs(workdir, workdir / "smoke.yaml")
+    finally:
+        os.utime(metrics, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert jobs.get("evaluate_exact_match") == 4 and jobs.get("report") == 2, jobs
+    assert not DATA_AND_TRAINING & set(jobs), jobs
+
+
+@pytest.mark.parametrize("change", [{"allocator": "system"}, {"processes": 2}, {"gpus": 2}])
+def test_how_training_runs_is_no_reason_to_train_again(workdir, change):
+    config = yaml.safe_load((workdir / "smoke.yaml").read_text())
+    config["train"].update(change)
+    changed = workdir / "smoke-execution.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    assert planned_jobs(workdir, changed) == {}
+
+
 def test_changing_one_experiment_reruns_only_that_experiment(workdir):
     config = yaml.safe_load((workdir / "smoke.yaml").read_text())
     config["experiments"]["smoke-r4"]["train"]["lora_r"] = 2
@@ -146,8 +184,16 @@ def test_sweep_shares_stages_runs_data_jobs_in_parallel_and_one_gpu_job_at_a_tim
 def test_default_config_dry_run_lists_every_stage(tmp_path):
     jobs = planned_jobs(tmp_path, REPO / "config" / "config.yaml")
     for rule in (
-        "materialize_base_model", "download_dataset", "hydrate_dataset", "filter_and_mix", "tokenize_and_split", "train_lora",
-        "merge_adapter", "evaluate_lm_harness", "evaluate_exact_match", "report",
+        "materialize_base_model",
+        "download_dataset",
+        "hydrate_dataset",
+        "filter_and_mix",
+        "tokenize_and_split",
+        "train_lora",
+        "merge_adapter",
+        "evaluate_lm_harness",
+        "evaluate_exact_match",
+        "report",
     ):
         assert rule in jobs, rule
     assert jobs["download_dataset"] == 3
@@ -177,16 +223,28 @@ def _sweep(config, experiments):
 @pytest.mark.parametrize(
     ("edit", "problems"),
     [
-        (lambda c: c["train"].update(lora_rank=4, learning_rate="fast"),
-         ["config key 'train.learning_rate': 'fast' is not a number",
-          "config key 'train.lora_rank': unknown key (did you mean lora_r?)"]),
-        (lambda c: _sweep(c, {"fast": {"train": {"learning_rate": 1e-3}}, "broken": {"train": {"lora_r": "big"}}}),
-         ["config key 'experiments.broken.train.lora_r': 'big' is not an integer"]),
-        (lambda c: c["datasets"]["demo"].update(preset="alpacca"),
-         ["config key 'datasets.demo.preset': 'alpacca' is not one of alpaca, dolphin, guanaco, lamini_docs, "
-          "sftpipe_demo (did you mean alpaca?)"]),
-        (lambda c: c["datasets"]["demo"].update(hub_id="acme/rows", url="https://example.org/rows.jsonl"),
-         ["config key 'datasets.demo': give one source, not 'hub_id' and 'url'"]),
+        (
+            lambda c: c["train"].update(lora_rank=4, learning_rate="fast"),
+            [
+                "config key 'train.learning_rate': 'fast' is not a number",
+                "config key 'train.lora_rank': unknown key (did you mean lora_r?)",
+            ],
+        ),
+        (
+            lambda c: _sweep(c, {"fast": {"train": {"learning_rate": 1e-3}}, "broken": {"train": {"lora_r": "big"}}}),
+            ["config key 'experiments.broken.train.lora_r': 'big' is not an integer"],
+        ),
+        (
+            lambda c: c["datasets"]["demo"].update(preset="alpacca"),
+            [
+                "config key 'datasets.demo.preset': 'alpacca' is not one of alpaca, dolphin, guanaco, lamini_docs, "
+                "sftpipe_demo (did you mean alpaca?)"
+            ],
+        ),
+        (
+            lambda c: c["datasets"]["demo"].update(hub_id="acme/rows", url="https://example.org/rows.jsonl"),
+            ["config key 'datasets.demo': give one source, not 'hub_id' and 'url'"],
+        ),
     ],
     ids=["top-level train keys", "an experiment's train override", "unknown preset", "two sources"],
 )
@@ -201,9 +259,7 @@ def test_bad_input_fails_the_rule_with_file_and_line_and_leaves_no_artifact(tmp_
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     config["datasets"] = {"broken": {"preset": "alpaca", "path": "broken.jsonl"}}
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(
-        tmp_path, "results/data/raw/broken.jsonl", "--cores", "1", "--configfile", "broken.yaml", check=False
-    )
+    result = snakemake(tmp_path, "results/data/raw/broken.jsonl", "--cores", "1", "--configfile", "broken.yaml", check=False)
     assert result.returncode != 0
     log = (tmp_path / "results" / "logs" / "download_dataset" / "broken.log").read_text()
     assert "broken.jsonl:2: malformed JSON" in log
@@ -212,3 +268,12 @@ def test_bad_input_fails_the_rule_with_file_and_line_and_leaves_no_artifact(tmp_
     assert not (tmp_path / "results" / "data" / "raw" / "broken.jsonl").exists()
     assert not (tmp_path / "results" / "data" / "raw" / "broken.manifest.json").exists()
     assert not stray_files(tmp_path / "results"), stray_files(tmp_path / "results")
+
+
+def test_the_dot_test_config_runs_end_to_end(tmp_path):
+    """`.test/config/config.yaml`, the workflow's own test, needs nothing outside the repository."""
+    snakemake(tmp_path, "--cores", "2", "--resources", "gpu=1", "--configfile", str(REPO / ".test" / "config" / "config.yaml"))
+    summary = json.loads((tmp_path / "results" / "report" / "dot-test.json").read_text())
+    assert summary["training"]["steps"] == 4
+    assert {row["metric"] for row in summary["exact_match"]} == {"exact_match", "normalized_exact_match", "token_f1"}
+    assert [row["task"] for row in summary["lm_eval"]] == ["sftpipe_demo_mc", "sftpipe_demo_mc"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -57,8 +56,11 @@ def workspace(tmp_path_factory, sweep_run) -> Path:
             dataset["path"] = str(sweep_run[0] / dataset["path"])
     (work / "my.yaml").write_text(yaml.safe_dump(mine))
     smoke = sweep_run[0] / "results"
-    for demo, tiny in (("models/merged/demo", "models/merged/smoke"), ("models/base/smollm2-135m-instruct", "models/base/tiny"),
-                       ("train/demo/adapter", "train/smoke/adapter")):
+    for demo, tiny in (
+        ("models/merged/demo", "models/merged/smoke"),
+        ("models/base/smollm2-135m-instruct", "models/base/tiny"),
+        ("train/demo/adapter", "train/smoke/adapter"),
+    ):
         (work / "results" / demo).parent.mkdir(parents=True, exist_ok=True)
         (work / "results" / demo).symlink_to(smoke / tiny)
     return work
@@ -101,8 +103,22 @@ def check(command: list[str], workspace: Path, sweep: Path, tmp_path: Path) -> s
     if head == ".venv/bin/snakemake" and "--report" in command:
         # A report needs finished results: the smoke sweep's, under its own (tiny) config.
         report = command[command.index("--report") + 1]
-        run([sys.executable, "-m", "snakemake", "-s", str(workspace / "Snakefile"), "-d", str(sweep),
-             "--report", report, "--configfile", str(sweep / "smoke.yaml")], sweep)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-s",
+                str(workspace / "Snakefile"),
+                "-d",
+                str(sweep),
+                "--report",
+                report,
+                "--configfile",
+                str(sweep / "smoke.yaml"),
+            ],
+            sweep,
+        )
         assert (sweep / report).stat().st_size > 0
         return "on the smoke sweep"
     if head == ".venv/bin/snakemake":

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, unavailable
 from workflow import smoke_config, snakemake
 
@@ -22,8 +21,14 @@ GPU_RULES = {"train_lora", "evaluate_lm_harness", "evaluate_base_lm_harness", "e
 
 
 def cluster(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout, check=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        ["bash", str(CLUSTER), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +58,25 @@ def slurm_run(slurm, tmp_path_factory, shared_data) -> tuple[Path, str]:
     # No HF_*_OFFLINE here: compute jobs must go offline by themselves.
     result = snakemake(
         work,
-        "--profile", str(REPO / "profiles" / "slurm"),
-        "--configfile", "smoke.yaml",
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        "--configfile",
+        "smoke.yaml",
         # What a one-node test cluster needs on top of the profile: squeue for job status (no
         # slurmdbd here), status checks soon after submission, jobs sized to the node's 2 CPUs.
-        "--slurm-status-command", "squeue",
-        "--slurm-init-seconds-before-status-checks", "2",
-        "--max-threads", "2",
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--max-threads",
+        "2",
         # A training job holding two GPUs runs two DDP processes (gloo here: the GPUs have no device).
-        "--set-resources", "train_lora:gpu=2",
-        "--latency-wait", "5",
-        "--retries", "0",
+        "--set-resources",
+        "train_lora:gpu=2",
+        "--latency-wait",
+        "5",
+        "--retries",
+        "0",
         env={**slurm, "HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None},
     )
     return work, result.stderr
@@ -74,7 +87,10 @@ def slurm_jobs(log: str, env: dict[str, str]) -> dict[str, list[str]]:
     [run_id] = set(re.findall(r"SLURM run ID: ([\w-]+)", log))
     listing = subprocess.run(
         ["squeue", "-h", "-t", "all", "--name", run_id, "-o", "%i %k"],
-        capture_output=True, text=True, check=True, env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
     ).stdout
     jobs: dict[str, list[str]] = {}
     # The plugin comments each job with rule_<rule>[_wildcards_<values>].
@@ -85,8 +101,9 @@ def slurm_jobs(log: str, env: dict[str, str]) -> dict[str, list[str]]:
 
 def job_record(job_id: str, env: dict[str, str]) -> str:
     """SLURM's one-line record of a job (state, TRES requested, ...)."""
-    return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                          check=True, env={**os.environ, **env}).stdout
+    return subprocess.run(
+        ["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    ).stdout
 
 
 def test_every_compute_job_ran_as_a_slurm_job(slurm_run, slurm):
@@ -138,6 +155,8 @@ def test_slurm_artifacts_equal_the_local_run(slurm_run, sweep_run):
     for path in ("eval/base_model/tiny/lm_eval.json", "eval/smoke/base/exact_match.json"):
         assert (slurm_results / path).read_text() == (local_results / path).read_text(), path
     for experiment in ("smoke", "smoke-r4"):
-        summaries = [json.loads((r / "train" / experiment / "history.json").read_text())["summary"] for r in (slurm_results, local_results)]
+        summaries = [
+            json.loads((r / "train" / experiment / "history.json").read_text())["summary"] for r in (slurm_results, local_results)
+        ]
         assert summaries[0]["steps"] == summaries[1]["steps"] == 4
         assert summaries[0]["train_rows"] == summaries[1]["train_rows"]

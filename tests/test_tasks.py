@@ -4,8 +4,8 @@ checked through the task's own functions, bad data and unknown names reported wi
 import json
 
 import pytest
-
 from conftest import write_jsonl
+
 from sftpipe.io import PipelineError, read_json, read_jsonl
 from sftpipe.tasks import MANIFEST, TaskSpec, prepare_task_data, task_config, task_manager
 
@@ -69,16 +69,21 @@ def _broken(rows, index, change):
 @pytest.mark.parametrize(
     ("task", "source", "split", "change", "message"),
     [
-        ("arc_easy", "arc/hf_schema/ARC-Easy-test.jsonl", "test", lambda r: r.update(answerKey="Z"),
-         r"'Z' is not in list"),
-        ("arc_easy", "arc/hf_schema/ARC-Easy-test.jsonl", "test", lambda r: r.pop("choices"),
-         r"'None' has no attribute 'label'"),
-        ("hellaswag", "hellaswag/hellaswag_val_sample1000.jsonl", "validation", lambda r: r.update(label="7"),
-         r"the answer index 7 is not among its 4 choices"),
+        ("arc_easy", "arc/hf_schema/ARC-Easy-test.jsonl", "test", lambda r: r.update(answerKey="Z"), r"'Z' is not in list"),
+        ("arc_easy", "arc/hf_schema/ARC-Easy-test.jsonl", "test", lambda r: r.pop("choices"), r"'None' has no attribute 'label'"),
+        (
+            "hellaswag",
+            "hellaswag/hellaswag_val_sample1000.jsonl",
+            "validation",
+            lambda r: r.update(label="7"),
+            r"the answer index 7 is not among its 4 choices",
+        ),
     ],
     ids=["arc answerKey not a label", "arc without choices", "hellaswag label out of range"],
 )
-def test_a_document_the_task_cannot_read_names_task_file_line_and_value(tmp_path, shared_data, task, source, split, change, message):
+def test_a_document_the_task_cannot_read_names_task_file_line_and_value(
+    tmp_path, shared_data, task, source, split, change, message
+):
     rows = list(read_jsonl(shared_data / source))[:5]
     path = write_jsonl(tmp_path / f"{split}.jsonl", _broken(rows, 3, change))
     with pytest.raises(PipelineError, match=rf"{path}:4: lm-eval task '{task}': .*{message}") as raised:

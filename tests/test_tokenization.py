@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_jsonl
+
 from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.model import load_tokenizer
 from sftpipe.tokenization import IGNORE_INDEX, SPLITS, LengthSettings, SplitSettings, assign_split, tokenize_and_split
@@ -13,15 +14,25 @@ from sftpipe.tokenization import IGNORE_INDEX, SPLITS, LengthSettings, SplitSett
 
 def _rows(n, start=0):
     return [
-        {"id": f"t-{i}", "dataset": "t", "prompt": f"### Human: Count to {i}.### Assistant:", "completion": f" {' '.join(map(str, range(i % 7 + 1)))}"}
+        {
+            "id": f"t-{i}",
+            "dataset": "t",
+            "prompt": f"### Human: Count to {i}.### Assistant:",
+            "completion": f" {' '.join(map(str, range(i % 7 + 1)))}",
+        }
         for i in range(start, start + n)
     ]
 
 
-def _run(tmp_path, tiny_model, rows, max_length=64, split=SplitSettings(0.2, 0.2, 0), **lengths):
+FIFTHS = SplitSettings(0.2, 0.2, 0)
+
+
+def _run(tmp_path, tiny_model, rows, max_length=64, split=FIFTHS, **lengths):
     hydrated = write_jsonl(tmp_path / "hydrated.jsonl", rows)
     outs = {s: tmp_path / f"{s}.jsonl" for s in SPLITS}
-    stats = tokenize_and_split([hydrated], tiny_model, outs, tmp_path / "stats.json", LengthSettings(max_length, **lengths), split)
+    stats = tokenize_and_split(
+        [hydrated], tiny_model, outs, tmp_path / "stats.json", LengthSettings(max_length, **lengths), split
+    )
     return {s: list(read_jsonl(outs[s])) for s in SPLITS}, stats
 
 
@@ -63,8 +74,9 @@ def test_truncation_and_drop_counts(tmp_path, tiny_model):
 
 
 def test_masks_on_real_alpaca_and_multi_turn_chatml(tmp_path, tiny_model, shared_data):
-    from sftpipe.data import DatasetSpec, hydrate_dataset
     from conftest import GUANACO_ROWS
+
+    from sftpipe.data import DatasetSpec, hydrate_dataset
 
     alpaca = json.loads((shared_data / "alpaca" / "alpaca_5000.json").read_text())[:300]
     hydrated = []
@@ -224,10 +236,11 @@ def test_a_duplicate_id_fails_leaving_no_split_file_and_gc_on(tmp_path, tiny_mod
 def test_a_split_the_config_asks_for_but_gets_no_row_names_the_key(tmp_path, tiny_model):
     # 12 rows, 5% each for validation and test, none of which the hash sends to validation.
     rows = [r for r in _rows(60) if assign_split(r["id"], SplitSettings()) != "validation"][:12]
-    with pytest.raises(PipelineError, match=r"config key 'data.split.validation_fraction': of 12 rows kept, none fell into the validation split"):
+    with pytest.raises(
+        PipelineError, match=r"config key 'data.split.validation_fraction': of 12 rows kept, none fell into the validation split"
+    ):
         _run(tmp_path, tiny_model, rows, split=SplitSettings())
     assert not list(tmp_path.glob("*.jsonl*")) or [p.name for p in tmp_path.glob("*.jsonl*")] == ["hydrated.jsonl"]
     # A fraction of 0 asks for no such split.
     splits, _ = _run(tmp_path / "none", tiny_model, rows, split=SplitSettings(validation_fraction=0.0, test_fraction=0.2))
     assert splits["validation"] == [] and splits["test"]
-

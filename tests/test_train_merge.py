@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import unavailable, write_jsonl
+
+from sftpipe.attention import flash_attention_available
 from sftpipe.io import PipelineError
 from sftpipe.launch import Execution, allocator_library, launch
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
-from sftpipe.attention import flash_attention_available
 from sftpipe.train import TrainJob, TrainSettings, cpu_has_native_bf16, resolve_precision, train_lora
 
 
@@ -172,8 +172,9 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
     import sys
     import time
 
-    settings = TrainSettings(max_steps=80, batch_size=4, learning_rate=1e-3, eval_steps=80, logging_steps=5, save_steps=10,
-                             precision="fp32")
+    settings = TrainSettings(
+        max_steps=80, batch_size=4, learning_rate=1e-3, eval_steps=80, logging_steps=5, save_steps=10, precision="fp32"
+    )
     uninterrupted = train_lora(job(tiny_model, tokenized, tmp_path / "uninterrupted", settings))
     run = job(tiny_model, tokenized, tmp_path, settings)
     call = f"from sftpipe.train import TrainJob, train_lora\ntrain_lora(TrainJob.from_json({run.to_json()!r}))\n"
@@ -241,13 +242,28 @@ def test_merged_model_card_and_generate_command(tmp_path, tiny_model, trained):
     via_adapter = generate(tiny_model, ["Repeat: red"], "qa", adapter_dir=out / "adapter", max_new_tokens=6)
     assert merged == via_adapter
     cli = subprocess.run(
-        [sys.executable, "-m", "sftpipe.generate", "--model", str(tmp_path / "merged"), "--template", "qa",
-         "--max-new-tokens", "6", "Repeat: red"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "sftpipe.generate",
+            "--model",
+            str(tmp_path / "merged"),
+            "--template",
+            "qa",
+            "--max-new-tokens",
+            "6",
+            "Repeat: red",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert cli.stdout.strip() == merged[0].strip()
-    bad = subprocess.run([sys.executable, "-m", "sftpipe.generate", "--model", str(tmp_path / "merged"), "--template", "nope", "x"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sftpipe.generate", "--model", str(tmp_path / "merged"), "--template", "nope", "x"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "--template: 'nope'" in bad.stderr
 
 
@@ -256,7 +272,9 @@ def test_merged_model_card_and_generate_command(tmp_path, tiny_model, trained):
     [
         "sdpa",
         "varlen_sdpa",
-        pytest.param("flash_attention_2", marks=pytest.mark.skipif(not flash_attention_available(), reason="needs CUDA and flash-attn")),
+        pytest.param(
+            "flash_attention_2", marks=pytest.mark.skipif(not flash_attention_available(), reason="needs CUDA and flash-attn")
+        ),
     ],
 )
 def test_padding_free_batches_keep_examples_isolated(tiny_model, tokenized, attention):
@@ -313,14 +331,24 @@ def test_data_parallel_ranks_train_one_adapter_on_disjoint_rows(tmp_path, tiny_m
     import sys
 
     from conftest import REPO
+
     from sftpipe.io import read_jsonl
 
     settings = TrainSettings(max_steps=4, batch_size=4, learning_rate=5e-3, eval_steps=4, logging_steps=2)
     (tmp_path / "job.json").write_text(job(tiny_model, tokenized, tmp_path, settings).to_json())
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "ddp_probe.py"), str(tmp_path / "job.json"), str(tmp_path)],
-        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "tests" / "ddp_probe.py"),
+            str(tmp_path / "job.json"),
+            str(tmp_path),
+        ],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -360,7 +388,9 @@ def test_a_batch_that_does_not_split_over_the_processes_names_the_key(tmp_path, 
 
 def test_early_stopping_ends_training_when_validation_loss_stalls(tmp_path, tiny_model, tokenized):
     # A zero learning rate leaves the validation loss flat: the first evaluation is the best one.
-    settings = TrainSettings(max_steps=40, batch_size=4, learning_rate=0.0, eval_steps=4, logging_steps=4, early_stopping_patience=2)
+    settings = TrainSettings(
+        max_steps=40, batch_size=4, learning_rate=0.0, eval_steps=4, logging_steps=4, early_stopping_patience=2
+    )
     summary = train_lora(job(tiny_model, tokenized, tmp_path, settings))
     assert summary.steps == 12
     evals = [h["step"] for h in json.loads((tmp_path / "h.json").read_text())["log_history"] if "eval_loss" in h]
@@ -458,8 +488,15 @@ LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-3}
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_with_the_fused_loss_matches_full_logits(tmp_path, tiny_model, tokenized, precision):
     def losses(out, fused_loss):
-        settings = TrainSettings(max_steps=3, batch_size=8, learning_rate=5e-3, eval_steps=3, logging_steps=1,
-                                 precision=precision, fused_loss=fused_loss)
+        settings = TrainSettings(
+            max_steps=3,
+            batch_size=8,
+            learning_rate=5e-3,
+            eval_steps=3,
+            logging_steps=1,
+            precision=precision,
+            fused_loss=fused_loss,
+        )
         summary = train_lora(job(tiny_model, tokenized, out, settings))
         assert summary.precision == precision
         history = json.loads((out / "h.json").read_text())["log_history"]
@@ -481,8 +518,21 @@ def _allocated_bytes() -> int:
     import ctypes
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = MallInfo2

@@ -1,0 +1,146 @@
+"""The config schema is the one source of every key, default and choice: the stages' settings classes,
+the registries the stages look names up in and config/README.md agree with it; its errors name the key."""
+
+import copy
+import dataclasses
+
+import pytest
+import yaml
+from conftest import REPO
+
+from sftpipe.attention import ATTENTION
+from sftpipe.config import config_errors, describe, load_schema
+from sftpipe.filters import FilterSettings
+from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
+from sftpipe.launch import ALLOCATORS, Execution
+from sftpipe.merge import DTYPES
+from sftpipe.tokenization import OVERLONG, LengthSettings, SplitSettings
+from sftpipe.train import PRECISIONS, TrainSettings
+
+SCHEMA = load_schema()
+PROPERTIES = SCHEMA["properties"]
+WEIGHT = PROPERTIES["datasets"]["additionalProperties"]["properties"]["weight"]
+
+
+def _defaults(section: dict) -> dict:
+    return {key: node.get("default") for key, node in section["properties"].items()}
+
+
+def _fields(*classes) -> dict:
+    return {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize(
+    ("section", "classes"),
+    [
+        (PROPERTIES["train"], (TrainSettings, Execution)),
+        (PROPERTIES["data"]["properties"]["filters"], (FilterSettings,)),
+        (PROPERTIES["data"]["properties"]["split"], (SplitSettings,)),
+    ],
+    ids=["train", "data.filters", "data.split"],
+)
+def test_settings_classes_have_the_schema_keys_and_defaults(section, classes):
+    assert _fields(*classes) == _defaults(section)
+
+
+def test_length_settings_defaults_are_the_schema_defaults():
+    data = _defaults(PROPERTIES["data"])
+    assert _fields(LengthSettings) == {key: data[key] for key in ("max_length", "min_tokens", "overlong")}
+
+
+def _enum(*path: str) -> list:
+    node = SCHEMA
+    for key in path:
+        node = node["properties"][key] if key != "*" else node["additionalProperties"]
+    return node["enum"] if "enum" in node else next(b["enum"] for b in node["oneOf"] if "enum" in b)
+
+
+@pytest.mark.parametrize(
+    ("path", "registry"),
+    [
+        (("datasets", "*", "preset"), PRESETS),
+        (("datasets", "*", "format"), FORMATS),
+        (("datasets", "*", "template"), TEMPLATES),
+        (("train", "precision"), PRECISIONS),
+        (("train", "attention"), ATTENTION),
+        (("train", "allocator"), ALLOCATORS),
+        (("data", "overlong"), OVERLONG),
+        (("merge", "dtype"), DTYPES),
+    ],
+    ids=lambda p: ".".join(p) if isinstance(p, tuple) else "",
+)
+def test_schema_choices_are_the_registries(path, registry):
+    assert sorted(_enum(*path)) == sorted(registry)
+
+
+def test_config_readme_is_generated_from_the_schema():
+    assert (REPO / "config" / "README.md").read_text() == describe(SCHEMA)
+
+
+def test_every_key_is_described():
+    undescribed = [row for row in describe(SCHEMA).splitlines() if row.startswith("| `") and row.endswith("|  |")]
+    # A key that only points at another section (`experiments.<name>.base_model`) is described there.
+    assert [row for row in undescribed if " as `" not in row] == []
+
+
+DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+
+
+def _errors(edit) -> list[str]:
+    config = copy.deepcopy(DEMO)
+    edit(config)
+    return config_errors(config, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("edit", "errors"),
+    [
+        (lambda c: None, []),
+        (lambda c: c["train"].update(lora_rank=4), ["config key 'train.lora_rank': unknown key (did you mean lora_r?)"]),
+        (lambda c: c["train"].update(lora_r="big"), ["config key 'train.lora_r': 'big' is not an integer"]),
+        (
+            lambda c: c["datasets"]["demo"].update(template="alpacca"),
+            [
+                "config key 'datasets.demo.template': 'alpacca' is not one of alpaca, guanaco, qa, chatml, chat, raw "
+                "(did you mean alpaca?)"
+            ],
+        ),
+        (
+            lambda c: c["datasets"]["demo"].update(template={"prompt": "{{ q }}"}),
+            ["config key 'datasets.demo.template.completion': required, but not given"],
+        ),
+        (
+            lambda c: c["datasets"]["demo"].update(weight=1.5),
+            [f"config key 'datasets.demo.weight': 1.5 is not {WEIGHT['description']}"],
+        ),
+        (lambda c: c["train"].update(target_modules=3), ["config key 'train.target_modules': 3 is not a string or a list"]),
+        (
+            lambda c: c["datasets"].update({"bad name!": {"preset": "alpaca"}}),
+            ["config key 'datasets.bad name!': not a valid name (it must match ^[A-Za-z0-9][A-Za-z0-9_-]*$)"],
+        ),
+        (lambda c: c["base_model"].pop("source"), ["config key 'base_model.source': required, but not given"]),
+        (
+            lambda c: c.pop("experiment"),
+            ["config: give either 'experiment' (one run) or 'experiments' (a sweep), not both or neither"],
+        ),
+        (
+            lambda c: c["eval"]["lm_eval"]["tasks"][0].update(nme="x"),
+            ["config key 'eval.lm_eval.tasks[0].nme': unknown key (did you mean name?)"],
+        ),
+    ],
+    ids=[
+        "valid",
+        "unknown key",
+        "wrong type",
+        "unknown template",
+        "half a user template",
+        "weight",
+        "one of two types",
+        "dataset name",
+        "required key",
+        "experiment or experiments",
+        "list item",
+    ],
+)
+def test_config_errors_name_the_key_first_and_alone(edit, errors):
+    assert _errors(edit) == errors
