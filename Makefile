@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CORES ?= 2
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(OFFLINE) $(PY) -m pytest
+
+# The GPU path in one shot on a CUDA machine (bench/gpu_check.py); where there is none it says so.
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 lint: install
 	$(VENV)/bin/snakemake --lint

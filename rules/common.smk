@@ -1,5 +1,6 @@
 # Helpers that turn the validated config into paths and per-rule parameters. Each rule gets only
 # the config section it needs, so an unrelated edit reruns nothing.
+import functools
 import re
 from pathlib import Path
 
@@ -89,6 +90,35 @@ def local_model_files(wildcards):
     return sorted(
         str(p) for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
     )
+
+
+# A cluster job runs where its `gpu` resource puts it; a local one on this host's GPU, if it has one.
+ON_GPU = not workflow.local_exec or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+@functools.cache
+def _training_estimate(experiment, base, stats, ready):
+    """sftpipe.resources' estimate for a training job (`ready`: its inputs exist, so the cache keeps a
+    dry run's guess apart from the real figure)."""
+    from sftpipe.resources import train_resources
+
+    train = EXPERIMENTS[experiment].train
+    max_length = config["data"]["max_length"]
+    return train_resources(base, train, max_length, stats, train["gpus"], train["processes"], ON_GPU)
+
+
+def training_estimate(key):
+    """A training job's resource, from the base model's shape, the settings and the tokenized data."""
+    return lambda wildcards, input: _training_estimate(
+        wildcards.experiment, input.base, input.stats, Path(input.stats).exists() and Path(input.base).exists()
+    )[key]
+
+
+def model_memory(copies, default):
+    """The host memory of a job holding `copies` fp32 copies of its model (the input named `model`, else `base`)."""
+    from sftpipe.resources import model_memory_mb
+
+    return lambda wildcards, input: model_memory_mb(input.get("model", input.get("base")), copies, default)
 
 
 def train_settings(wildcards):

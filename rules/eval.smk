@@ -15,7 +15,7 @@ rule evaluate_lm_harness:
     threads: 8
     resources:
         gpu=1,
-        mem_mb=8000,
+        mem_mb=model_memory(copies=1, default=8000),
         runtime=240,
     params:
         settings=LM_EVAL_SETTINGS,
@@ -59,7 +59,7 @@ rule evaluate_exact_match:
     threads: 8
     resources:
         gpu=1,
-        mem_mb=8000,
+        mem_mb=model_memory(copies=1, default=8000),
         runtime=120,
     params:
         settings=config["eval"]["exact_match"],

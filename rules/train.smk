@@ -3,6 +3,7 @@ rule train_lora:
         base=experiment_base_model,
         train=rules.tokenize_and_split.output.train,
         validation=rules.tokenize_and_split.output.validation,
+        stats=rules.tokenize_and_split.output.stats,
         code=code(*TRAIN_MODULES),
     output:
         adapter=directory("results/train/{experiment}/adapter"),
@@ -20,8 +21,9 @@ rule train_lora:
         gpu=execution_setting("gpus"),
         processes=execution_setting("processes"),
         allocator=execution_setting("allocator"),
-        mem_mb=16000,
-        runtime=720,
+        # Estimated from the base model, the settings and the data (sftpipe.resources).
+        mem_mb=training_estimate("mem_mb"),
+        runtime=training_estimate("runtime"),
     params:
         settings=train_settings,
         work_dir=lambda wildcards: f"results/train/{wildcards.experiment}/work",
@@ -45,7 +47,7 @@ rule merge_adapter:
     conda:
         "../envs/train.yaml"
     resources:
-        mem_mb=8000,
+        mem_mb=model_memory(copies=2, default=8000),
         runtime=30,
     params:
         dtype=config["merge"]["dtype"],

@@ -105,7 +105,7 @@ def evaluate_lm_harness(
     model_dir: str | Path,
     tasks: list[TaskSpec],
     out_path: str | Path,
-    batch_size: int = 16,
+    batch_size: int | str = 16,  # or "auto": lm-eval finds the largest that fits
     seed: int = 0,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class TrainSettings:
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: list[str] | None = None
-    quantization: str = "none"  # none | qlora (4-bit NF4 base)
+    quantization: str = "none"  # one of QUANTIZATIONS: qlora is a 4-bit NF4 base
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
@@ -147,18 +147,35 @@ def last_complete_checkpoint(checkpoints: Path, main_process: bool = True) -> Pa
     return last
 
 
-def _quantization_config(settings: TrainSettings):
+# The dtype each training precision computes in, and stores the frozen base weights in.
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTIZATIONS = ("none", "qlora")
+
+
+def quantization_config(settings: TrainSettings, precision: str):
+    """QLoRA's 4-bit base: NF4 with double quantization (the QLoRA paper's recipe), computing in the
+    training precision. bitsandbytes runs it on CUDA and, forward and backward, on CPU, where fp32
+    compute is the fast path unless the CPU has native bf16 (bf16 is emulated, ~6-25x slower)."""
+    if settings.quantization not in QUANTIZATIONS:
+        raise PipelineError(
+            f"config key 'train.quantization': '{settings.quantization}' is not one of {', '.join(QUANTIZATIONS)}"
+        )
     if settings.quantization == "none":
         return None
-    if not torch.cuda.is_available():
-        raise PipelineError("config key 'train.quantization': QLoRA needs CUDA (bitsandbytes 4-bit); set it to 'none' on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # not installed, or no native library for this device
+        raise PipelineError(
+            f"config key 'train.quantization': qlora needs bitsandbytes, which cannot run here ({err}); "
+            "pip install bitsandbytes==0.50.2, or set it to 'none'"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision],
     )
 
 
@@ -241,16 +258,20 @@ class LoraRecipe:
         settings = self.settings
         torch.manual_seed(settings.seed)
         self.tokenizer = load_tokenizer(self.job.base_dir, self.job.trust_remote_code)
-        quantization = _quantization_config(settings)
+        quantization = quantization_config(settings, self.precision)
         if quantization is None:
-            model = load_model(self.job.base_dir, self.job.trust_remote_code)
+            # The frozen base is stored in the training precision (bf16 halves it); the LoRA factors
+            # peft adds stay in fp32.
+            model = load_model(self.job.base_dir, self.job.trust_remote_code, dtype=COMPUTE_DTYPES[self.precision])
         else:
             from peft import prepare_model_for_kbit_training
             from transformers import AutoModelForCausalLM
 
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             model = AutoModelForCausalLM.from_pretrained(
                 self.job.base_dir,
                 quantization_config=quantization,
+                device_map={"": f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"},
                 trust_remote_code=self.job.trust_remote_code,
                 use_safetensors=True,
             )
@@ -346,6 +367,11 @@ class LoraRecipe:
             callbacks=callbacks,
         )
         self.trainer.fused_loss = settings.fused_loss
+        # TRL casts the LoRA factors of a quantized model to bf16; they train in fp32 here, like the
+        # optimizer's state (bf16 factors lose small updates, and bf16 is emulated on most CPUs).
+        for parameter in self.trainer.model.parameters():
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
 
     def train(self) -> TrainSummary:
         trainer = self.trainer

@@ -32,6 +32,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where CUDA is (`make gpu-check` runs them all) and skip elsewhere."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny-random Llama with the SmolLM2 tokenizer, materialized once per session."""
@@ -92,3 +102,27 @@ def sweep_run(tmp_path_factory, shared_data) -> tuple[Path, str]:
     smoke_config(work, shared_data)
     # Snakemake reports its job list on stderr.
     return work, snakemake(work, "--cores", "2", "--resources", "gpu=1", "--configfile", "smoke.yaml").stderr
+
+
+def job(model, tokenized, out, settings, adapter="adapter", history="h.json"):
+    """A training run on the `tokenized` fixture, writing under `out`."""
+    from sftpipe.train import TrainJob
+
+    return TrainJob(model, tokenized["train"], tokenized["validation"], out / adapter, out / history, out / "work", settings)
+
+
+@pytest.fixture(scope="session")
+def tokenized(tmp_path_factory, tiny_model):
+    """Tokenized splits of 48 short rows, for training on the tiny model."""
+    from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+
+    out = tmp_path_factory.mktemp("tokenized")
+    rows = [
+        # Each prompt unique, so a row's tokens tell which row it is (the data-parallel test needs that).
+        {"id": f"r{i}", "dataset": "t", "prompt": f"Repeat ({i}): {w}\n", "completion": f"{w} {w}"}
+        for i, w in enumerate(["red", "green", "blue", "cyan", "gold", "gray", "pink", "teal"] * 6)
+    ]
+    hydrated = write_jsonl(out / "h.jsonl", rows)
+    paths = {s: out / f"{s}.jsonl" for s in SPLITS}
+    tokenize_and_split([hydrated], tiny_model, paths, out / "stats.json", LengthSettings(32), SplitSettings(0.2, 0.1, 0))
+    return paths

@@ -15,7 +15,7 @@ from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
 from sftpipe.launch import ALLOCATORS, Execution
 from sftpipe.merge import DTYPES
 from sftpipe.tokenization import OVERLONG, LengthSettings, SplitSettings
-from sftpipe.train import PRECISIONS, TrainSettings
+from sftpipe.train import PRECISIONS, QUANTIZATIONS, TrainSettings
 
 SCHEMA = load_schema()
 PROPERTIES = SCHEMA["properties"]
@@ -62,6 +62,7 @@ def _enum(*path: str) -> list:
         (("datasets", "*", "format"), FORMATS),
         (("datasets", "*", "template"), TEMPLATES),
         (("train", "precision"), PRECISIONS),
+        (("train", "quantization"), QUANTIZATIONS),
         (("train", "attention"), ATTENTION),
         (("train", "allocator"), ALLOCATORS),
         (("data", "overlong"), OVERLONG),

@@ -4,34 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import unavailable, write_jsonl
+from conftest import job, unavailable
 
 from sftpipe.attention import flash_attention_available
 from sftpipe.io import PipelineError
 from sftpipe.launch import Execution, allocator_library, launch
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
-from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
-from sftpipe.train import TrainJob, TrainSettings, cpu_has_native_bf16, resolve_precision, train_lora
-
-
-def job(model, tokenized, out, settings, adapter="adapter", history="h.json") -> TrainJob:
-    """A run on the tokenized fixture, writing under `out`."""
-    return TrainJob(model, tokenized["train"], tokenized["validation"], out / adapter, out / history, out / "work", settings)
-
-
-@pytest.fixture(scope="module")
-def tokenized(tmp_path_factory, tiny_model):
-    out = tmp_path_factory.mktemp("tokenized")
-    rows = [
-        # Each prompt unique, so a row's tokens tell which row it is (the data-parallel test needs that).
-        {"id": f"r{i}", "dataset": "t", "prompt": f"Repeat ({i}): {w}\n", "completion": f"{w} {w}"}
-        for i, w in enumerate(["red", "green", "blue", "cyan", "gold", "gray", "pink", "teal"] * 6)
-    ]
-    hydrated = write_jsonl(out / "h.jsonl", rows)
-    paths = {s: out / f"{s}.jsonl" for s in SPLITS}
-    tokenize_and_split([hydrated], tiny_model, paths, out / "stats.json", LengthSettings(32), SplitSettings(0.2, 0.1, 0))
-    return paths
+from sftpipe.train import TrainSettings, cpu_has_native_bf16, resolve_precision, train_lora
 
 
 @pytest.fixture(scope="module")
@@ -143,21 +123,6 @@ def test_modules_to_save_trains_a_full_copy_of_the_module(tmp_path, tiny_model, 
     tensors = _adapter_tensors(_train_adapter(tmp_path, tiny_model, tokenized, modules_to_save=["norm"]))
     [(name, norm)] = [(k, v) for k, v in tensors.items() if k.endswith("model.norm.weight")]
     assert not torch.allclose(norm, load_model(tiny_model).state_dict()["model.norm.weight"]), name
-
-
-def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model, tokenized):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: QLoRA runs")
-    with pytest.raises(PipelineError, match="train.quantization.*QLoRA needs CUDA"):
-        train_lora(job(tiny_model, tokenized, tmp_path, TrainSettings(quantization="qlora", max_steps=2), adapter="a"))
-    assert not (tmp_path / "a").exists()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and bitsandbytes")
-def test_qlora_trains_on_cuda(tmp_path, tiny_model, tokenized):
-    settings = TrainSettings(quantization="qlora", max_steps=8, batch_size=8, learning_rate=5e-3, logging_steps=2)
-    summary = train_lora(job(tiny_model, tokenized, tmp_path, settings, adapter="a"))
-    assert summary.steps == 8
 
 
 def _losses(history_path) -> dict[int, float]:
@@ -273,7 +238,8 @@ def test_merged_model_card_and_generate_command(tmp_path, tiny_model, trained):
         "sdpa",
         "varlen_sdpa",
         pytest.param(
-            "flash_attention_2", marks=pytest.mark.skipif(not flash_attention_available(), reason="needs CUDA and flash-attn")
+            "flash_attention_2",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not flash_attention_available(), reason="needs flash-attn")],
         ),
     ],
 )

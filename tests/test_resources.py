@@ -1,0 +1,71 @@
+"""Resources sized from the model: the parameter count from a config's shape is exact, the estimates
+move with what drives them, and the rules ask for them once the model and the data exist."""
+
+import json
+import re
+
+import pytest
+from conftest import REPO
+from workflow import snakemake
+
+from sftpipe.model import load_model
+from sftpipe.resources import GB, KNOWN_SHAPES, model_shape, step_tokens, training_memory
+
+
+def test_a_shape_counts_the_parameters_exactly(tiny_model):
+    assert model_shape(tiny_model).parameters == sum(p.numel() for p in load_model(tiny_model).parameters())
+    # SmolLM2-135M, as sftpipe_source.json records it when materialized.
+    assert KNOWN_SHAPES["SmolLM2-135M"].parameters == 134_515_008
+
+
+@pytest.mark.parametrize("name", ["Llama-2-7B", "LLaMA-65B"])
+def test_qlora_holds_a_fraction_of_the_16_bit_weights(name):
+    shape = KNOWN_SHAPES[name]
+
+    def total(**kwargs):
+        return training_memory(shape, device="cuda", precision="bf16", lora_r=16, tokens_per_step=512, **kwargs).total
+
+    lora, qlora = (
+        total(quantization="none", gradient_checkpointing=True),
+        total(quantization="qlora", gradient_checkpointing=True),
+    )
+    assert qlora < 0.45 * lora
+    assert total(quantization="qlora", gradient_checkpointing=False) > qlora
+    # The QLoRA paper's claim: a 65B model fine-tunes on one 48 GB GPU.
+    if name == "LLaMA-65B":
+        assert qlora < 48 * GB
+
+
+def test_memory_grows_with_the_tokens_of_a_step():
+    shape = KNOWN_SHAPES["SmolLM2-135M"]
+
+    def total(tokens, **kwargs):
+        options = dict(device="cpu", precision="fp32", quantization="none", lora_r=16, gradient_checkpointing=False)
+        return training_memory(shape, tokens_per_step=tokens, **{**options, **kwargs}).total
+
+    assert total(2048) > total(1024) > total(512)
+    assert total(1024, lean_swiglu=False) > total(1024) and total(1024, fused_loss=False) > total(1024)
+
+
+def test_a_step_takes_the_95th_percentile_row_length(tmp_path):
+    stats = {"settings": {"histogram_bin_width": 8}, "train": {"length_histogram": {"0": 10, "8": 80, "16": 9, "120": 1}}}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    settings = {"batch_size": 16}
+    assert step_tokens(settings, 128, tmp_path / "stats.json", world_size=2) == 8 * 24
+    assert step_tokens(settings, 128, None, world_size=1) == 16 * 128  # before the data exists: every row at max_length
+
+
+def test_the_training_job_asks_for_the_estimate(sweep_run):
+    """Once the model and data exist, `snakemake -n` shows what a training job would ask for."""
+    work = sweep_run[0]
+    plan = snakemake(work, "-n", "--forcerun", "train_lora", "--configfile", "smoke.yaml").stdout
+    asked = [int(m) for m in re.findall(r"^rule train_lora:\n(?:    .*\n)*?    resources: .*\bmem_mb=(\d+)", plan, re.M)]
+    assert len(asked) == 2 and all(0 < mb < 2000 for mb in asked), asked  # a tiny model, not a fixed 16 GB
+
+
+def test_the_plan_command_prints_the_known_sizes():
+    import subprocess
+    import sys
+
+    table = subprocess.run([sys.executable, "-m", "sftpipe.plan"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "| LLaMA-65B | 65.29B | QLoRA, NF4 base |" in table and "| Llama-2-7B | 6.74B | LoRA, bf16 base |" in table
