@@ -143,7 +143,7 @@ def fake_hub():
 
 # The rule's script, given the `snakemake` object Snakemake would inject.
 RUNNER = """
-import json, runpy, sys
+import runpy, sys
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -152,7 +152,7 @@ log = work / "results/logs/download_dataset/gated.log"
 log.parent.mkdir(parents=True, exist_ok=True)
 snakemake = NS(
     rule="download_dataset", threads=1, log=[str(log)], wildcards=NS(dataset="gated"),
-    params=NS(dataset=json.dumps({"hub_id": "acme/gated-rows", "format": "alpaca", "limit": 3}), mirror_dir=None),
+    params=NS(dataset={"hub_id": "acme/gated-rows", "format": "alpaca", "limit": 3}, mirror_dir=None), config={},
     output=NS(rows=str(work / "results/data/raw/gated.jsonl"), manifest=str(work / "results/data/raw/gated.manifest.json")),
 )
 runpy.run_path(str(repo / "scripts/download_dataset.py"), init_globals={"snakemake": snakemake}, run_name="__main__")
