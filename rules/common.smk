@@ -7,6 +7,7 @@ from pathlib import Path
 from sftpipe.entry import checked
 from sftpipe.experiments import expand_experiments
 from sftpipe.launch import EXECUTION_KEYS
+from sftpipe.tasks import TaskSpec
 
 EXPERIMENTS = checked(workflow, lambda: expand_experiments(config))
 
@@ -29,8 +30,8 @@ def code(*modules):
 # What reading a dataset or an lm-eval task pulls in.
 DATA_MODULES = ("data.py", "formats.py", "demo.py")
 TASK_MODULES = ("tasks.py", *DATA_MODULES)
-EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", *TASK_MODULES)
-TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py")
+EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", "tokenization.py", *TASK_MODULES)
+TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py", "tracking.py")
 
 
 def dataset_config(name, without=()):
@@ -150,8 +151,9 @@ def eval_data_dir(task):
     return f"results/data/lm_eval/{task}"
 
 
-# The configured lm-eval tasks, by name.
+# The configured lm-eval tasks, by name; building each one's spec checks what the schema cannot.
 EVAL_TASKS = {t["name"]: t for t in config["eval"]["lm_eval"]["tasks"]}
+checked(workflow, lambda: [TaskSpec(**task) for task in EVAL_TASKS.values()])
 
 
 # What evaluation jobs get: the `eval.lm_eval` section, each task reading the data `prepare_eval_data`

@@ -15,7 +15,7 @@ rule report:
         data_stats=rules.tokenize_and_split.output.stats,
         filters=rules.filter_and_mix.output.stats,
         manifests=lambda wildcards: expand(rules.download_dataset.output.manifest, dataset=experiment_of(wildcards).datasets),
-        code=code("report.py", "metrics.py", "artifacts.py"),
+        code=code("report.py", "metrics.py", "artifacts.py", "significance.py", "tracking.py"),
     output:
         markdown="results/report/{experiment}.md",
         summary="results/report/{experiment}.json",
@@ -49,6 +49,11 @@ rule report:
             caption="../report/data_stats.rst",
             category="Data",
         ),
+        training_rows=report(
+            "results/report/{experiment}/training_rows.html",
+            caption="../report/training_rows.rst",
+            category="Data",
+        ),
     log:
         "results/logs/report/{experiment}.log",
     benchmark:
@@ -64,7 +69,7 @@ rule report:
 rule summarize_experiments:
     input:
         reports=expand(rules.report.output.summary, experiment=EXPERIMENTS),
-        code=code("report.py", "metrics.py", "artifacts.py"),
+        code=code("report.py", "metrics.py", "artifacts.py", "significance.py", "tracking.py"),
     output:
         summary="results/summary.json",
         comparison=report(

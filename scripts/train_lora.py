@@ -1,5 +1,6 @@
 from sftpipe.entry import run_stage
 from sftpipe.launch import Execution, launch
+from sftpipe.tracking import parse_report_to
 from sftpipe.train import TrainJob, TrainSettings
 
 run_stage(
@@ -14,6 +15,8 @@ run_stage(
             work_dir=snakemake.params.work_dir,
             settings=TrainSettings(**snakemake.params.settings),
             trust_remote_code=snakemake.params.trust_remote_code,
+            name=snakemake.wildcards.experiment,
+            report_to=parse_report_to(snakemake.resources.report_to),
         ),
         Execution(
             processes=snakemake.resources.processes,

@@ -32,6 +32,7 @@ class TrainSummary:
     world_size: int
     allocator: str
     settings: dict[str, Any]
+    tracking: dict[str, Any]  # where the run is tracked (sftpipe.tracking), for the evaluation to log to
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

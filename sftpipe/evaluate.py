@@ -14,6 +14,7 @@ from .io import PipelineError, Progress, read_json, read_jsonl, write_json, writ
 from .metrics import EXACT_MATCH_METRICS, normalize_answer, token_f1
 from .model import load_model, load_tokenizer
 from .tasks import MANIFEST, TaskSpec, task_config, task_manager
+from .tokenization import IGNORE_INDEX, prompt_token_ids
 
 log = logging.getLogger("sftpipe")
 
@@ -24,16 +25,21 @@ def _device() -> str:
 
 @torch.inference_mode()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Batched greedy decoding with left padding; each sequence stops at EOS."""
-    tokenizer.padding_side = "left"
+    """Batched greedy decoding with left padding; each sequence stops at EOS. Prompts are tokenized as
+    training tokenized them (`prompt_token_ids`)."""
+    ids = prompt_token_ids(tokenizer, prompts)
     # Similar lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     progress = Progress("generate", len(prompts))
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=True)
-        batch = batch.to(model.device)
+        width = max(len(ids[i]) for i in index)
+        batch = {
+            "input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(ids[i])) + ids[i] for i in index]),
+            "attention_mask": torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in index]),
+        }
+        batch = {key: value.to(model.device) for key, value in batch.items()}
         generated = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -63,6 +69,7 @@ def evaluate_exact_match(
     if not rows:
         raise PipelineError(f"{test_path}: the test split is empty; raise 'data.split.test_fraction'")
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    check_prompts_as_trained(tokenizer, rows, f"{test_path} with {model_dir}'s tokenizer")
     model = load_model(model_dir, trust_remote_code).to(_device()).eval()
     predictions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
     scored = []
@@ -97,8 +104,31 @@ def evaluate_exact_match(
     return metrics
 
 
+def check_prompts_as_trained(tokenizer, rows: list[dict[str, Any]], where: str) -> None:
+    """The prompts generation feeds the model must be the tokens training fed it (the rows' own
+    `input_ids` before the first learned label): a tokenizer or rendering that drifted would score
+    the model on prompts it never saw."""
+    generated = prompt_token_ids(tokenizer, [row["prompt"] for row in rows])
+    for row, ids in zip(rows, generated, strict=True):
+        trained = row["input_ids"][: next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)]
+        if ids != trained:
+            first = next((i for i, (a, b) in enumerate(zip(ids, trained, strict=False)) if a != b), min(len(ids), len(trained)))
+            raise PipelineError(
+                f"{where}: row {row['id']}: the prompt generation would see differs from the one trained on at token {first} "
+                f"({ids[first : first + 3]} vs {trained[first : first + 3]}); retokenize with the model's tokenizer"
+            )
+
+
 def _rates(scored: list[dict[str, Any]]) -> dict[str, float]:
     return {key: sum(s[key] for s in scored) / len(scored) for key in EXACT_MATCH_METRICS}
+
+
+def per_document_scores(samples: list[dict[str, Any]]) -> dict[str, list]:
+    """Each document's score on each metric, in document order: what a paired comparison of two
+    models on the same documents needs."""
+    samples = sorted(samples, key=lambda sample: sample["doc_id"])
+    metrics = samples[0]["metrics"] if samples else []
+    return {"doc_id": [s["doc_id"] for s in samples], **{m: [float(s[m]) for s in samples] for m in metrics}}
 
 
 def evaluate_lm_harness(
@@ -132,12 +162,15 @@ def evaluate_lm_harness(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
             apply_chat_template=spec.apply_chat_template,
-            log_samples=False,
+            system_instruction=spec.system_instruction,
+            fewshot_as_multiturn=spec.fewshot_as_multiturn,
+            log_samples=True,
         )
         metrics = output["results"][spec.name]
         results[spec.name] = {
             "metrics": {k: v for k, v in metrics.items() if k != "alias"},
             "n_samples": output["n-samples"][spec.name],
+            "per_document": per_document_scores(output["samples"][spec.name]),
             "settings": {**asdict(spec), "batch_size": batch_size, "seed": seed},
             "data": sources,
         }

@@ -29,8 +29,12 @@ class Experiment:
         return self.base_model["name"]
 
     def describe(self) -> dict[str, Any]:
-        """What the report and summary record about how this experiment differs from the others."""
-        return {"datasets": list(self.datasets), "base_model": self.base_model, "train": self.train}
+        """What the report and summary record about how this experiment differs from the others: its
+        data, base model and what its training learns from (not how the job ran)."""
+        from .launch import EXECUTION_KEYS
+
+        train = {key: value for key, value in self.train.items() if key not in EXECUTION_KEYS}
+        return {"datasets": list(self.datasets), "base_model": self.base_model, "train": train}
 
 
 def expand_experiments(config: dict[str, Any]) -> dict[str, Experiment]:

@@ -37,7 +37,9 @@ class Execution:
         return self.gpus if self.gpus > 1 else self.processes
 
 
-EXECUTION_KEYS = tuple(Execution.__dataclass_fields__)
+# The `train:` keys that change nothing learned: how the job runs, and where the run is tracked
+# (`train.report_to`, which reaches the job as `TrainJob.report_to`).
+EXECUTION_KEYS = (*Execution.__dataclass_fields__, "report_to")
 
 
 def current_allocator() -> str:

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import read_history
-from .io import atomic_path, read_json, read_jsonl, write_json
+from .io import PipelineError, atomic_path, read_json, read_jsonl, write_json
 from .metrics import EXACT_MATCH_METRICS
+from .significance import BOOTSTRAP_SAMPLES, mcnemar_exact, paired_bootstrap
+from .tracking import log_evaluation
 
 VARIANTS = ("base", "tuned")
 SAMPLE_GENERATIONS = 25
@@ -40,6 +42,7 @@ class ReportOutputs:
     exact_match_table: str | Path
     sample_generations: str | Path
     data_table: str | Path
+    training_rows: str | Path
 
 
 def lm_eval_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,6 +80,10 @@ def _fmt(value: float | None, stderr: float | None = None) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
 
 
+def _fmt_p(value: float | None) -> str:
+    return "" if value is None else f"{value:.2g}"
+
+
 def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td><pre>{html.escape(str(c))}</pre></td>" for c in row) + "</tr>" for row in rows)
@@ -87,9 +94,23 @@ def _html_page(*tables: str) -> str:
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><style>"
         "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
-        "pre{white-space:pre-wrap;margin:0;max-width:40em}</style></head>"
+        "pre{white-space:pre-wrap;margin:0;max-width:40em}.prompt{color:#555}.learned{background:#c8f0c8}</style></head>"
         f"<body>{''.join(tables)}</body></html>\n"
     )
+
+
+def training_rows_html(preview: dict[str, list[list[dict[str, Any]]]]) -> str:
+    """Each dataset's first training rows as training tokenized them: the tokens the model sees in
+    grey, those it learns highlighted (EOS included; special tokens shown)."""
+    blocks = []
+    for dataset, rows in preview.items():
+        blocks.append(f"<h3>{html.escape(dataset)}</h3>")
+        for segments in rows:
+            spans = "".join(
+                f"<span class='{'learned' if s['learned'] else 'prompt'}'>{html.escape(s['text'])}</span>" for s in segments
+            )
+            blocks.append(f"<pre>{spans}</pre><hr>")
+    return _html_page(*blocks)
 
 
 def _write_text(path: str | Path, text: str) -> None:
@@ -163,6 +184,32 @@ def plot_token_lengths(stats: dict[str, Any], path: str | Path) -> None:
     _save_figure(fig, path)
 
 
+def significance(predictions: dict[str, list[dict[str, Any]]], harness: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Base vs tuned on the same items: for each exact-match metric over the held-out rows and each
+    lm-eval metric over the task's documents, the paired bootstrap's delta, its 95% interval and
+    p-value; for the right/wrong ones, McNemar's exact p-value too."""
+    rows = []
+    base, tuned = predictions["base"], predictions["tuned"]
+    if [r["id"] for r in base] != [r["id"] for r in tuned]:
+        raise PipelineError("the base and tuned predictions are not of the same held-out rows")
+    for metric in EXACT_MATCH_METRICS:
+        scores = {v: [float(r[metric]) for r in predictions[v]] for v in VARIANTS}
+        row = {"task": "exact match", "metric": metric, "items": len(base), **paired_bootstrap(scores["base"], scores["tuned"])}
+        if metric != "token_f1":
+            row["mcnemar_p_value"] = mcnemar_exact([bool(x) for x in scores["base"]], [bool(x) for x in scores["tuned"]])[
+                "p_value"
+            ]
+        rows.append(row)
+    for task in sorted(harness["base"]["tasks"]):
+        documents = {v: harness[v]["tasks"][task]["per_document"] for v in VARIANTS}
+        if documents["base"]["doc_id"] != documents["tuned"]["doc_id"]:
+            raise PipelineError(f"lm-eval task '{task}': the base and tuned models were scored on different documents")
+        for metric in (m for m in documents["base"] if m != "doc_id"):
+            paired = paired_bootstrap(documents["base"][metric], documents["tuned"][metric])
+            rows.append({"task": task, "metric": metric, "items": len(documents["base"]["doc_id"]), **paired})
+    return rows
+
+
 def write_report(
     experiment: str, inputs: ReportInputs, outputs: ReportOutputs, setup: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -201,6 +248,27 @@ def write_report(
         f"| {r['delta']:+.4f} | {r['samples']} | {r['num_fewshot']} | {r['apply_chat_template']} | {r['data']} |"
         for r in lm_rows
     ]
+    predictions = {v: list(read_jsonl(inputs.predictions[v])) for v in VARIANTS}
+    paired = significance(predictions, harness)
+    lines += ["", "## Is the difference real?", ""]
+    lines += [
+        f"Paired comparisons on the same items: the delta's 95% interval from {BOOTSTRAP_SAMPLES:,} bootstrap "
+        "resamplings, its p-value, and McNemar's exact test for right/wrong scores.",
+        "",
+        "| task | metric | items | delta | 95% interval | bootstrap p | McNemar p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['task']} | {r['metric']} | {r['items']} | {r['delta']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
+        f"| {r['p_value']:.2g} | {_fmt_p(r.get('mcnemar_p_value'))} |"
+        for r in paired
+    ]
+    lines += ["", "## What the model is trained on", ""]
+    lines += ["The first training row of each dataset, as tokenized: the prompt the model sees, then what it learns.", ""]
+    for dataset, rows in stats["preview"].items():
+        seen = "".join(s["text"] for s in rows[0] if not s["learned"])
+        learned = "".join(s["text"] for s in rows[0] if s["learned"])
+        lines += [f"**{dataset}**, seen:", "", "```", seen, "```", "", "learned:", "", "```", learned, "```", ""]
     lines += ["", "## Training", ""]
     lines += [
         f"- steps: {training.steps}, precision: {training.precision}, runtime: {training.train_runtime_s:.0f} s",
@@ -251,12 +319,12 @@ def write_report(
     plot_token_lengths(stats, outputs.token_lengths)
     em_table = [[r["metric"], f"{r['base']:.4f}", f"{r['tuned']:.4f}", f"{r['delta']:+.4f}"] for r in em_rows]
     _write_text(outputs.exact_match_table, _html_page(_html_table(["metric", "base", "tuned", "delta"], em_table)))
-    predictions = {v: list(read_jsonl(inputs.predictions[v]))[:SAMPLE_GENERATIONS] for v in VARIANTS}
     samples = [
         [b["id"], b["prompt"], b["reference"], b["prediction"], t["prediction"]]
-        for b, t in zip(predictions["base"], predictions["tuned"], strict=True)
+        for b, t in zip(predictions["base"][:SAMPLE_GENERATIONS], predictions["tuned"][:SAMPLE_GENERATIONS], strict=True)
     ]
     _write_text(outputs.sample_generations, _html_page(_html_table(["id", "prompt", "reference", "base", "tuned"], samples)))
+    _write_text(outputs.training_rows, training_rows_html(stats["preview"]))
     _write_text(
         outputs.data_table,
         _html_page(
@@ -270,10 +338,18 @@ def write_report(
         "setup": setup or {},
         "exact_match": em_rows,
         "lm_eval": lm_rows,
+        "significance": paired,
         "training": training.to_json(),
     }
     write_json(outputs.summary, summary)
+    log_evaluation(training.tracking, training.steps, tracked_figures(em_rows, lm_rows))
     return summary
+
+
+def tracked_figures(em_rows: list[dict[str, Any]], lm_rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The evaluation figures a tracker gets, base and tuned, named `eval/<task>/<metric>/<variant>`."""
+    rows = [{**r, "task": "exact_match"} for r in em_rows] + lm_rows
+    return {f"eval/{r['task']}/{r['metric']}/{variant}": float(r[variant]) for r in rows for variant in VARIANTS}
 
 
 def comparison_rows(experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:

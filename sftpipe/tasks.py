@@ -34,8 +34,16 @@ class TaskSpec:
     num_fewshot: int = 0
     limit: int | None = None
     data_files: dict[str, str] | None = None  # split -> the user's own file, as configured
-    apply_chat_template: bool = False
+    apply_chat_template: bool = False  # prompts rendered with the model's chat template, as an instruct model is served
+    system_instruction: str | None = None  # a system message (with the chat template) or a preamble (without)
+    fewshot_as_multiturn: bool = False  # few-shot examples as earlier user/assistant turns (needs the chat template)
     data_dir: str | None = None  # the <split>.jsonl files `prepare_task_data` wrote
+
+    def __post_init__(self) -> None:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise PipelineError(
+                f"config key 'eval.lm_eval.tasks' ({self.name}): fewshot_as_multiturn needs apply_chat_template: true"
+            )
 
 
 def _task_yamls() -> Iterator[tuple[Path, str]]:

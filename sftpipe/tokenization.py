@@ -21,6 +21,7 @@ IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 BATCH = 8192  # rows per tokenizer call: large batches keep every core busy
 HISTOGRAM_BINS = 32
+PREVIEW_ROWS = 3  # training rows per dataset shown as the model sees and learns them
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,19 @@ def _leading_special_tokens(tokenizer) -> list[int]:
     return with_special[:start]
 
 
+def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The token ids of prompts as training sees them, and generation too: the tokens the tokenizer
+    puts before any text (a BOS, for Llama-style tokenizers) unless the prompt already starts with
+    them, as a chat template's output does (never a double BOS), then the text's own. Tokens it
+    appends (an EOS, with `add_eos_token`) have no place after a prompt."""
+    ids = _encode(tokenizer, prompts, add_special_tokens=False)
+    lead = _leading_special_tokens(tokenizer)
+    if not lead:
+        return ids
+    lead_text = tokenizer.decode(lead)
+    return [row if text.startswith(lead_text) else lead + row for row, text in zip(ids, prompts, strict=True)]
+
+
 def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[dict[str, Any] | None]:
     """Token ids and labels per row (prompt labels -100, EOS ending every completion and learned);
     `None` for a row whose prompt leaves no room for its completion.
@@ -89,15 +103,7 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[
     Prompt and completion are tokenized separately and joined, so the mask never depends on finding
     a template string in the token stream.
     """
-    texts = [r["prompt"] for r in rows]
-    prompts = _encode(tokenizer, texts, add_special_tokens=False)
-    # The tokens the tokenizer puts before any text (a BOS, for Llama-style tokenizers), unless the
-    # prompt already starts with them, as a chat template's output does: never a double BOS. Tokens
-    # it appends (an EOS, with `add_eos_token`) have no place after a prompt.
-    lead = _leading_special_tokens(tokenizer)
-    if lead:
-        lead_text = tokenizer.decode(lead)
-        prompts = [ids if text.startswith(lead_text) else lead + ids for ids, text in zip(prompts, texts, strict=True)]
+    prompts = prompt_token_ids(tokenizer, [r["prompt"] for r in rows])
     completions = _encode(tokenizer, [r["completion"] for r in rows], add_special_tokens=False)
     eos = tokenizer.eos_token_id
     out: list[dict[str, Any] | None] = []
@@ -142,9 +148,11 @@ def _collect(
     lengths: LengthSettings,
     split: SplitSettings,
     bin_width: int,
+    preview: dict[str, list[dict[str, Any]]],
 ) -> None:
     """Apply the length filters and the split to one encoded batch, counting per split and per
-    dataset within it, and write each kept row to its split."""
+    dataset within it, and write each kept row to its split; keep the first training rows of each
+    dataset for the preview."""
     for row, encoded in zip(batch, encoded_batch, strict=True):
         if row["id"] in seen:
             raise PipelineError(f"dataset '{row['dataset']}': row id '{row['id']}' appears twice")
@@ -171,7 +179,22 @@ def _collect(
             c["completion_tokens"] += completion_tokens
             c["truncated"] += truncated
             c["length_histogram"][bin_start] = c["length_histogram"].get(bin_start, 0) + 1
+        if split_name == "train" and len(preview.setdefault(row["dataset"], [])) < PREVIEW_ROWS:
+            preview[row["dataset"]].append(encoded)
         writers[split_name](encoded)
+
+
+def learned_segments(tokenizer, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A tokenized row as text in runs of tokens the model sees (prompt) and learns (completion and
+    EOS), decoded with special tokens shown: what training is fed, as the report shows it."""
+    segments: list[dict[str, Any]] = []
+    for token, label in zip(row["input_ids"], row["labels"], strict=True):
+        learned = label != IGNORE_INDEX
+        if segments and segments[-1]["learned"] == learned:
+            segments[-1]["ids"].append(token)
+        else:
+            segments.append({"learned": learned, "ids": [token]})
+    return [{"learned": s["learned"], "text": tokenizer.decode(s["ids"])} for s in segments]
 
 
 @contextlib.contextmanager
@@ -248,10 +271,13 @@ def tokenize_and_split(
     # Rows stream to their split files batch by batch: memory stays one batch, not the dataset.
     with contextlib.ExitStack() as stack:
         writers = {name: stack.enter_context(jsonl_writer(out_paths[name])) for name in SPLITS}
+        preview: dict[str, list[dict[str, Any]]] = {}
         for batch in _batches(hydrated_paths):
-            _collect(batch, encode_rows(batch, tokenizer, max_length), seen, stats, writers, lengths, split, bin_width)
+            encoded = encode_rows(batch, tokenizer, max_length)
+            _collect(batch, encoded, seen, stats, writers, lengths, split, bin_width, preview)
             progress.update(len(batch))
         _check_splits(stats, split)
+    stats["preview"] = {name: [learned_segments(tokenizer, row) for row in rows] for name, rows in sorted(preview.items())}
     stats["settings"] = {
         "max_length": max_length,
         "min_tokens": lengths.min_tokens,

@@ -27,6 +27,7 @@ from .launch import current_allocator
 from .loss import completion_loss
 from .model import load_model, load_tokenizer, save_model_dir
 from .swiglu import use_lean_swiglu
+from .tracking import Tracking
 
 log = logging.getLogger("sftpipe")
 
@@ -79,6 +80,8 @@ class TrainJob:
     work_dir: str | Path  # checkpoints, outside the stage's outputs so that a rerun finds them
     settings: TrainSettings
     trust_remote_code: bool = False
+    name: str = "train"  # the experiment: the tracked run's name
+    report_to: tuple[str, ...] = ()  # trackers of the run (sftpipe.tracking); they change nothing learned
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -86,7 +89,7 @@ class TrainJob:
     @classmethod
     def from_json(cls, text: str) -> TrainJob:
         fields = json.loads(text)
-        return cls(**{**fields, "settings": TrainSettings(**fields["settings"])})
+        return cls(**{**fields, "settings": TrainSettings(**fields["settings"]), "report_to": tuple(fields["report_to"])})
 
 
 def cpu_has_native_bf16(cpuinfo: str) -> bool:
@@ -245,6 +248,7 @@ class LoraRecipe:
                 f"config key 'train.batch_size': {self.settings.batch_size} examples do not split evenly "
                 f"over {self.world_size} processes"
             )
+        self.tracking = Tracking(job.report_to, job.name)
         # Checkpoints live outside the rule's outputs, keyed by what they belong to, so a rerun after
         # a kill resumes while a changed config starts afresh.
         self.checkpoints = Path(job.work_dir) / run_fingerprint(job.base_dir, job.train_path, job.validation_path, self.settings)
@@ -338,7 +342,8 @@ class LoraRecipe:
             # Without padding-free batches, similar lengths share a batch so little compute goes to padding.
             train_sampling_strategy="random" if settings.padding_free else "group_by_length",
             max_length=None,  # the tokenize stage already truncated to max_length
-            report_to="none",
+            report_to=list(self.job.report_to) or "none",
+            run_name=self.job.name,
             disable_tqdm=True,
             dataloader_num_workers=0,
             ddp_backend=None if torch.cuda.is_available() or self.world_size == 1 else "gloo",
@@ -353,6 +358,7 @@ class LoraRecipe:
             modules_to_save=settings.modules_to_save,
             task_type="CAUSAL_LM",
         )
+        os.environ.update(self.tracking.environment())  # before the trainer creates its tracking callbacks
         self.progress = _progress_callback()
         callbacks = [self.progress]
         if early_stopping:
@@ -388,8 +394,9 @@ class LoraRecipe:
         resumed_from = int(resume.name.removeprefix("checkpoint-")) if resume else 0
         if resume:
             log.info("resuming from %s (step %d)", resume, resumed_from)
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        final_eval = trainer.evaluate() if self.eval_set is not None else {}
+        with self.tracking.run() as tracking:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            final_eval = trainer.evaluate() if self.eval_set is not None else {}
         tokens, positions = self._over_all_processes(trainer.tokens_seen, trainer.projected_positions)
         return TrainSummary(
             train_loss=result.training_loss,
@@ -409,6 +416,7 @@ class LoraRecipe:
             world_size=self.world_size,
             allocator=current_allocator(),
             settings=asdict(self.settings),
+            tracking=tracking,
         )
 
     def _over_all_processes(self, *counts: int) -> list[int]:

@@ -11,6 +11,7 @@ from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.metrics import normalize_answer, token_f1
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.tasks import TaskSpec, build_task, task_manager
+from sftpipe.tokenization import encode_rows
 
 
 @pytest.mark.parametrize(
@@ -58,9 +59,7 @@ def test_exact_match_scores_predictions_against_references(tmp_path, tiny_model)
     # normalized match but never a strict one.
     worded = next(i for i, o in enumerate(outputs) if normalize_answer(o) and o.upper() != o)
     cases = [(prompts[0], outputs[0]), (prompts[worded], outputs[worded].upper() + "!"), (prompts[2], "definitely not this")]
-    test = write_jsonl(
-        tmp_path / "test.jsonl", [{"id": str(i), "dataset": "d", "prompt": p, "completion": r} for i, (p, r) in enumerate(cases)]
-    )
+    test = write_jsonl(tmp_path / "test.jsonl", _tokenized(tokenizer, cases))
     metrics = evaluate_exact_match(tiny_model, test, tmp_path / "m.json", tmp_path / "p.jsonl", max_new_tokens=6, batch_size=2)
     predictions = list(read_jsonl(tmp_path / "p.jsonl"))
     assert [p["prediction"] for p in predictions] == [outputs[0], outputs[worded], outputs[2]]
@@ -68,6 +67,22 @@ def test_exact_match_scores_predictions_against_references(tmp_path, tiny_model)
     assert [p["normalized_exact_match"] for p in predictions] == [True, True, False]
     assert metrics["exact_match"] == pytest.approx(1 / 3) and metrics["normalized_exact_match"] == pytest.approx(2 / 3)
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == 3
+
+
+def _tokenized(tokenizer, cases):
+    """Held-out rows as the tokenize stage writes them, from (prompt, completion) pairs."""
+    rows = [{"id": str(i), "dataset": "d", "prompt": p, "completion": c} for i, (p, c) in enumerate(cases)]
+    return encode_rows(rows, tokenizer, max_length=256)
+
+
+def test_exact_match_generates_from_the_prompts_as_trained(tmp_path, tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    [row] = _tokenized(tokenizer, [("Say something:", "yes")])
+    row["input_ids"][0] += 1  # as if another tokenizer had tokenized the split
+    test = write_jsonl(tmp_path / "test.jsonl", [row])
+    with pytest.raises(PipelineError, match=r"row 0: the prompt generation would see differs from the one trained on at token 0"):
+        evaluate_exact_match(tiny_model, test, tmp_path / "m.json", tmp_path / "p.jsonl")
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "p.jsonl").exists()
 
 
 def test_empty_test_split_is_an_error(tmp_path, tiny_model):
@@ -126,69 +141,50 @@ def test_lm_eval_runs_arc_and_hellaswag_offline(tmp_path, tiny_model, shared_dat
     assert json.loads((tmp_path / "lm_eval.json").read_text()) == json.loads(json.dumps(summary))
 
 
-def test_arc_easy_accuracy_equals_the_lm_eval_cli(tmp_path, tiny_model, shared_data):
-    """Parity: the pipeline's number is exactly what plain `lm_eval` gives on the same data, model and settings."""
+CHAT = {
+    "num_fewshot": 2,
+    "apply_chat_template": True,
+    "system_instruction": "Answer with the right choice.",
+    "fewshot_as_multiturn": True,
+}
+
+
+@pytest.mark.parametrize("settings", [{}, CHAT], ids=["plain prompts", "chat template, system, multi-turn few-shot"])
+def test_arc_easy_scores_equal_the_lm_eval_cli(tmp_path, tiny_model, shared_data, settings):
+    """Parity: the pipeline's numbers, and each document's score, are exactly what plain `lm_eval` gives
+    on the same data, model and settings (the same flags)."""
     import subprocess
     import sys
 
     import yaml
 
-    test_file = str(shared_data / "arc" / "hf_schema" / "ARC-Easy-test.jsonl")
-    spec = prepared(TaskSpec("arc_easy", limit=24, data_files={"test": test_file}), tmp_path / "arc_easy")
-    ours = evaluate_lm_harness(tiny_model, [spec], tmp_path / "ours.json", batch_size=8)
-    ours = ours["tasks"]["arc_easy"]["metrics"]
+    arc = shared_data / "arc" / "hf_schema"
+    data = {"test": str(arc / "ARC-Easy-test.jsonl"), "train": str(arc / "ARC-Easy-train.jsonl")}
+    spec = prepared(TaskSpec("arc_easy", limit=24, data_files=data, **settings), tmp_path / "arc_easy")
+    ours = evaluate_lm_harness(tiny_model, [spec], tmp_path / "ours.json", batch_size=8)["tasks"]["arc_easy"]
 
-    # The CLI's own task: the official arc_easy YAML, included unchanged, reading the same local file.
+    # The CLI's own task: the official arc_easy YAML, included unchanged, reading the same local files.
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "arc_easy_cli.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "include": str(task_manager(("arc_easy",)).task_index["arc_easy"].yaml_path),
-                "task": "arc_easy_cli",
-                "tag": [],
-                "dataset_path": "json",
-                "dataset_name": None,
-                "dataset_kwargs": {"data_files": {"test": test_file}},
-                "training_split": None,
-                "validation_split": None,
-            }
-        )
-    )
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "run",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={tiny_model},dtype=float32",
-            "--tasks",
-            "arc_easy_cli",
-            "--include_path",
-            str(tasks),
-            "--limit",
-            "24",
-            "--batch_size",
-            "8",
-            "--device",
-            "cpu",
-            "--output_path",
-            str(tmp_path / "cli"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    printed = {}
-    for line in cli.stdout.splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if len(cells) > 8 and cells[5] in ("acc", "acc_norm"):
-            printed[cells[5]] = cells[7]
-    assert printed == {"acc": f"{ours['acc,none']:.4f}", "acc_norm": f"{ours['acc_norm,none']:.4f}"}
+    official = str(task_manager(("arc_easy",)).task_index["arc_easy"].yaml_path)
+    cli_task = {"include": official, "task": "arc_easy_cli", "tag": [], "dataset_path": "json", "dataset_name": None,
+                "dataset_kwargs": {"data_files": data}, "validation_split": None}  # fmt: skip
+    (tasks / "arc_easy_cli.yaml").write_text(yaml.safe_dump(cli_task))
+    flags = ["--num_fewshot", str(settings.get("num_fewshot", 0))]
+    if settings:
+        flags += ["--apply_chat_template", "--fewshot_as_multiturn", "--system_instruction", settings["system_instruction"]]
+    subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={tiny_model},dtype=float32",
+         "--tasks", "arc_easy_cli", "--include_path", str(tasks), "--limit", "24", "--batch_size", "8", "--device", "cpu",
+         "--seed", "0,0,0,0", "--log_samples", "--output_path", str(tmp_path / "cli"), *flags],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
     [cli_json] = (tmp_path / "cli").rglob("results_*.json")
     cli_metrics = json.loads(cli_json.read_text())["results"]["arc_easy_cli"]
     for key in ("acc,none", "acc_norm,none", "acc_stderr,none", "acc_norm_stderr,none"):
-        assert cli_metrics[key] == ours[key], key
+        assert cli_metrics[key] == ours["metrics"][key], key
+    [cli_samples] = (tmp_path / "cli").rglob("samples_arc_easy_cli_*.jsonl")
+    per_document = sorted((json.loads(line) for line in cli_samples.read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert ours["per_document"]["doc_id"] == [s["doc_id"] for s in per_document] == list(range(24))
+    assert ours["per_document"]["acc"] == [s["acc"] for s in per_document]
+    assert ours["settings"] | settings == ours["settings"]  # the settings recorded beside the numbers

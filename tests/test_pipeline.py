@@ -54,10 +54,29 @@ def test_every_stage_wrote_its_artifacts(workdir):
     report = (results / "report" / "smoke.md").read_text()
     assert "| arc_easy | acc |" in report and "| hellaswag | acc_norm |" in report
     assert "normalized_exact_match" in report
+    # Base vs tuned, paired item by item, in the report and its summary.
+    assert "## Is the difference real?" in report
+    summary = json.loads((results / "report" / "smoke.json").read_text())
+    paired = {(r["task"], r["metric"]): r for r in summary["significance"]}
+    assert {("exact match", "normalized_exact_match"), ("arc_easy", "acc"), ("hellaswag", "acc_norm")} <= set(paired)
+    for row in paired.values():
+        assert row["ci_low"] <= row["delta"] <= row["ci_high"] and 0 < row["p_value"] <= 1
     assert "sample_len" not in report
     for rule in ("train_lora", "tokenize_and_split", "evaluate_lm_harness"):
         assert any((results / "logs" / rule).rglob("*.log")), rule
     assert (results / "benchmarks" / "train_lora" / "smoke.tsv").exists()
+
+
+def test_a_tracked_experiment_logs_training_and_evaluation_to_one_tensorboard_run(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = json.loads((workdir / "results" / "train" / "smoke-r4" / "history.json").read_text())
+    events = EventAccumulator(history["summary"]["tracking"]["tensorboard_dir"])
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "train/loss" in tags and "eval/exact_match/normalized_exact_match/tuned" in tags
+    assert "eval/arc_easy/acc/base" in tags
+    assert not (workdir / "results" / "tracking" / "tensorboard" / "smoke").exists()  # smoke is not tracked
 
 
 def test_html_report_holds_plots_and_tables(workdir):
@@ -72,6 +91,8 @@ def test_html_report_holds_plots_and_tables(workdir):
             pages = [n for n in names if n.endswith(table)]
             assert len(pages) == (1 if table == "experiments.html" else 2)
             assert all(b"<table>" in archive.read(page) for page in pages)
+        rows = [n for n in names if n.endswith("training_rows.html")]
+        assert len(rows) == 2 and all(b"<span class='learned'>" in archive.read(page) for page in rows)
     samples = (workdir / "results" / "report" / "smoke" / "sample_generations.html").read_text()
     predictions = [json.loads(line) for line in (workdir / "results" / "eval" / "smoke" / "tuned" / "predictions.jsonl").open()]
     assert html.escape(predictions[0]["reference"]) in samples

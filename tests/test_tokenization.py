@@ -244,3 +244,17 @@ def test_a_split_the_config_asks_for_but_gets_no_row_names_the_key(tmp_path, tin
     # A fraction of 0 asks for no such split.
     splits, _ = _run(tmp_path / "none", tiny_model, rows, split=SplitSettings(validation_fraction=0.0, test_fraction=0.2))
     assert splits["validation"] == [] and splits["test"]
+
+
+def test_the_preview_shows_what_each_dataset_trains_on(tmp_path, tiny_model):
+    rows = _rows(30) + [{**r, "id": f"other-{i}", "dataset": "other"} for i, r in enumerate(_rows(30, start=100))]
+    splits, stats = _run(tmp_path, tiny_model, rows, split=SplitSettings(0.0, 0.0, 0))
+    tokenizer = load_tokenizer(tiny_model)
+    assert sorted(stats["preview"]) == ["other", "t"]
+    for dataset, previews in stats["preview"].items():
+        first_rows = [r for r in splits["train"] if r["dataset"] == dataset][:3]
+        assert len(previews) == 3
+        for segments, row in zip(previews, first_rows, strict=True):
+            assert [s["learned"] for s in segments] == [False, True]
+            assert segments[0]["text"] == row["prompt"]
+            assert segments[1]["text"] == row["completion"] + tokenizer.eos_token

@@ -75,7 +75,11 @@ def smoke_config(work: Path, shared_data: Path) -> Path:
     write_jsonl(work / "fixtures" / "dolphin.jsonl", DOLPHIN_ROWS * 10)
     write_jsonl(work / "fixtures" / "guanaco.jsonl", GUANACO_ROWS * 10)
     config = {
-        "experiments": {"smoke": {}, "smoke-r4": {"datasets": ["alpaca", "guanaco"], "train": {"lora_r": 4}}},
+        # smoke-r4 is tracked in TensorBoard: the training curves, then the evaluation figures, in one log.
+        "experiments": {
+            "smoke": {},
+            "smoke-r4": {"datasets": ["alpaca", "guanaco"], "train": {"lora_r": 4, "report_to": ["tensorboard"]}},
+        },
         "base_model": {"name": "tiny", "source": "tiny-random"},
         "datasets": {
             "alpaca": {"preset": "alpaca", "limit": 60},
