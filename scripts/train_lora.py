@@ -22,6 +22,7 @@ run_stage(
             processes=snakemake.resources.processes,
             allocator=snakemake.resources.allocator,
             gpus=snakemake.resources.gpu,
+            strategy=snakemake.resources.strategy,
         ),
         threads=snakemake.threads,
     ),

@@ -21,6 +21,10 @@ log = logging.getLogger("sftpipe")
 # Shared-library names per allocator, best first: gperftools' minimal build is all tcmalloc needs.
 ALLOCATOR_LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
 ALLOCATORS = ("auto", *ALLOCATOR_LIBRARIES, "system")
+# How data-parallel processes share the model: DDP replicates it in every process; FSDP shards the
+# weights, gradients and optimizer state across them (FSDP2), for models one device cannot hold.
+STRATEGIES = ("ddp", "fsdp")
+STRATEGY_VARIABLE = "SFTPIPE_STRATEGY"  # how launch tells the training processes
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Execution:
     processes: int = 1  # data-parallel processes (DDP): gloo processes on CPU; a job holding several GPUs runs one per GPU
     allocator: str = "auto"  # auto | tcmalloc | jemalloc | system: see allocator_library
     gpus: int = 1  # GPUs the job asks the scheduler for
+    strategy: str = "ddp"  # one of STRATEGIES; with a single process, nothing to share
 
     @property
     def world_size(self) -> int:
@@ -96,6 +101,8 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     `train.allocator`'s library preloaded. Returns the run's summary."""
     from .train import train_lora
 
+    if execution.strategy not in STRATEGIES:
+        raise PipelineError(f"config key 'train.strategy': '{execution.strategy}' is not one of {', '.join(STRATEGIES)}")
     processes = execution.world_size
     preload = allocator_library(execution.allocator)
     if processes <= 1 and preload is None:
@@ -103,7 +110,7 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     with tempfile.TemporaryDirectory() as scratch:
         call = Path(scratch) / "job.json"
         call.write_text(job.to_json())
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes)), STRATEGY_VARIABLE: execution.strategy}
         if preload:
             env["LD_PRELOAD"] = " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))
             # tcmalloc reports every allocation over 1 GB on stderr: loading a large base model is not news.

@@ -65,11 +65,13 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.d
     )
 
 
-def save_model_dir(out_dir: str | Path, model, tokenizer, files: dict[str, str | dict[str, Any]] | None = None) -> None:
-    """A model (or adapter) directory, whole or not at all: the weights as safetensors, the tokenizer,
-    and `files` beside them (a dict is written as JSON)."""
+def save_model_dir(
+    out_dir: str | Path, model, tokenizer, files: dict[str, str | dict[str, Any]] | None = None, state_dict=None
+) -> None:
+    """A model (or adapter) directory, whole or not at all: the weights as safetensors (`state_dict`
+    when the model's own are sharded), the tokenizer, and `files` beside them (a dict as JSON)."""
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, content in (files or {}).items():
             if isinstance(content, dict):

@@ -17,13 +17,14 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .artifacts import TrainSummary, write_history
 from .attention import use_attention
 from .io import PipelineError, Progress, read_json, read_jsonl, sha256_file
-from .launch import current_allocator
+from .launch import STRATEGY_VARIABLE, current_allocator
 from .loss import completion_loss
 from .model import load_model, load_tokenizer, save_model_dir
 from .swiglu import use_lean_swiglu
@@ -243,6 +244,9 @@ class LoraRecipe:
         self.precision = resolve_precision(self.settings.precision)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.main_process = int(os.environ.get("RANK", "0")) == 0
+        self.fsdp = self.world_size > 1 and os.environ.get(STRATEGY_VARIABLE) == "fsdp"
+        if self.fsdp and self.settings.quantization != "none":
+            raise PipelineError("config key 'train.strategy': fsdp shards full-precision weights; use ddp with qlora")
         if self.settings.batch_size % self.world_size:
             raise PipelineError(
                 f"config key 'train.batch_size': {self.settings.batch_size} examples do not split evenly "
@@ -347,6 +351,7 @@ class LoraRecipe:
             disable_tqdm=True,
             dataloader_num_workers=0,
             ddp_backend=None if torch.cuda.is_available() or self.world_size == 1 else "gloo",
+            **self._fsdp_arguments(),
         )
         lora = LoraConfig(
             r=settings.lora_r,
@@ -372,12 +377,26 @@ class LoraRecipe:
             peft_config=lora,
             callbacks=callbacks,
         )
-        self.trainer.fused_loss = settings.fused_loss
+        # The fused loss reads the output projection's weight outside the forward, where FSDP has it sharded.
+        self.trainer.fused_loss = settings.fused_loss and not self.fsdp
         # TRL casts the LoRA factors of a quantized model to bf16; they train in fp32 here, like the
         # optimizer's state (bf16 factors lose small updates, and bf16 is emulated on most CPUs).
         for parameter in self.trainer.model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
+
+    def _fsdp_arguments(self) -> dict[str, Any]:
+        """FSDP2 over the data-parallel processes: each decoder layer its own shard unit."""
+        if not self.fsdp:
+            return {}
+        return {
+            "fsdp": True,
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "transformer_layer_cls_to_wrap": list(self.model._no_split_modules),
+                "reshard_after_forward": True,
+            },
+        }
 
     def train(self) -> TrainSummary:
         trainer = self.trainer
@@ -427,10 +446,12 @@ class LoraRecipe:
         return total.tolist()
 
     def save(self, summary: TrainSummary) -> None:
-        """The adapter (safetensors) and the history, from the main process; then the checkpoints go."""
+        """The adapter (safetensors) and the history, from the main process; then the checkpoints go.
+        Under FSDP every process first gives its shards, so the adapter saved is whole."""
+        state = self.trainer.accelerator.get_state_dict(self.trainer.model) if self.fsdp else None
         if not self.main_process:
             return
-        save_model_dir(self.job.adapter_dir, self.trainer.model, self.tokenizer)
+        save_model_dir(self.job.adapter_dir, self.trainer.model, self.tokenizer, state_dict=state)
         write_history(self.job.history_path, summary, self.trainer.state.log_history)
         shutil.rmtree(self.job.work_dir, ignore_errors=True)
 
@@ -445,7 +466,20 @@ def train_lora(job: TrainJob) -> TrainSummary:
     return summary
 
 
+def die_with_parent() -> None:
+    """End this process when the one that launched it ends (Linux): torchrun starts each worker in a
+    session of its own, so a job killed with its process group (a scheduler's cancel, a killed
+    Snakemake) would leave the workers training on, and a rerun would find them writing its files."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 if __name__ == "__main__":
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     train_lora(TrainJob.from_json(Path(sys.argv[1]).read_text()))

@@ -12,7 +12,7 @@ from sftpipe.attention import ATTENTION
 from sftpipe.config import config_errors, describe, load_schema
 from sftpipe.filters import FilterSettings
 from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
-from sftpipe.launch import ALLOCATORS, Execution
+from sftpipe.launch import ALLOCATORS, STRATEGIES, Execution
 from sftpipe.merge import DTYPES
 from sftpipe.tokenization import OVERLONG, LengthSettings, SplitSettings
 from sftpipe.train import PRECISIONS, QUANTIZATIONS, TrainJob, TrainSettings
@@ -68,6 +68,7 @@ def _enum(*path: str) -> list:
         (("train", "quantization"), QUANTIZATIONS),
         (("train", "attention"), ATTENTION),
         (("train", "allocator"), ALLOCATORS),
+        (("train", "strategy"), STRATEGIES),
         (("data", "overlong"), OVERLONG),
         (("merge", "dtype"), DTYPES),
     ],

@@ -39,8 +39,9 @@ def slurm(tmp_path_factory) -> dict[str, str]:
             unavailable("SLURM is not installed and cannot be here: run cluster/local-slurm.sh install as root")
         cluster("install", timeout=600)
     state = tmp_path_factory.mktemp("slurm-state")
-    # Two (device-less) GPUs, so that a training job can ask for both.
-    exports = cluster("start", str(state), env={"LOCAL_SLURM_GPUS": "2"}).stdout
+    # Two (device-less) GPUs, so that a training job can ask for both; job records kept for two hours,
+    # so that the first jobs of a slow run are still there to check when it ends.
+    exports = cluster("start", str(state), env={"LOCAL_SLURM_GPUS": "2", "LOCAL_SLURM_MIN_JOB_AGE": "7200"}).stdout
     env = dict(re.findall(r"^export (\w+)=(\S+)$", exports, re.M))
     try:
         yield env
