@@ -105,7 +105,7 @@ def _training_estimate(experiment, base, stats, ready):
 
     train = EXPERIMENTS[experiment].train
     max_length = config["data"]["max_length"]
-    return train_resources(base, train, max_length, stats, train["gpus"], train["processes"], ON_GPU)
+    return train_resources(base, train, max_length, stats, train["gpus"], train["processes"], train["nodes"], ON_GPU)
 
 
 def training_estimate(key):

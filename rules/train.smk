@@ -18,7 +18,8 @@ rule train_lora:
     threads: 8
     # How the job executes, which reruns nothing: more than one GPU launches one DDP process per GPU.
     resources:
-        gpu=execution_setting("gpus"),
+        gpu=lambda wildcards: experiment_of(wildcards).train["gpus"] * experiment_of(wildcards).train["nodes"],
+        nodes=execution_setting("nodes"),
         processes=execution_setting("processes"),
         allocator=execution_setting("allocator"),
         strategy=execution_setting("strategy"),

@@ -21,7 +21,8 @@ run_stage(
         Execution(
             processes=snakemake.resources.processes,
             allocator=snakemake.resources.allocator,
-            gpus=snakemake.resources.gpu,
+            gpus=snakemake.resources.gpu // snakemake.resources.nodes,
+            nodes=snakemake.resources.nodes,
             strategy=snakemake.resources.strategy,
         ),
         threads=snakemake.threads,

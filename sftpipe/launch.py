@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +33,19 @@ class Execution:
     """The `train:` keys that say how a run executes, not what it learns: they reach the job as
     Snakemake resources, which never rerun a job."""
 
-    processes: int = 1  # data-parallel processes (DDP): gloo processes on CPU; a job holding several GPUs runs one per GPU
+    processes: int = 1  # data-parallel processes per node: gloo processes on CPU; a node with several GPUs runs one per GPU
     allocator: str = "auto"  # auto | tcmalloc | jemalloc | system: see allocator_library
-    gpus: int = 1  # GPUs the job asks the scheduler for
+    gpus: int = 1  # GPUs the job asks for on each node
     strategy: str = "ddp"  # one of STRATEGIES; with a single process, nothing to share
+    nodes: int = 1  # nodes of the job's SLURM allocation, each running its share of the processes
+
+    @property
+    def per_node(self) -> int:
+        return self.gpus if self.gpus > 1 else self.processes
 
     @property
     def world_size(self) -> int:
-        return self.gpus if self.gpus > 1 else self.processes
+        return self.nodes * self.per_node
 
 
 # The `train:` keys that change nothing learned: how the job runs, and where the run is tracked
@@ -95,6 +101,38 @@ def _fd(stream) -> int | None:
         return None
 
 
+RENDEZVOUS_PORT = 29500
+
+
+def launcher_command(execution: Execution, hostnames: Callable[[str], list[str]] = lambda nodelist: []) -> list[str]:
+    """What starts the training processes: this Python alone, torchrun on this node, or, over several
+    nodes, one srun task per node each running torchrun, meeting at a c10d rendezvous on the
+    allocation's first node. `hostnames` expands SLURM's node list."""
+    if execution.world_size <= 1:
+        return [sys.executable]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={execution.per_node}"]
+    if execution.nodes <= 1:
+        return [*torchrun, "--standalone"]
+    job_id, nodelist = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_JOB_NODELIST")
+    if not job_id or not nodelist or int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) < execution.nodes:
+        raise PipelineError(
+            f"config key 'train.nodes': {execution.nodes} nodes need a SLURM allocation of as many "
+            "(run with --profile profiles/slurm)"
+        )
+    head = hostnames(nodelist)[0]
+    return [
+        "srun", f"--nodes={execution.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        *torchrun, f"--nnodes={execution.nodes}", "--rdzv_backend=c10d", f"--rdzv_id={job_id}",
+        f"--rdzv_endpoint={head}:{RENDEZVOUS_PORT}",
+    ]  # fmt: skip
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """The host names of a SLURM node list (`node[1-2]`), as scontrol expands them."""
+    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return result.stdout.split()
+
+
 def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     """`sftpipe.train.train_lora(job)` in this process, or in child processes: under torchrun with
     `execution.world_size` data-parallel workers, each with its share of the threads, and/or with
@@ -107,17 +145,19 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     preload = allocator_library(execution.allocator)
     if processes <= 1 and preload is None:
         return train_lora(job)
-    with tempfile.TemporaryDirectory() as scratch:
+    launcher = launcher_command(execution, slurm_hostnames)
+    # The job's description where every node reads it: beside the checkpoints, on the shared filesystem.
+    Path(job.work_dir).mkdir(parents=True, exist_ok=True)
+    # The main process removes the work directory when it is done: this one goes with it.
+    with tempfile.TemporaryDirectory(dir=job.work_dir, ignore_cleanup_errors=True) as scratch:
         call = Path(scratch) / "job.json"
         call.write_text(job.to_json())
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes)), STRATEGY_VARIABLE: execution.strategy}
+        threads_each = str(max(1, threads // execution.per_node))
+        env = {**os.environ, "OMP_NUM_THREADS": threads_each, STRATEGY_VARIABLE: execution.strategy}
         if preload:
             env["LD_PRELOAD"] = " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))
             # tcmalloc reports every allocation over 1 GB on stderr: loading a large base model is not news.
             env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
-        launcher = [sys.executable]
-        if processes > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         command = [*launcher, "-m", "sftpipe.train", str(call)]
         log.info("launching %d training process(es)%s: %s", processes, f" on {preload}" if preload else "", " ".join(command))
         result = subprocess.run(command, env=env, stdout=_fd(sys.stdout), stderr=_fd(sys.stderr))

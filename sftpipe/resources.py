@@ -182,22 +182,24 @@ def train_resources(
     stats_path: str | Path | None,
     gpus: int,
     processes: int,
+    nodes: int,
     on_gpu: bool,
 ) -> dict[str, int]:
-    """`mem_mb` (host memory, all processes), `gpu_mem_mb` (per GPU) and `runtime` (minutes) of a training job."""
+    """`mem_mb` (host memory of a node, all its processes), `gpu_mem_mb` (per GPU) and `runtime`
+    (minutes) of a training job."""
     shape = model_shape(base_dir)
     if shape is None:  # planning before the base model exists
         return {"mem_mb": 16000, "runtime": 720}
     device = "cuda" if on_gpu else "cpu"
     precision = settings["precision"] if settings["precision"] != "auto" else ("bf16" if on_gpu else "fp32")
-    world = gpus if gpus > 1 else processes
+    per_node = gpus if gpus > 1 else processes
     memory = training_memory(
         shape,
         device=device,
         precision=precision,
         quantization=settings["quantization"],
         lora_r=settings["lora_r"],
-        tokens_per_step=step_tokens(settings, max_length, stats_path, world),
+        tokens_per_step=step_tokens(settings, max_length, stats_path, per_node * nodes),
         gradient_checkpointing=settings["gradient_checkpointing"],
         lean_swiglu=settings["lean_swiglu"],
         fused_loss=settings["fused_loss"],
@@ -207,7 +209,9 @@ def train_resources(
     if settings["max_steps"] > 0 and stats and stats["train"]["rows"]:
         tokens = settings["max_steps"] * settings["batch_size"] * stats["train"]["tokens"] / stats["train"]["rows"]
     seconds = training_flops(shape, int(tokens), settings["lora_r"], settings["gradient_checkpointing"]) / SUSTAINED_FLOPS[device]
-    host = memory.total * world if device == "cpu" else (memory.weights + 2 * GB) * world
+    if device == "cuda":  # the GPUs work in parallel; CPU processes share the node's cores
+        seconds /= per_node * nodes
+    host = memory.total * per_node if device == "cpu" else (memory.weights + 2 * GB) * per_node
     return {
         "mem_mb": math.ceil(1.2 * host / (1 << 20)),
         **({"gpu_mem_mb": math.ceil(1.2 * memory.total / (1 << 20))} if device == "cuda" else {}),
