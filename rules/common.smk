@@ -7,6 +7,7 @@ from pathlib import Path
 from sftpipe.entry import checked
 from sftpipe.experiments import expand_experiments
 from sftpipe.launch import EXECUTION_KEYS
+from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec
 
 EXPERIMENTS = checked(workflow, lambda: expand_experiments(config))
@@ -94,7 +95,7 @@ def local_model_files(wildcards):
 
 
 # A cluster job runs where its `gpu` resource puts it; a local one on this host's GPU, if it has one.
-ON_GPU = not workflow.local_exec or Path("/proc/driver/nvidia/gpus").is_dir()
+ON_GPU = not workflow.local_exec or host_has_nvidia_gpu()
 
 
 @functools.cache

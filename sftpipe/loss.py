@@ -26,7 +26,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if with_grad else None
         for start in range(0, hidden.shape[0], rows):
             chunk_targets = targets[start : start + rows]
-            logits = (hidden[start : start + rows] @ weight.T).float()
+            # The head's precision, as autocast would pick: a norm may hand over fp32 states to a bf16 head.
+            logits = (hidden[start : start + rows].to(weight.dtype) @ weight.T).float()
             log_norm = torch.logsumexp(logits, dim=-1)
             learned = chunk_targets != -100
             picked = chunk_targets.clamp(min=0)

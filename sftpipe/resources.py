@@ -97,6 +97,11 @@ KNOWN_SHAPES = {
 }
 
 
+def host_has_nvidia_gpu() -> bool:
+    """Whether the NVIDIA driver sees a GPU on this host, known without importing torch or CUDA."""
+    return Path("/proc/driver/nvidia/gpus").is_dir()
+
+
 def model_shape(model_dir: str | Path) -> ModelShape | None:
     """The shape of a materialized model, or None before it exists."""
     config = Path(model_dir) / "config.json"
