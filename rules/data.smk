@@ -70,6 +70,8 @@ rule filter_and_mix:
         "results/benchmarks/filter_and_mix/{experiment}.tsv"
     conda:
         "../envs/data.yaml"
+    # Processes computing MinHash signatures; capped at --cores on a workstation.
+    threads: 4
     resources:
         mem_mb=4000,
         runtime=60,

@@ -14,5 +14,6 @@ run_stage(
         settings=FilterSettings(**snakemake.params.filters),
         split=SplitSettings(**snakemake.params.split),
         eval_tasks=[TaskSpec(**task) for task in snakemake.params.eval_tasks],
+        threads=snakemake.threads,
     ),
 )

@@ -63,6 +63,66 @@ def test_exact_and_near_duplicates_are_removed(tmp_path, shared_data):
     assert stats["datasets"]["alpaca"]["exact_duplicate"] == 1 and stats["datasets"]["alpaca"]["near_duplicate"] == 1
 
 
+def _random_text(rng, words):
+    return " ".join(f"w{rng.randrange(100_000)}" for _ in range(words))
+
+
+def _text_row(row_id, content):
+    return {"id": row_id, "source_id": row_id, "dataset": "d", "prompt": "", "completion": content, "content": content}
+
+
+def test_near_dedup_finds_pairs_above_the_threshold_and_keeps_those_below(tmp_path):
+    """Forty pairs at word 5-shingle Jaccard ~0.9 (one word of 100 replaced) all go; forty at ~0.7
+    (four words replaced) all stay: LSH banding alone at 0.85 finds about 80% of the first and
+    comparing the MinHashes of candidates is what keeps the second."""
+    import random
+
+    from sftpipe.filters import ngrams, words
+
+    rng = random.Random(0)
+    rows, close, far = [], [], []
+    for i in range(80):
+        tokens = _random_text(rng, 100).split()
+        rows.append(_text_row(f"orig-{i}", " ".join(tokens)))
+        for k in range(1 if i < 40 else 4):
+            tokens[10 + 25 * k] = f"changed{i}x{k}"
+        twin = _text_row(f"twin-{i}", " ".join(tokens))
+        a, b = ngrams(words(rows[-1]["content"]), 5), ngrams(words(twin["content"]), 5)
+        assert (0.9 <= len(a & b) / len(a | b) < 0.91) if i < 40 else (0.65 < len(a & b) / len(a | b) < 0.75)
+        (close if i < 40 else far).append(twin)
+    _, _, removed = _run(tmp_path, {"d": rows + close + far}, settings=FilterSettings(decontaminate=False))
+    assert {r["id"]: r["match"] for r in removed} == {f"twin-{i}": f"orig-{i}" for i in range(40)}
+
+
+def test_filters_write_the_same_bytes_with_any_number_of_workers(tmp_path, shared_data, monkeypatch):
+    import sftpipe.filters
+
+    monkeypatch.setattr(sftpipe.filters, "BATCH", 16)  # many batches, so the workers share the rows
+    rows = _alpaca_rows(shared_data, 200)
+    rows += [
+        {**rows[i], "id": f"dup-{i}", "source_id": f"dup-{i}", "content": rows[i]["content"] + " Indeed."}
+        for i in range(0, 200, 9)
+    ]
+    outputs = []
+    for threads in (1, 3):
+        out = tmp_path / f"threads{threads}"
+        out.mkdir()
+        path = write_jsonl(out / "d.jsonl", rows)
+        filter_and_mix(
+            [path],
+            {},
+            out / "m.jsonl",
+            out / "s.json",
+            out / "r.jsonl",
+            FilterSettings(),
+            SplitSettings(0.1, 0.1, 0),
+            threads=threads,
+        )
+        outputs.append([(out / name).read_bytes() for name in ("m.jsonl", "s.json", "r.jsonl")])
+    assert outputs[0] == outputs[1]
+    assert outputs[0][2].count(b"near_duplicate") >= 20
+
+
 def test_every_turn_of_a_conversation_survives_near_dedup(tmp_path):
     from sftpipe.data import DatasetSpec, hydrate_dataset
 
