@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import random
 import re
 import sys
@@ -19,7 +20,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .io import PipelineError, Progress, jsonl_writer, read_jsonl, remove_stale_temporaries, temporary_prefix, write_json
+from .io import (
+    PipelineError,
+    Progress,
+    batched,
+    jsonl_writer,
+    read_jsonl,
+    read_jsonl_files,
+    remove_stale_temporaries,
+    temporary_prefix,
+    write_json,
+)
 from .tokenization import SplitSettings, row_split
 
 log = logging.getLogger("sftpipe")
@@ -210,11 +221,6 @@ def _dataset_paths(hydrated_paths: list[str | Path]) -> list[Path]:
     return sorted((Path(p) for p in hydrated_paths), key=dataset)
 
 
-def _rows(paths: list[Path]) -> Iterator[dict[str, Any]]:
-    for path in paths:
-        yield from read_jsonl(path)
-
-
 def _digest(text: str) -> int:
     """A 64-bit content digest, the same in every process and run."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
@@ -285,7 +291,7 @@ class _Scan:
         progress = Progress("filters: scan", sum(1 for path in paths for line in open(path, "rb") if line.strip()))
         with concurrent.futures.ProcessPoolExecutor(max(1, threads)) as pool:
             pending: list[tuple[list[dict[str, Any]], concurrent.futures.Future]] = []
-            for batch in _batched(_rows(paths), BATCH):
+            for batch in batched(read_jsonl_files(paths), BATCH):
                 pending.append((batch, pool.submit(_signatures, [_content(r) for r in batch], self.bands, self.settings.seed)))
                 # The workers sign the next batches while this process checks the oldest.
                 while len(pending) > max(1, threads):
@@ -314,17 +320,6 @@ class _Scan:
                     self.test_words[index] = " ".join(tokens)
 
 
-def _batched(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _exact_duplicates(scan: _Scan) -> dict[int, dict[str, Any]]:
     """Row -> removal record for every row whose words were seen before."""
     first: dict[int, int] = {}
@@ -346,41 +341,46 @@ def _near_duplicates(
     Rows of one conversation are never each other's duplicates: each turn's content holds the
     history before it, so a short late turn looks like the turn before it. The bands' buckets are
     numbered once, so what is kept per bucket is an array of row numbers, not a dict of keys; the
-    MinHash values stay on disk (`signatures`, one row of NUM_PERM uint32 after another).
+    MinHash values stay on disk (`signatures`, one row of NUM_PERM uint32 after another) and are
+    read for the rows that meet candidates only (read, not mapped: mapped pages would count as the
+    stage's memory).
     """
     import numpy as np
 
     if not scan.ids:
         return {}
-    values = np.memmap(signatures, dtype=np.uint32, mode="r", shape=(len(scan.ids), NUM_PERM))
-    bands = np.frombuffer(scan.band_keys, dtype=np.int64).reshape(len(scan.ids), len(scan.bands))
-    buckets = [np.unique(bands[:, b], return_inverse=True)[1] for b in range(bands.shape[1])]
-    first_kept = [np.full(int(bucket.max()) + 1, -1, dtype=np.int64) for bucket in buckets]
-    more_kept: dict[tuple[int, int], list[int]] = {}  # the other kept rows of a bucket
-    near = {}
-    progress = Progress("filters: near-dedup", len(scan.ids))
-    for row in range(len(scan.ids)):
-        progress.update()
-        if row in removed:
-            continue
-        candidates = set()
-        for b, bucket in enumerate(buckets):
-            if (first := first_kept[b][bucket[row]]) >= 0:
-                candidates.add(int(first))
-                candidates.update(more_kept.get((b, int(bucket[row])), ()))
-        close = [
-            scan.ids[k]
-            for k in candidates
-            if scan.sources[k] != scan.sources[row] and np.count_nonzero(values[k] == values[row]) >= threshold * NUM_PERM
-        ]
-        if close:
-            near[row] = {"reason": "near_duplicate", "match": min(close)}
-            continue
-        for b, bucket in enumerate(buckets):
-            if first_kept[b][bucket[row]] < 0:
-                first_kept[b][bucket[row]] = row
-            else:
-                more_kept.setdefault((b, int(bucket[row])), []).append(row)
+    size = NUM_PERM * 4
+    with open(signatures, "rb") as handle:
+
+        def minhash(row: int) -> np.ndarray:
+            return np.frombuffer(os.pread(handle.fileno(), size, row * size), dtype=np.uint32)
+
+        bands = np.frombuffer(scan.band_keys, dtype=np.int64).reshape(len(scan.ids), len(scan.bands))
+        buckets = [np.unique(bands[:, b], return_inverse=True)[1] for b in range(bands.shape[1])]
+        first_kept = [np.full(int(bucket.max()) + 1, -1, dtype=np.int64) for bucket in buckets]
+        more_kept: dict[tuple[int, int], list[int]] = {}  # the other kept rows of a bucket
+        near = {}
+        progress = Progress("filters: near-dedup", len(scan.ids))
+        for row in range(len(scan.ids)):
+            progress.update()
+            if row in removed:
+                continue
+            candidates = set()
+            for b, bucket in enumerate(buckets):
+                if (first := first_kept[b][bucket[row]]) >= 0:
+                    candidates.add(int(first))
+                    candidates.update(more_kept.get((b, int(bucket[row])), ()))
+            others = [k for k in candidates if scan.sources[k] != scan.sources[row]]
+            mine = minhash(row) if others else None
+            close = [scan.ids[k] for k in others if np.count_nonzero(minhash(k) == mine) >= threshold * NUM_PERM]
+            if close:
+                near[row] = {"reason": "near_duplicate", "match": min(close)}
+                continue
+            for b, bucket in enumerate(buckets):
+                if first_kept[b][bucket[row]] < 0:
+                    first_kept[b][bucket[row]] = row
+                else:
+                    more_kept.setdefault((b, int(bucket[row])), []).append(row)
     return near
 
 
@@ -394,7 +394,7 @@ def _test_overlap(paths: list[Path], scan: _Scan, removed: dict[int, dict[str, A
     if not held_out:
         return overlap
     progress = Progress("filters: test overlap", len(scan.ids))
-    for index, row in enumerate(_rows(paths)):
+    for index, row in enumerate(read_jsonl_files(paths)):
         progress.update()
         if index not in removed and scan.splits[index] != "test" and (hit := held_out.match(words(_content(row)))):
             overlap[index] = {"reason": "test_overlap", **hit}
@@ -469,7 +469,7 @@ def _write(paths, scan: _Scan, removed, plans, out_path, removed_path) -> None:
     written = 0
     with jsonl_writer(out_path) as write, jsonl_writer(removed_path) as write_removed:
         dataset = None
-        for index, row in enumerate(_rows(paths)):
+        for index, row in enumerate(read_jsonl_files(paths)):
             if row["dataset"] != dataset:
                 written += _copies(write, plans.get(dataset), saved)
                 dataset = row["dataset"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -103,6 +104,19 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]], *, if_e
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Yield the objects of a JSONL file; a bad line raises an error naming file and line."""
     return (row for _, row in numbered_jsonl(path))
+
+
+def read_jsonl_files(paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
+    """The objects of several JSONL files, one file after the other."""
+    for path in paths:
+        yield from read_jsonl(path)
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of `size` items in order, the last one shorter (itertools.batched needs Python 3.12)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 def numbered_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:

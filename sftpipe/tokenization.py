@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import PipelineError, Progress, jsonl_writer, read_jsonl, sha256_file, write_json
+from .io import PipelineError, Progress, batched, jsonl_writer, read_jsonl_files, sha256_file, write_json
 from .model import load_tokenizer
 
 log = logging.getLogger("sftpipe")
@@ -44,18 +44,6 @@ def assign_split(row_id: str, settings: SplitSettings) -> str:
 def row_split(row: dict[str, Any], settings: SplitSettings) -> str:
     """The split of a hydrated row: every turn of a conversation shares its `source_id`, hence its split."""
     return assign_split(row.get("source_id", row["id"]), settings)
-
-
-def _batches(paths: list[str | Path]) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for path in paths:
-        for row in read_jsonl(path):
-            batch.append(row)
-            if len(batch) == BATCH:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
 
 
 OVERLONG = ("truncate", "drop")  # what happens to a row over max_length
@@ -272,7 +260,7 @@ def tokenize_and_split(
     with contextlib.ExitStack() as stack:
         writers = {name: stack.enter_context(jsonl_writer(out_paths[name])) for name in SPLITS}
         preview: dict[str, list[dict[str, Any]]] = {}
-        for batch in _batches(hydrated_paths):
+        for batch in batched(read_jsonl_files(hydrated_paths), BATCH):
             encoded = encode_rows(batch, tokenizer, max_length)
             _collect(batch, encoded, seen, stats, writers, lengths, split, bin_width, preview)
             progress.update(len(batch))

@@ -85,6 +85,7 @@ SMALL_BENCH = {
     "bench/generation_throughput.py": ["--rows", "4", "--max-new-tokens", "4"],
     "bench/train_throughput.py": ["--rows", "8", "--steps", "1", "--variants", "sftpipe"],
     "bench/mutations.py": ["--only", "amx-not-native"],
+    "bench/data_scaling.py": ["--rows", "300", "600"],
 }
 
 
@@ -126,6 +127,9 @@ def check(command: list[str], workspace: Path, sweep: Path, tmp_path: Path) -> s
         return "dry run"
     if head == ".venv/bin/python" and command[1:3] == ["-m", "sftpipe.generate"]:
         assert run(command, workspace).stdout.strip()
+        return "as written"
+    if head == ".venv/bin/python" and command[1:3] == ["-m", "sftpipe.plan"]:
+        assert "| Llama-2-70B | 68.98B | QLoRA, NF4 base |" in run(command, workspace).stdout
         return "as written"
     if head == ".venv/bin/python" and command[1] in SMALL_BENCH:
         run([*command, *SMALL_BENCH[command[1]], "--out", str(tmp_path / "bench.json")], workspace)
