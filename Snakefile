@@ -32,13 +32,14 @@ wildcard_constraints:
     experiment=one_of(EXPERIMENTS),
     model=one_of(BASE_MODELS),
     renderer=one_of(RENDERERS),
-    variant="base|tuned",
+    variant="base|tuned|exported",
     task=one_of(EVAL_TASKS),
 
 
 include: "rules/model.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/export.smk"
 include: "rules/eval.smk"
 include: "rules/report.smk"
 
@@ -48,3 +49,4 @@ rule all:
     input:
         reports=expand(rules.report.output.markdown, experiment=EXPERIMENTS),
         summary=rules.summarize_experiments.output.summary,
+        exports=expand(rules.export_gguf.output[0], experiment=EXPERIMENTS) if EXPORT.gguf else [],

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from sftpipe.entry import checked
 from sftpipe.experiments import expand_experiments
+from sftpipe.export import ExportSettings
 from sftpipe.launch import EXECUTION_KEYS
 from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec
 
 EXPERIMENTS = checked(workflow, lambda: expand_experiments(config))
+EXPORT = checked(workflow, lambda: ExportSettings.from_config(config["export"]))
 
 BASE_MODELS = {e.model: e.base_model for e in EXPERIMENTS.values()}
 DATASETS = sorted({d for e in EXPERIMENTS.values() for d in e.datasets})
@@ -189,11 +191,29 @@ def eval_task_source_files(wildcards):
 
 
 def of_variant(path, variant):
-    """An evaluation output path of the job's experiment for one variant (base or tuned)."""
+    """An evaluation output path of the job's experiment for one variant (base, tuned or exported)."""
     return lambda wildcards: path.format(experiment=wildcards.experiment, variant=variant)
 
 
 def evaluated_model(wildcards):
     if wildcards.variant == "base":
         return experiment_base_model(wildcards)
+    if wildcards.variant == "exported":
+        return rules.export_gguf.output[0].format(experiment=wildcards.experiment)
     return rules.merge_adapter.output[0].format(experiment=wildcards.experiment)
+
+
+def evaluated_gguf_file(wildcards):
+    """The exported GGUF file the exported variant reads (the one the Modelfile serves)."""
+    return EXPORT.file(wildcards.experiment) if wildcards.variant == "exported" else None
+
+
+def exported_exact_match(wildcards):
+    """The exported model's exact match and predictions, for the report, where the config exports one."""
+    if not EXPORT.gguf:
+        return {}
+    outputs = rules.evaluate_exact_match.output
+    return {
+        "exact_match_exported": of_variant(outputs.metrics, "exported")(wildcards),
+        "predictions_exported": of_variant(outputs.predictions, "exported")(wildcards),
+    }

@@ -64,5 +64,6 @@ rule evaluate_exact_match:
     params:
         settings=config["eval"]["exact_match"],
         trust_remote_code=trust_remote_code,
+        gguf_file=evaluated_gguf_file,
     script:
         "../scripts/evaluate_exact_match.py"

@@ -5,6 +5,7 @@ localrules:
 
 rule report:
     input:
+        unpack(exported_exact_match),
         lm_eval_base=lambda wildcards: rules.evaluate_base_lm_harness.output[0].format(model=experiment_of(wildcards).model),
         lm_eval_tuned=rules.evaluate_lm_harness.output[0],
         exact_match_base=of_variant(rules.evaluate_exact_match.output.metrics, "base"),

@@ -9,6 +9,7 @@ run_stage(
         metrics_path=snakemake.output.metrics,
         predictions_path=snakemake.output.predictions,
         trust_remote_code=snakemake.params.trust_remote_code,
+        gguf_file=snakemake.params.gguf_file,
         **snakemake.params.settings,
     ),
 )

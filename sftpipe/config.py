@@ -136,6 +136,8 @@ def check_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> No
 def _type(node: dict[str, Any]) -> str:
     if "enum" in node:
         return "one of " + ", ".join(f"`{v}`" for v in node["enum"])
+    if "enum" in node.get("items", {}):
+        return "list of " + ", ".join(f"`{v}`" for v in node["items"]["enum"])
     for either in ("oneOf", "anyOf"):
         if either in node:
             return " or ".join(_type(branch) for branch in node[either])

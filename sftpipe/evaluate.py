@@ -63,14 +63,17 @@ def evaluate_exact_match(
     batch_size: int = 16,
     limit: int | None = None,
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy answers for the held-out prompts, scored strict and normalized against the references."""
+    """Greedy answers for the held-out prompts, scored strict and normalized against the references.
+    With `gguf_file`, the model and tokenizer are read from that GGUF file in `model_dir`, as exported."""
     rows = list(read_jsonl(test_path))[:limit]
     if not rows:
         raise PipelineError(f"{test_path}: the test split is empty; raise 'data.split.test_fraction'")
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, **gguf)
     check_prompts_as_trained(tokenizer, rows, f"{test_path} with {model_dir}'s tokenizer")
-    model = load_model(model_dir, trust_remote_code).to(_device()).eval()
+    model = load_model(model_dir, trust_remote_code, **gguf).to(_device()).eval()
     predictions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
     scored = []
     for row, prediction in zip(rows, predictions, strict=True):
@@ -95,7 +98,7 @@ def evaluate_exact_match(
             name: {"rows": sum(1 for s in scored if s["dataset"] == name), **_rates([s for s in scored if s["dataset"] == name])}
             for name in sorted({s["dataset"] for s in scored})
         },
-        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit, "decoding": "greedy"},
+        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit, "decoding": "greedy", **gguf},
     }
     write_json(metrics_path, metrics)
     log.info(

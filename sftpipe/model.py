@@ -54,14 +54,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs: 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
-    """The model at `path`, in `dtype` (float32 unless given). torch is imported here, not by the
-    module: the workflow imports this module to plan jobs, and importing torch takes seconds."""
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None, gguf_file: str | None = None):
+    """The model at `path` (or its GGUF file `gguf_file`, dequantized), in `dtype` (float32 unless
+    given). torch is imported here, not by the module: the workflow imports this module to plan jobs,
+    and importing torch takes seconds."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    weights = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **weights
     )
 
 
@@ -86,7 +88,7 @@ def _from_gguf(name: str):
 
     directory, filename = _packaged_gguf(name)
     tokenizer = load_tokenizer(directory, gguf_file=filename)
-    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    quantized = load_model(directory, gguf_file=filename)
     # The dequantized model still carries a GGUF quantization_config, which save_pretrained refuses:
     # rebuild a plain model from the config and move the weights over.
     config = quantized.config

@@ -18,14 +18,17 @@ from .significance import BOOTSTRAP_SAMPLES, mcnemar_exact, paired_bootstrap
 from .tracking import log_evaluation
 
 VARIANTS = ("base", "tuned")
+# The exported GGUF model, scored by exact match only, where the config exports one.
+EXPORTED = "exported"
 SAMPLE_GENERATIONS = 25
+SPLIT_HEADERS = ["split", "rows", "tokens", "truncated", "dropped (too long)"]
 
 
 @dataclass(frozen=True)
 class ReportInputs:
     lm_eval: dict[str, str | Path]  # variant -> lm_eval.json
-    exact_match: dict[str, str | Path]  # variant -> exact_match.json
-    predictions: dict[str, str | Path]  # variant -> predictions.jsonl
+    exact_match: dict[str, str | Path]  # variant (and EXPORTED, where exported) -> exact_match.json
+    predictions: dict[str, str | Path]  # the same variants -> predictions.jsonl
     history: str | Path
     data_stats: str | Path
     filters: str | Path
@@ -82,6 +85,19 @@ def _fmt(value: float | None, stderr: float | None = None) -> str:
 
 def _fmt_p(value: float | None) -> str:
     return "" if value is None else f"{value:.2g}"
+
+
+def _exact_match_cells(row: dict[str, Any]) -> list[str]:
+    cells = [row["metric"], f"{row['base']:.4f}", f"{row['tuned']:.4f}", f"{row['delta']:+.4f}"]
+    return cells + ([f"{row[EXPORTED]:.4f}", f"{row['exported_delta']:+.4f}"] if EXPORTED in row else [])
+
+
+def _markdown_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(map(str, r)) + " |" for r in rows),
+    ]
 
 
 def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -216,7 +232,8 @@ def write_report(
     """Write every report artifact; return the JSON summary. `setup` records the experiment's
     datasets, base model and training settings (see `Experiment.describe`)."""
     harness = {v: read_json(inputs.lm_eval[v]) for v in VARIANTS}
-    em = {v: read_json(inputs.exact_match[v]) for v in VARIANTS}
+    em = {v: read_json(path) for v, path in inputs.exact_match.items()}
+    exported = EXPORTED in em
     training, log_history = read_history(inputs.history)
     stats = read_json(inputs.data_stats)
     filters = read_json(inputs.filters)
@@ -224,20 +241,31 @@ def write_report(
     lm_rows = lm_eval_rows(harness)
     em_rows = [
         {"metric": key, "base": em["base"][key], "tuned": em["tuned"][key], "delta": em["tuned"][key] - em["base"][key]}
+        | ({EXPORTED: em[EXPORTED][key], "exported_delta": em[EXPORTED][key] - em["tuned"][key]} if exported else {})
         for key in EXACT_MATCH_METRICS
     ]
+    em_headers = ["metric", "base", "tuned", "delta"] + ([EXPORTED, "exported − tuned"] if exported else [])
 
     lines = [f"# sftpipe report: {experiment}", ""]
     lines += ["## Exact match on the held-out test split", ""]
     lines += [f"{em['base']['rows']} rows, greedy decoding, max_new_tokens={em['base']['settings']['max_new_tokens']}.", ""]
-    lines += ["| metric | base | tuned | delta |", "|---|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['base']:.4f} | {r['tuned']:.4f} | {r['delta']:+.4f} |" for r in em_rows]
-    lines += ["", "Per dataset (normalized exact match):", "", "| dataset | rows | base | tuned |", "|---|---|---|---|"]
-    for name, base in em["base"]["per_dataset"].items():
-        tuned = em["tuned"]["per_dataset"][name]
-        lines.append(
-            f"| {name} | {base['rows']} | {base['normalized_exact_match']:.4f} | {tuned['normalized_exact_match']:.4f} |"
-        )
+    if exported:
+        round_trip = exported_round_trip(em[EXPORTED], inputs.predictions)
+        lines += [
+            f"exported: `{round_trip['gguf_file']}`, read back alone through transformers' GGUF loader; its greedy "
+            f"answers are the merged model's on {round_trip['same_answers']} of {round_trip['rows']} rows.",
+            "",
+        ]
+    lines += _markdown_table(em_headers, [_exact_match_cells(r) for r in em_rows])
+    scored = [v for v in (*VARIANTS, EXPORTED) if v in em]
+    lines += ["", "Per dataset (normalized exact match):", ""]
+    lines += _markdown_table(
+        ["dataset", "rows", *scored],
+        [
+            [name, base["rows"], *(f"{em[v]['per_dataset'][name]['normalized_exact_match']:.4f}" for v in scored)]
+            for name, base in em["base"]["per_dataset"].items()
+        ],
+    )
     lines += ["", "## lm-evaluation-harness", ""]
     lines += [
         "| task | metric | base | tuned | delta | samples | few-shot | chat template | data |",
@@ -248,7 +276,7 @@ def write_report(
         f"| {r['delta']:+.4f} | {r['samples']} | {r['num_fewshot']} | {r['apply_chat_template']} | {r['data']} |"
         for r in lm_rows
     ]
-    predictions = {v: list(read_jsonl(inputs.predictions[v])) for v in VARIANTS}
+    predictions = {v: list(read_jsonl(inputs.predictions[v])) for v in scored}
     paired = significance(predictions, harness)
     lines += ["", "## Is the difference real?", ""]
     lines += [
@@ -307,30 +335,28 @@ def write_report(
         ]
         for name, f in filters["datasets"].items()
     ]
-    lines += ["", "| " + " | ".join(filter_headers) + " |", "|" + "---|" * len(filter_headers)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in filter_rows]
-    lines += ["", "| split | rows | tokens | truncated | dropped (too long) |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in split_rows]
+    lines += ["", *_markdown_table(filter_headers, filter_rows)]
+    lines += ["", *_markdown_table(SPLIT_HEADERS, split_rows)]
     _write_text(outputs.markdown, "\n".join(lines) + "\n")
 
     plot_loss_curves(log_history, outputs.loss_curves)
     em_as_rows = [{"task": "exact match", "metric": r["metric"], "base": r["base"], "tuned": r["tuned"]} for r in em_rows]
     plot_eval_comparison(em_as_rows + lm_rows, outputs.eval_comparison)
     plot_token_lengths(stats, outputs.token_lengths)
-    em_table = [[r["metric"], f"{r['base']:.4f}", f"{r['tuned']:.4f}", f"{r['delta']:+.4f}"] for r in em_rows]
-    _write_text(outputs.exact_match_table, _html_page(_html_table(["metric", "base", "tuned", "delta"], em_table)))
+    em_table = [_exact_match_cells(r) for r in em_rows]
+    _write_text(outputs.exact_match_table, _html_page(_html_table(em_headers, em_table)))
     samples = [
-        [b["id"], b["prompt"], b["reference"], b["prediction"], t["prediction"]]
-        for b, t in zip(predictions["base"][:SAMPLE_GENERATIONS], predictions["tuned"][:SAMPLE_GENERATIONS], strict=True)
+        [rows[0]["id"], rows[0]["prompt"], rows[0]["reference"], *(r["prediction"] for r in rows)]
+        for rows in zip(*(predictions[v][:SAMPLE_GENERATIONS] for v in scored), strict=True)
     ]
-    _write_text(outputs.sample_generations, _html_page(_html_table(["id", "prompt", "reference", "base", "tuned"], samples)))
+    _write_text(outputs.sample_generations, _html_page(_html_table(["id", "prompt", "reference", *scored], samples)))
     _write_text(outputs.training_rows, training_rows_html(stats["preview"]))
     _write_text(
         outputs.data_table,
         _html_page(
             _html_table(["dataset", "source", "rows", "sha256"], data_rows),
             _html_table(filter_headers, filter_rows),
-            _html_table(["split", "rows", "tokens", "truncated", "dropped (too long)"], split_rows),
+            _html_table(SPLIT_HEADERS, split_rows),
         ),
     )
     summary = {
@@ -339,6 +365,7 @@ def write_report(
         "exact_match": em_rows,
         "lm_eval": lm_rows,
         "significance": paired,
+        **({EXPORTED: round_trip} if exported else {}),
         "training": training.to_json(),
     }
     write_json(outputs.summary, summary)
@@ -346,10 +373,27 @@ def write_report(
     return summary
 
 
+def exported_round_trip(metrics: dict[str, Any], predictions: dict[str, str | Path]) -> dict[str, Any]:
+    """The exported file read back, against the merged model it came from: how many held-out rows
+    get the same greedy answer from both."""
+    pairs = zip(read_jsonl(predictions[EXPORTED]), read_jsonl(predictions["tuned"]), strict=True)
+    same = 0
+    for exported, tuned in pairs:
+        if exported["id"] != tuned["id"]:
+            raise PipelineError("the exported and tuned predictions are not of the same held-out rows")
+        same += exported["prediction"] == tuned["prediction"]
+    return {"gguf_file": metrics["settings"]["gguf_file"], "rows": metrics["rows"], "same_answers": same}
+
+
 def tracked_figures(em_rows: list[dict[str, Any]], lm_rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The evaluation figures a tracker gets, base and tuned, named `eval/<task>/<metric>/<variant>`."""
+    """The evaluation figures a tracker gets, base and tuned (and exported), named `eval/<task>/<metric>/<variant>`."""
     rows = [{**r, "task": "exact_match"} for r in em_rows] + lm_rows
-    return {f"eval/{r['task']}/{r['metric']}/{variant}": float(r[variant]) for r in rows for variant in VARIANTS}
+    return {
+        f"eval/{r['task']}/{r['metric']}/{variant}": float(r[variant])
+        for r in rows
+        for variant in (*VARIANTS, EXPORTED)
+        if variant in r
+    }
 
 
 def comparison_rows(experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -368,7 +412,9 @@ def comparison_rows(experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train": {k: train.get(k) for k in varying},
                 "train_loss": e["training"]["train_loss"],
                 "eval_loss": e["training"]["eval_loss"],
-                "exact_match": {v: em["normalized_exact_match"][v] for v in VARIANTS},
+                "exact_match": {
+                    v: em["normalized_exact_match"][v] for v in (*VARIANTS, EXPORTED) if v in em["normalized_exact_match"]
+                },
                 "lm_eval": {f"{r['task']} {r['metric']}": {v: r[v] for v in VARIANTS} for r in e["lm_eval"]},
             }
         )
@@ -383,7 +429,9 @@ def write_summary(report_summaries: list[str | Path], out_path: str | Path, comp
     headers = ["experiment", "base model", "datasets", "settings", "train loss", "validation loss", "exact match", *metrics]
 
     def base_to_tuned(pair: dict[str, float] | None) -> str:
-        return "n/a" if pair is None else f"{pair['base']:.4f} → {pair['tuned']:.4f}"
+        if pair is None:
+            return "n/a"
+        return f"{pair['base']:.4f} → {pair['tuned']:.4f}" + (f" (exported {pair[EXPORTED]:.4f})" if EXPORTED in pair else "")
 
     table = [
         [

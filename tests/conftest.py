@@ -32,14 +32,31 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _llama_cpp_missing() -> str | None:
+    """Why llama.cpp's Python binding cannot be imported here, or None where it can."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as error:
+        return (
+            f"needs llama-cpp-python, which is not importable ({error}); it is an optional extra that compiles "
+            "llama.cpp (pip install -e '.[gguf]', about 20 minutes on 2 cores)"
+        )
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` run where CUDA is (`make gpu-check` runs them all) and skip elsewhere."""
+    """Tests marked `cuda` run where CUDA is (`make gpu-check` runs them all) and skip elsewhere; tests
+    marked `llama_cpp` run where llama-cpp-python is installed and skip, saying why, elsewhere."""
     import torch
 
     if not torch.cuda.is_available():
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    if any(item.get_closest_marker("llama_cpp") for item in items) and (reason := _llama_cpp_missing()):
+        for item in items:
+            if item.get_closest_marker("llama_cpp"):
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

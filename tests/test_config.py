@@ -10,6 +10,7 @@ from conftest import REPO
 
 from sftpipe.attention import ATTENTION
 from sftpipe.config import config_errors, describe, load_schema
+from sftpipe.export import GGUF_TYPES, ExportSettings
 from sftpipe.filters import FilterSettings
 from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
 from sftpipe.launch import ALLOCATORS, STRATEGIES, Execution
@@ -51,10 +52,16 @@ def test_length_settings_defaults_are_the_schema_defaults():
     assert _fields(LengthSettings) == {key: data[key] for key in ("max_length", "min_tokens", "overlong")}
 
 
+def test_export_settings_defaults_are_the_schema_defaults():
+    export = _defaults(PROPERTIES["export"])
+    assert _fields(ExportSettings) == {**export, "gguf": tuple(export["gguf"])}
+
+
 def _enum(*path: str) -> list:
     node = SCHEMA
     for key in path:
         node = node["properties"][key] if key != "*" else node["additionalProperties"]
+    node = node.get("items", node)  # a list's choices are its items'
     return node["enum"] if "enum" in node else next(b["enum"] for b in node["oneOf"] if "enum" in b)
 
 
@@ -71,6 +78,8 @@ def _enum(*path: str) -> list:
         (("train", "strategy"), STRATEGIES),
         (("data", "overlong"), OVERLONG),
         (("merge", "dtype"), DTYPES),
+        (("export", "gguf"), GGUF_TYPES),
+        (("export", "serve"), GGUF_TYPES),
     ],
     ids=lambda p: ".".join(p) if isinstance(p, tuple) else "",
 )

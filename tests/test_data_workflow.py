@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import GUANACO_ROWS, write_jsonl
-from workflow import snakemake, stray_files
+from workflow import planned_jobs, snakemake, stray_files
 
 from sftpipe.data import DatasetSpec
 
@@ -36,16 +36,6 @@ def http_server(shared_data):
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
-
-
-def planned(workdir: Path, configfile: Path, *targets: str) -> dict[str, int]:
-    """Rule -> job count from a dry run to `targets` (tests/workflow.planned_jobs, with targets; they go
-    before --configfile, which takes every argument after it)."""
-    out = snakemake(workdir, "-n", *targets, "--configfile", str(configfile)).stdout
-    if "Nothing to be done" in out:
-        return {}
-    table = out.split("Job stats:")[1].split("Reasons:")[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
 # --- Bad input -------------------------------------------------------------------------------------
@@ -246,14 +236,14 @@ def test_tokenized_data_rebuilds_when_its_inputs_change(two_runs):
     work, _ = two_runs
     target = TOKENIZED.format(experiment="det")
     base = yaml.safe_load((work / "data.yaml").read_text())
-    assert planned(work, work / "data.yaml", target) == {}
+    assert planned_jobs(work, work / "data.yaml", target) == {}
 
     def changed(name, edit) -> dict[str, int]:
         config = copy.deepcopy(base)
         edit(config)
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
-        return planned(work, path, target)
+        return planned_jobs(work, path, target)
 
     # (a) a data setting
     jobs = changed("max-length", lambda c: c["data"].update(max_length=96))
@@ -286,7 +276,7 @@ def test_tokenized_data_rebuilds_when_its_inputs_change(two_runs):
     settings["model_max_length"] = 4096
     try:
         tokenizer_config.write_text(json.dumps(settings, indent=2))
-        jobs = planned(work, work / "data.yaml", target)
+        jobs = planned_jobs(work, work / "data.yaml", target)
         assert "materialize_base_model" in jobs and "tokenize_and_split" in jobs, (
             f"editing {tokenizer_config} planned {jobs or 'nothing'}"
         )
@@ -304,7 +294,7 @@ def test_switching_a_template_back_finds_the_earlier_rendering(two_runs):
     (work / "chatml.yaml").write_text(yaml.safe_dump(config))
     snakemake(work, target, "--cores", "2", "--configfile", "chatml.yaml")
     assert (work / "results" / "data" / "hydrated" / "chatml" / "guanaco.jsonl").exists()
-    jobs = planned(work, work / "data.yaml", target)
+    jobs = planned_jobs(work, work / "data.yaml", target)
     assert "hydrate_dataset" not in jobs and "filter_and_mix" in jobs, jobs
 
 
@@ -338,13 +328,13 @@ def test_a_fixed_mirror_file_prepares_the_eval_data_again(tmp_path, shared_data)
     assert not (tmp_path / target).exists() and not stray_files(tmp_path / "results")
 
     _arc_mirror(tmp_path, shared_data)  # the user fixes the file
-    assert planned(tmp_path, tmp_path / "eval.yaml", target) == {"prepare_eval_data": 1}
+    assert planned_jobs(tmp_path, tmp_path / "eval.yaml", target) == {"prepare_eval_data": 1}
     snakemake(tmp_path, target, "--cores", "1", "--configfile", "eval.yaml")
     assert json.loads((tmp_path / target / "manifest.json").read_text())["splits"]["test"]["kind"] == "mirror"
-    assert planned(tmp_path, tmp_path / "eval.yaml", target) == {}
+    assert planned_jobs(tmp_path, tmp_path / "eval.yaml", target) == {}
     # A later edit of the mirror file prepares the data again: the file is an input of the rule.
     _arc_mirror(tmp_path, shared_data, broken_line=3)
-    assert planned(tmp_path, tmp_path / "eval.yaml", target) == {"prepare_eval_data": 1}
+    assert planned_jobs(tmp_path, tmp_path / "eval.yaml", target) == {"prepare_eval_data": 1}
 
 
 def test_a_stage_killed_mid_write_leaves_nothing_after_the_rerun(tmp_path, shared_data, tiny_model):

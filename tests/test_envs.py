@@ -19,8 +19,13 @@ import yaml
 from conftest import REPO
 
 # Needed at run time without being imported by name: transformers reads GGUF files through gguf
-# and trains through accelerate; safetensors is the format every stage writes.
-RUNTIME_ONLY = {"train": {"gguf", "accelerate", "safetensors"}, "eval": {"accelerate"}}
+# and trains through accelerate; safetensors is the format every stage writes; llama.cpp's converter,
+# which the export runs, reads models with torch and safetensors and tokenizers with sentencepiece.
+RUNTIME_ONLY = {
+    "train": {"gguf", "accelerate", "safetensors"},
+    "eval": {"accelerate", "gguf"},
+    "export": {"torch", "safetensors", "sentencepiece"},
+}
 
 
 def normalize(name: str) -> str:
@@ -36,10 +41,17 @@ def pins(requirements: list[str]) -> dict[str, str | None]:
     return found
 
 
-def pyproject_pins() -> dict[str, str | None]:
+def pyproject_pins(extra: str | None = None) -> dict[str, str | None]:
+    """The project's dependencies, or those of one of its extras."""
     import tomllib
 
-    return pins(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return pins(project["optional-dependencies"][extra] if extra else project["dependencies"])
+
+
+# Imported only where installed, by a feature that says how to install it when missing (the q4_k_m
+# GGUF type): PyPI ships llama-cpp-python as a source build of llama.cpp, too slow for an environment.
+OPTIONAL = set(pyproject_pins("gguf"))
 
 
 def env_pins(path: Path) -> tuple[dict[str, str | None], list]:
@@ -170,7 +182,7 @@ def test_conda_env_pins_what_the_rule_imports(rule):
     _, third = closure(REPO / rule["script"])
     distributions = packages_distributions()
     needed = {normalize(d) for module in third for d in distributions.get(module, [module])}
-    needed |= RUNTIME_ONLY.get(rule["conda"], set())
+    needed = (needed | RUNTIME_ONLY.get(rule["conda"], set())) - OPTIONAL
     assert needed - {"snakemake"} <= set(env), f"{rule['name']}: envs/{rule['conda']}.yaml lacks {sorted(needed - set(env))}"
 
 
@@ -185,5 +197,6 @@ def test_env_pins_agree_with_pyproject(env_file):
     assert "python=3.11" in conda and env.get("torch", "2.13.0") == "2.13.0"
 
 
-def test_pyproject_pins_every_dependency():
-    assert not [name for name, version in pyproject_pins().items() if version is None]
+@pytest.mark.parametrize("extra", [None, "test", "gguf"])
+def test_pyproject_pins_every_dependency(extra):
+    assert not [name for name, version in pyproject_pins(extra).items() if version is None]

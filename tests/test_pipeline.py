@@ -5,6 +5,7 @@ has nothing to do, and an evaluation-only change reruns no training job."""
 import html
 import json
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 import yaml
 from conftest import REPO
 from workflow import HF_TOKEN, concurrency, planned_jobs, snakemake, stray_files
+
+from sftpipe.io import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -202,6 +205,41 @@ def test_sweep_shares_stages_runs_data_jobs_in_parallel_and_one_gpu_job_at_a_tim
     assert "smoke-r4" in comparison and "lora_r=4" in comparison
 
 
+def test_exporting_adds_the_gguf_files_and_the_exported_column_and_reruns_nothing_else(workdir, tmp_path):
+    """The finished sweep, exporting Q8_0 too: the export, the exported model's exact match and the
+    report are all that run; base and tuned figures stay as they were."""
+    work = tmp_path / "sweep"
+    shutil.copytree(workdir, work, symlinks=True)
+    config = yaml.safe_load((work / "smoke.yaml").read_text())
+    config["export"] = {"gguf": ["q8_0"]}
+    (work / "export.yaml").write_text(yaml.safe_dump(config))
+    results = work / "results"
+    before = {v: (results / "eval" / "smoke" / v / "exact_match.json").read_bytes() for v in ("base", "tuned")}
+    target = "results/report/smoke.json"
+    assert planned_jobs(work, work / "export.yaml", target) == {"export_gguf": 1, "evaluate_exact_match": 1, "report": 1}
+    snakemake(work, target, "--cores", "2", "--resources", "gpu=1", "--configfile", "export.yaml")
+    # Snakemake's own .snakemake_timestamp aside.
+    exports = sorted(p.name for p in (results / "export" / "smoke").iterdir() if not p.name.startswith("."))
+    assert exports == ["Modelfile", "manifest.json", "smoke-q8_0.gguf"]
+    exported = json.loads((results / "eval" / "smoke" / "exported" / "exact_match.json").read_text())
+    assert exported["settings"]["gguf_file"] == "smoke-q8_0.gguf"
+    summary = json.loads((results / "report" / "smoke.json").read_text())
+    assert [row["exported"] for row in summary["exact_match"]] == [exported[row["metric"]] for row in summary["exact_match"]]
+    report = (results / "report" / "smoke.md").read_text()
+    assert "| metric | base | tuned | delta | exported | exported − tuned |" in report
+    same = summary["exported"]["same_answers"]
+    assert "exported: `smoke-q8_0.gguf`, read back alone through transformers' GGUF loader; its greedy answers " in report
+    assert f"are the merged model's on {same} of {exported['rows']} rows." in report
+    tuned = [p["prediction"] for p in read_jsonl(results / "eval" / "smoke" / "tuned" / "predictions.jsonl")]
+    answers = [p["prediction"] for p in read_jsonl(results / "eval" / "smoke" / "exported" / "predictions.jsonl")]
+    assert summary["exported"] == {
+        "gguf_file": "smoke-q8_0.gguf",
+        "rows": exported["rows"],
+        "same_answers": sum(a == t for a, t in zip(answers, tuned, strict=True)),
+    }
+    assert {v: (results / "eval" / "smoke" / v / "exact_match.json").read_bytes() for v in ("base", "tuned")} == before
+
+
 def test_default_config_dry_run_lists_every_stage(tmp_path):
     jobs = planned_jobs(tmp_path, REPO / "config" / "config.yaml")
     for rule in (
@@ -266,8 +304,12 @@ def _sweep(config, experiments):
             lambda c: c["datasets"]["demo"].update(hub_id="acme/rows", url="https://example.org/rows.jsonl"),
             ["config key 'datasets.demo': give one source, not 'hub_id' and 'url'"],
         ),
+        (
+            lambda c: c["export"].update(serve="bf16"),
+            ["config key 'export.serve': 'bf16' is not among the exported types (export.gguf: f16, q8_0)"],
+        ),
     ],
-    ids=["top-level train keys", "an experiment's train override", "unknown preset", "two sources"],
+    ids=["top-level train keys", "an experiment's train override", "unknown preset", "two sources", "served type not exported"],
 )
 def test_a_bad_config_prints_each_key_first_and_alone(tmp_path, edit, problems):
     # Exactly the problems, one line each: no schema dump, no traceback.

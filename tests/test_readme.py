@@ -6,6 +6,7 @@ A command this file does not know how to check fails the test: add it to `check`
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,18 @@ def check(command: list[str], workspace: Path, sweep: Path, tmp_path: Path) -> s
         run([*command, *SMALL_BENCH[command[1]], "--out", str(tmp_path / "bench.json")], workspace)
         assert (tmp_path / "bench.json").stat().st_size > 0
         return "small"
+    if command[:2] == ["ollama", "create"]:
+        # The demo's export, made from the smoke sweep's merged model that stands in for the demo's.
+        from sftpipe.export import export_gguf
+
+        modelfile = workspace / command[command.index("-f") + 1]
+        export_gguf(workspace / "results" / "models" / "merged" / "demo", modelfile.parent, "demo", ["q8_0"])
+        if shutil.which("ollama"):
+            run(command, workspace)
+            return "as written"
+        [served] = [line.removeprefix("FROM ") for line in modelfile.read_text().splitlines() if line.startswith("FROM ")]
+        assert (modelfile.parent / served).is_file()
+        return "its Modelfile and the GGUF file it serves (no ollama here)"
     if command[:2] in (["sudo", "cluster/local-slurm.sh"], ["eval", "$(sudo cluster/local-slurm.sh start /tmp/slurm)"]):
         # tests/test_slurm.py installs, starts and stops the one-node SLURM the same way, and runs the profile on it.
         return "tests/test_slurm.py"

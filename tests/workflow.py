@@ -35,9 +35,10 @@ def stray_files(results: Path) -> list[Path]:
     return [p for p in results.rglob("*") if ".tmp-" in p.name or ".scratch-" in p.name or p.name.startswith("tmp")]
 
 
-def planned_jobs(workdir: Path, configfile: Path) -> dict[str, int]:
-    """Rule -> job count from a dry run's job table."""
-    out = snakemake(workdir, "-n", "--configfile", str(configfile)).stdout
+def planned_jobs(workdir: Path, configfile: Path, *targets: str) -> dict[str, int]:
+    """Rule -> job count from a dry run's job table, to `targets` (default: the default target). They go
+    before --configfile, which takes every argument after it."""
+    out = snakemake(workdir, "-n", *targets, "--configfile", str(configfile)).stdout
     if "Nothing to be done" in out:
         return {}
     table = out.split("Job stats:")[1].split("Reasons:")[0]
