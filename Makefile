@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CORES ?= 2
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test gpu-check lint clean
+.PHONY: install demo demo-dpo test gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(OFFLINE) $(VENV)/bin/snakemake --profile profiles/local --cores $(CORES) --configfile config/demo.yaml
+
+# The demo with preference tuning after its SFT (config/demo-dpo.yaml over config/demo.yaml): after
+# `make demo`, only the preference stages run.
+demo-dpo: install
+	$(OFFLINE) $(VENV)/bin/snakemake --profile profiles/local --cores $(CORES) --configfile config/demo.yaml config/demo-dpo.yaml
 
 test: install
 	$(OFFLINE) $(PY) -m pytest

@@ -32,7 +32,7 @@ wildcard_constraints:
     experiment=one_of(EXPERIMENTS),
     model=one_of(BASE_MODELS),
     renderer=one_of(RENDERERS),
-    variant="base|tuned|exported",
+    variant="base|tuned|exported|preference",
     task=one_of(EVAL_TASKS),
 
 
@@ -41,6 +41,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/export.smk"
 include: "rules/eval.smk"
+include: "rules/preference.smk"
 include: "rules/report.smk"
 
 

@@ -5,17 +5,20 @@ import re
 from pathlib import Path
 
 from sftpipe.entry import checked
-from sftpipe.experiments import expand_experiments
+from sftpipe.experiments import PREFERENCE_KEYS, expand_experiments
 from sftpipe.export import ExportSettings
 from sftpipe.launch import EXECUTION_KEYS
 from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec
+from sftpipe.preference import NOT_FOR_PAIRS
 
 EXPERIMENTS = checked(workflow, lambda: expand_experiments(config))
 EXPORT = checked(workflow, lambda: ExportSettings.from_config(config["export"]))
 
 BASE_MODELS = {e.model: e.base_model for e in EXPERIMENTS.values()}
-DATASETS = sorted({d for e in EXPERIMENTS.values() for d in e.datasets})
+# Each experiment's datasets: SFT data, then preference pairs.
+READS = {name: (*e.datasets, *(e.preference or {}).get("datasets", ())) for name, e in EXPERIMENTS.items()}
+DATASETS = sorted({d for datasets in READS.values() for d in datasets})
 PACKAGE = Path(workflow.basedir) / "sftpipe"
 
 
@@ -35,6 +38,7 @@ DATA_MODULES = ("data.py", "formats.py", "demo.py")
 TASK_MODULES = ("tasks.py", *DATA_MODULES)
 EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", "tokenization.py", *TASK_MODULES)
 TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py", "tracking.py")
+REFERENCE_MODULES = ("reference.py", "model.py", "tokenization.py")
 
 
 def dataset_config(name, without=()):
@@ -67,7 +71,7 @@ def renderer(dataset, model):
 
 # Every renderer the experiments use: named templates, `chat-<model>`, `user-<hash>`. Reading each
 # dataset's spec checks what the schema cannot (one source per dataset, a pin only on a file).
-RENDERERS = checked(workflow, lambda: sorted({renderer(d, e.model) for e in EXPERIMENTS.values() for d in e.datasets}))
+RENDERERS = checked(workflow, lambda: sorted({renderer(d, EXPERIMENTS[e].model) for e in READS for d in READS[e]}))
 
 
 def experiment_of(wildcards):
@@ -118,6 +122,23 @@ def training_estimate(key):
     )[key]
 
 
+@functools.cache
+def _preference_estimate(experiment, base, stats, ready):
+    """sftpipe.resources' estimate for a preference job, which holds a pair as one row of both its
+    sequences (up to twice max_length) and scores it in TRL's chunks (no logits kept)."""
+    from sftpipe.resources import train_resources
+
+    train = {**EXPERIMENTS[experiment].preference_train, "fused_loss": True}
+    return train_resources(base, train, 2 * config["data"]["max_length"], stats, 1, 1, 1, ON_GPU)
+
+
+def preference_estimate(key):
+    """A preference job's resource, from the SFT model's shape, the settings and the tokenized pairs."""
+    return lambda wildcards, input: _preference_estimate(
+        wildcards.experiment, input.base, input.stats, Path(input.stats).exists() and Path(input.base).exists()
+    )[key]
+
+
 def model_memory(copies, default):
     """The host memory of a job holding `copies` fp32 copies of its model (the input named `model`, else `base`)."""
     from sftpipe.resources import model_memory_mb
@@ -148,6 +169,54 @@ def hydrated_rows(wildcards):
     """The experiment's datasets as hydrated rows; 'chat'-templated ones are rendered per base model."""
     experiment = experiment_of(wildcards)
     return [f"results/data/hydrated/{renderer(d, experiment.model)}/{d}.jsonl" for d in experiment.datasets]
+
+
+def preference_hydrated_rows(wildcards):
+    """The experiment's preference pairs as hydrated rows, rendered like its SFT data."""
+    experiment = experiment_of(wildcards)
+    return [f"results/data/hydrated/{renderer(d, experiment.model)}/{d}.jsonl" for d in experiment.preference["datasets"]]
+
+
+def dataset_weights(names):
+    """Each dataset's mixing weight (`datasets.<name>.weight`)."""
+    return {name: config["datasets"][name].get("weight") for name in names}
+
+
+def of_sft(path):
+    """An output path of the SFT stages the job's experiment uses: its own, or those of the experiment
+    it shares them with (Experiment.sft)."""
+    return lambda wildcards: path.format(experiment=experiment_of(wildcards).sft)
+
+
+def of_preference_data(path):
+    """An output path of the preference data or reference stages the job's experiment uses
+    (Experiment.preference_data)."""
+    return lambda wildcards: path.format(experiment=experiment_of(wildcards).preference_data)
+
+
+def preference_start(wildcards):
+    """The model the preference adapter trains on and is merged into: the merged SFT model, or, when
+    it keeps training the SFT adapter (preference.start: adapter), the base model under it."""
+    if experiment_of(wildcards).preference["start"] == "adapter":
+        return experiment_base_model(wildcards)
+    return of_sft(rules.merge_adapter.output[0])(wildcards)
+
+
+def preference_sft_adapter(wildcards):
+    """The SFT adapter a preference run keeps training (preference.start: adapter), as an input."""
+    if experiment_of(wildcards).preference["start"] != "adapter":
+        return {}
+    return {"sft_adapter": of_sft(rules.train_lora.output.adapter)(wildcards)}
+
+
+def preference_settings(wildcards):
+    """What the preference adapter learns: the loss settings and the training keys that apply to
+    pairs; how the job runs is not among them."""
+    experiment = experiment_of(wildcards)
+    return {
+        "preference": {key: experiment.preference[key] for key in PREFERENCE_KEYS},
+        "train": {k: v for k, v in experiment.preference_train.items() if k not in (*EXECUTION_KEYS, *NOT_FOR_PAIRS)},
+    }
 
 
 def eval_data_dir(task):
@@ -191,13 +260,18 @@ def eval_task_source_files(wildcards):
 
 
 def of_variant(path, variant):
-    """An evaluation output path of the job's experiment for one variant (base, tuned or exported)."""
-    return lambda wildcards: path.format(experiment=wildcards.experiment, variant=variant)
+    """An evaluation output path for one variant: base, tuned or exported (those of the SFT the experiment uses),
+    or preference (its own)."""
+    return lambda wildcards: path.format(
+        experiment=wildcards.experiment if variant == "preference" else experiment_of(wildcards).sft, variant=variant
+    )
 
 
 def evaluated_model(wildcards):
     if wildcards.variant == "base":
         return experiment_base_model(wildcards)
+    if wildcards.variant == "preference":
+        return rules.merge_preference_adapter.output[0].format(experiment=wildcards.experiment)
     if wildcards.variant == "exported":
         return rules.export_gguf.output[0].format(experiment=wildcards.experiment)
     return rules.merge_adapter.output[0].format(experiment=wildcards.experiment)
@@ -217,3 +291,8 @@ def exported_exact_match(wildcards):
         "exact_match_exported": of_variant(outputs.metrics, "exported")(wildcards),
         "predictions_exported": of_variant(outputs.predictions, "exported")(wildcards),
     }
+
+
+def evaluated_test_rows(wildcards):
+    """The held-out rows exact match scores: the test split of the SFT data, for every variant."""
+    return rules.tokenize_and_split.output.test.format(experiment=experiment_of(wildcards).sft)

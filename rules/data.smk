@@ -77,7 +77,7 @@ rule filter_and_mix:
         runtime=60,
     params:
         filters=config["data"]["filters"],
-        weights=lambda wildcards: {name: config["datasets"][name].get("weight") for name in experiment_of(wildcards).datasets},
+        weights=lambda wildcards: dataset_weights(experiment_of(wildcards).datasets),
         split=config["data"]["split"],
         # Only what names the evaluation data: a change of limit or few-shot reruns no data stage.
         eval_tasks=[{"name": t["name"], "data_dir": t["data_dir"]} for t in LM_EVAL_SETTINGS["tasks"]],

@@ -44,7 +44,7 @@ use rule evaluate_lm_harness as evaluate_base_lm_harness with:
 rule evaluate_exact_match:
     input:
         model=evaluated_model,
-        test=rules.tokenize_and_split.output.test,
+        test=evaluated_test_rows,
         code=code(*EVALUATE_MODULES),
     output:
         metrics="results/eval/{experiment}/{variant}/exact_match.json",

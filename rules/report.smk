@@ -6,16 +6,18 @@ localrules:
 rule report:
     input:
         unpack(exported_exact_match),
+        unpack(preference_report_inputs),
+        # An experiment tuned on preferences may share its SFT stages with another (Experiment.sft).
         lm_eval_base=lambda wildcards: rules.evaluate_base_lm_harness.output[0].format(model=experiment_of(wildcards).model),
-        lm_eval_tuned=rules.evaluate_lm_harness.output[0],
+        lm_eval_tuned=of_sft(rules.evaluate_lm_harness.output[0]),
         exact_match_base=of_variant(rules.evaluate_exact_match.output.metrics, "base"),
         exact_match_tuned=of_variant(rules.evaluate_exact_match.output.metrics, "tuned"),
         predictions_base=of_variant(rules.evaluate_exact_match.output.predictions, "base"),
         predictions_tuned=of_variant(rules.evaluate_exact_match.output.predictions, "tuned"),
-        history=rules.train_lora.output.history,
-        data_stats=rules.tokenize_and_split.output.stats,
-        filters=rules.filter_and_mix.output.stats,
-        manifests=lambda wildcards: expand(rules.download_dataset.output.manifest, dataset=experiment_of(wildcards).datasets),
+        history=of_sft(rules.train_lora.output.history),
+        data_stats=of_sft(rules.tokenize_and_split.output.stats),
+        filters=of_sft(rules.filter_and_mix.output.stats),
+        manifests=lambda wildcards: expand(rules.download_dataset.output.manifest, dataset=READS[wildcards.experiment]),
         code=code("report.py", "metrics.py", "artifacts.py", "significance.py", "tracking.py"),
     output:
         markdown="results/report/{experiment}.md",

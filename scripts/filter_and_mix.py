@@ -15,5 +15,6 @@ run_stage(
         split=SplitSettings(**snakemake.params.split),
         eval_tasks=[TaskSpec(**task) for task in snakemake.params.eval_tasks],
         threads=snakemake.threads,
+        held_out_paths=list(snakemake.input.get("held_out", [])),
     ),
 )

@@ -108,11 +108,19 @@ def config_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     from jsonschema import Draft202012Validator
 
     messages = [m for e in Draft202012Validator(schema).iter_errors(config) for m in _messages(e)]
-    # An experiment's `train:` overrides are keys of the top-level `train` section.
-    train = Draft202012Validator(schema["properties"]["train"])
+    # Overrides are keys of the top-level section they override: an experiment's `train:` and
+    # `preference:` keys, and the `train:` keys of a `preference:` section.
+    sections = {name: Draft202012Validator(schema["properties"][name]) for name in ("train", "preference")}
+    overrides = [(("preference", "train"), (config.get("preference") or {}).get("train"), "train")]
     for name, override in (config.get("experiments") or {}).items():
-        if isinstance(override, dict) and isinstance(override.get("train"), dict):
-            messages += [m for e in train.iter_errors(override["train"]) for m in _messages(e, ("experiments", name, "train"))]
+        if isinstance(override, dict):
+            overrides += [(("experiments", name, section), override.get(section), section) for section in sections]
+            preference = override.get("preference")
+            if isinstance(preference, dict):
+                overrides.append((("experiments", name, "preference", "train"), preference.get("train"), "train"))
+    for path, values, section in overrides:
+        if isinstance(values, dict):
+            messages += [m for e in sections[section].iter_errors(values) for m in _messages(e, path)]
     return sorted(messages)
 
 

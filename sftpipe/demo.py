@@ -2,7 +2,9 @@
 
 Every instruction is unique within a generated set, so a held-out split never repeats a training
 prompt. Instances whose key hashes into the reserved bucket are kept out of training sets and form
-the multiple-choice lm-eval task, so that task is never trained on either.
+the multiple-choice lm-eval task, so that task is never trained on either. Preference pairs (the
+right answer chosen, a plausible wrong one rejected) come from the same stream after the first
+`PAIRS_OFFSET` instances, so they never repeat an instruction of an SFT set of up to that many rows.
 """
 
 from __future__ import annotations
@@ -127,6 +129,29 @@ def generate_demo_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
     for i, (task, instruction, answer, _) in enumerate(islice(_instances(seed, reserved=False), count)):
         rows.append({"id": f"demo-{i:06d}", "task": task, "instruction": instruction, "output": answer})
     return rows
+
+
+# Instances the SFT rows may take before the preference pairs start (the demo trains on 1,600).
+PAIRS_OFFSET = 4000
+
+
+def generate_demo_pair_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Preference rows `{id, task, prompt, chosen, rejected}`: the right answer and one of its
+    distractors, drawn per row, from instances no SFT set of up to `PAIRS_OFFSET` rows holds."""
+    rng = random.Random(seed + 2)
+    rows = []
+    instances = islice(_instances(seed, reserved=False), PAIRS_OFFSET, PAIRS_OFFSET + count)
+    for i, (task, instruction, answer, distractors) in enumerate(instances):
+        rejected = rng.choice([d for d in distractors if d != answer])
+        rows.append({"id": f"demo-pair-{i:06d}", "task": task, "prompt": instruction, "chosen": answer, "rejected": rejected})
+    return rows
+
+
+# The built-in presets' generators, by preset name.
+GENERATORS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "sftpipe_demo": generate_demo_rows,
+    "sftpipe_demo_pairs": generate_demo_pair_rows,
+}
 
 
 def generate_demo_choice_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:

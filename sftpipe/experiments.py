@@ -1,17 +1,24 @@
 """Sweeps: the `experiments:` config section, each experiment a choice of datasets, base model and
-training settings over the shared top-level sections.
+training settings over the shared top-level sections, and optionally preference tuning after SFT.
 
 Stages that depend only on a dataset or a base model (download, hydration, base model, the base
 model's lm-eval scores) are keyed by that dataset or model, so experiments that share them share
-their artifacts and Snakemake runs them once.
+their artifacts and Snakemake runs them once. Experiments tuned on preferences share more: those
+whose SFT is the same (datasets, base model, training settings) share its stages, named after one of
+them, and those that also tune on the same preference data share that data and its reference
+log-probs, so that a sweep over `beta` or `loss_type` computes them once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .formats import FORMATS, is_preference_dataset
 from .io import PipelineError
+from .launch import EXECUTION_KEYS
+from .preference import PreferenceSettings
 
 # Path segments that are not experiment names (results/eval/<experiment>/ shares a level with them).
 RESERVED_NAMES = {"base_model"}
@@ -20,13 +27,23 @@ RESERVED_NAMES = {"base_model"}
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    datasets: tuple[str, ...]
+    datasets: tuple[str, ...]  # what SFT trains on
     base_model: dict[str, Any]
     train: dict[str, Any]
+    # Preference tuning after SFT, or None: its `datasets` (a tuple), the PreferenceSettings keys, and
+    # `train`, the keys of `train` it overrides.
+    preference: dict[str, Any] | None = None
+    sft: str = ""  # the experiment whose SFT stages are this one's: itself unless it shares another's
+    preference_data: str = ""  # the experiment whose preference data and reference log-probs this one's are
 
     @property
     def model(self) -> str:
         return self.base_model["name"]
+
+    @property
+    def preference_train(self) -> dict[str, Any]:
+        """The training settings of the preference stage: the experiment's, with the preference overrides."""
+        return {**self.train, **self.preference["train"]}
 
     def describe(self) -> dict[str, Any]:
         """What the report and summary record about how this experiment differs from the others: its
@@ -34,30 +51,42 @@ class Experiment:
         from .launch import EXECUTION_KEYS
 
         train = {key: value for key, value in self.train.items() if key not in EXECUTION_KEYS}
-        return {"datasets": list(self.datasets), "base_model": self.base_model, "train": train}
+        described = {"datasets": list(self.datasets), "base_model": self.base_model, "train": train}
+        if self.preference is not None:
+            described["preference"] = {**self.preference, "datasets": list(self.preference["datasets"])}
+        return described
 
 
 def expand_experiments(config: dict[str, Any]) -> dict[str, Experiment]:
     """Resolve every experiment against the top-level sections, which act as defaults.
 
-    Without `experiments:`, the single experiment named by `experiment:` uses every dataset.
+    Without `experiments:`, the single experiment named by `experiment:` uses every dataset. SFT takes
+    the datasets of SFT formats, preference tuning those of preference formats.
     """
     if ("experiment" in config) == ("experiments" in config):
         raise PipelineError("config: give either 'experiment' (one run) or 'experiments' (a sweep), not both or neither")
     overrides = config.get("experiments") or {config["experiment"]: {}}
+    pairs = sorted(name for name, dataset in config["datasets"].items() if is_preference_dataset(dataset))
     experiments = {}
     models: dict[str, tuple[str, dict[str, Any]]] = {}
     for name, override in overrides.items():
         key = f"experiments.{name}"
         if name in RESERVED_NAMES:
             raise PipelineError(f"config key '{key}': '{name}' is reserved; choose another experiment name")
-        datasets = tuple(override.get("datasets") or sorted(config["datasets"]))
+        datasets = tuple(override.get("datasets") or sorted(set(config["datasets"]) - set(pairs)))
         unknown = sorted(set(datasets) - set(config["datasets"]))
         if unknown:
             raise PipelineError(
                 f"config key '{key}.datasets': {', '.join(unknown)} not defined under 'datasets' "
                 f"(defined: {', '.join(sorted(config['datasets']))})"
             )
+        if set(datasets) & set(pairs):
+            raise PipelineError(
+                f"config key '{key}.datasets': {', '.join(sorted(set(datasets) & set(pairs)))} hold preference pairs, "
+                "which SFT cannot train on; name them under 'preference.datasets'"
+            )
+        if not datasets:
+            raise PipelineError("config key 'datasets': every dataset holds preference pairs; SFT needs one that does not")
         base_model = override.get("base_model") or config["base_model"]
         seen = models.setdefault(base_model["name"], (name, base_model))
         if seen[1] != base_model:
@@ -70,5 +99,60 @@ def expand_experiments(config: dict[str, Any]) -> dict[str, Experiment]:
             datasets=datasets,
             base_model=base_model,
             train={**config.get("train", {}), **override.get("train", {})},
+            preference=_preference(config, override, key, pairs),
         )
-    return experiments
+    return _shared(experiments)
+
+
+PREFERENCE_KEYS = tuple(f.name for f in fields(PreferenceSettings))
+
+
+def _preference(config: dict[str, Any], override: dict[str, Any], key: str, pairs: list[str]) -> dict[str, Any] | None:
+    """An experiment's preference settings: the top-level `preference` section with its own
+    `preference` keys (and `preference.train` keys) over it; None if neither is given."""
+    top, own = config.get("preference"), override.get("preference")
+    if top is None and own is None:
+        return None
+    top, own = top or {}, own or {}
+    where = f"{key}.preference" if own else "preference"
+    merged = {**top, **own, "train": {**top.get("train", {}), **own.get("train", {})}}
+    datasets = tuple(merged.get("datasets") or pairs)
+    if not datasets:
+        kinds = ", ".join(name for name, fmt in FORMATS.items() if fmt.preference)
+        raise PipelineError(f"config key '{where}': no dataset holds preference pairs (a format among {kinds}); add one")
+    wrong = sorted(set(datasets) - set(pairs))
+    if wrong:
+        raise PipelineError(
+            f"config key '{where}.datasets': {', '.join(wrong)} {'is not a dataset' if len(wrong) == 1 else 'are not datasets'} "
+            f"of preference pairs (those defined: {', '.join(pairs) or 'none'})"
+        )
+    settings = PreferenceSettings(**{k: merged[k] for k in PREFERENCE_KEYS if k in merged})
+    settings.check(where)
+    return {"datasets": datasets, **asdict(settings), "train": merged["train"]}
+
+
+def _shared(experiments: dict[str, Experiment]) -> dict[str, Experiment]:
+    """Each experiment with the experiments whose stages it shares named: the SFT of an experiment tuned
+    on preferences is the first one's (by name) with the same datasets, base model and training settings,
+    one without preference tuning if there is one; its preference data and reference log-probs are the
+    first one's with that SFT and the same preference datasets. An experiment without preference tuning
+    has its own stages, as it always had."""
+
+    def sft_key(e: Experiment) -> str:
+        learned = {k: v for k, v in e.train.items() if k not in EXECUTION_KEYS}
+        return json.dumps([e.datasets, e.base_model, learned], sort_keys=True)
+
+    ordered = sorted(experiments.values(), key=lambda e: (e.preference is not None, e.name))
+    resolved = {}
+    for e in experiments.values():
+        sft = e.name if e.preference is None else next(o.name for o in ordered if sft_key(o) == sft_key(e))
+        resolved[e.name] = replace(e, sft=sft)
+    for e in resolved.values():
+        if e.preference is not None:
+            data = next(
+                o.name
+                for o in sorted(resolved.values(), key=lambda o: o.name)
+                if o.preference is not None and o.sft == e.sft and o.preference["datasets"] == e.preference["datasets"]
+            )
+            resolved[e.name] = replace(e, preference_data=data)
+    return resolved

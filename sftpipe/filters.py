@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -384,12 +385,20 @@ def _near_duplicates(
     return near
 
 
-def _test_overlap(paths: list[Path], scan: _Scan, removed: dict[int, dict[str, Any]], n: int) -> dict[int, dict[str, Any]]:
+def _test_overlap(
+    paths: list[Path],
+    scan: _Scan,
+    removed: dict[int, dict[str, Any]],
+    n: int,
+    split: SplitSettings,
+    held_out_paths: Iterable[str | Path] = (),
+) -> dict[int, dict[str, Any]]:
     """Train and validation rows sharing content with a held-out test row would inflate exact match:
-    a second pass checks them against the remaining test rows' n-grams."""
-    held_out = NgramIndex(
-        ((scan.ids[i], text.split(" ")) for i, text in sorted(scan.test_words.items()) if i not in removed), n, hashed=True
-    )
+    a second pass checks them against the remaining test rows' n-grams, and those of the test rows
+    of `held_out_paths` (another stage's data: preference pairs are checked against their SFT's)."""
+    own = ((scan.ids[i], text.split(" ")) for i, text in sorted(scan.test_words.items()) if i not in removed)
+    others = ((r["id"], words(_content(r))) for path in held_out_paths for r in read_jsonl(path) if row_split(r, split) == "test")
+    held_out = NgramIndex(itertools.chain(own, others), n, hashed=True)
     overlap = {}
     if not held_out:
         return overlap
@@ -411,9 +420,11 @@ def filter_and_mix(
     split: SplitSettings,
     eval_tasks: list[Any] | None = None,
     threads: int = 1,
+    held_out_paths: list[str | Path] = (),
 ) -> dict[str, Any]:
     """Filter the hydrated rows of every dataset together (exact dedup, near dedup, decontamination),
-    then mix each dataset (the rows' `dataset`) by its weight.
+    then mix each dataset (the rows' `dataset`) by its weight. The test rows of `held_out_paths`
+    (preference data is filtered against its SFT data's) count as held-out rows too.
 
     Memory stays a few numbers a row whatever the number of rows: the rows are read three times
     (scan, test overlap, writing) rather than held, and `threads` processes compute the MinHashes.
@@ -432,7 +443,7 @@ def filter_and_mix(
             removed |= _near_duplicates(scan, removed, signatures, settings.near_dedup_threshold)
     if settings.decontaminate:
         removed |= {i: {"reason": "eval_contamination", **hit} for i, hit in scan.contamination.items() if i not in removed}
-        removed |= _test_overlap(paths, scan, removed, settings.ngram)
+        removed |= _test_overlap(paths, scan, removed, settings.ngram, split, held_out_paths)
 
     # Each dataset's mixture: the rows kept, then the copies upsampling adds.
     rows_of: dict[str, list[int]] = {}

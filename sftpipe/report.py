@@ -1,4 +1,5 @@
-"""Report stage: base vs tuned on every metric, with the data and training behind them.
+"""Report stage: base vs tuned on every metric, with the data and training behind them; for an
+experiment tuned on preferences, the preference-tuned model beside them and its held-out rewards.
 
 Writes a markdown summary for the terminal, a JSON summary, and the figures and tables that
 `snakemake --report` puts into the HTML report.
@@ -17,11 +18,21 @@ from .metrics import EXACT_MATCH_METRICS
 from .significance import BOOTSTRAP_SAMPLES, mcnemar_exact, paired_bootstrap
 from .tracking import log_evaluation
 
-VARIANTS = ("base", "tuned")
-# The exported GGUF model, scored by exact match only, where the config exports one.
+# The models an experiment evaluates: the base model, after SFT (tuned), and after SFT and
+# preference tuning (preference), for experiments that have it.
+VARIANTS = ("base", "tuned", "preference")
+# The exported GGUF model (the SFT model as served), scored by exact match only, where the config exports one.
 EXPORTED = "exported"
+# Each variant's delta is over the model it came from: (that model, the delta's key).
+DELTAS = {"tuned": ("base", "delta"), "preference": ("tuned", "preference_delta"), EXPORTED: ("tuned", "exported_delta")}
 SAMPLE_GENERATIONS = 25
-SPLIT_HEADERS = ["split", "rows", "tokens", "truncated", "dropped (too long)"]
+
+
+@dataclass(frozen=True)
+class PreferenceInputs:
+    rewards: str | Path  # the held-out pairs' rewards (sftpipe.reference.evaluate_preference)
+    history: str | Path  # the preference run's history.json
+    stats: str | Path  # the tokenized pairs' stats.json
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,17 @@ class ReportInputs:
     data_stats: str | Path
     filters: str | Path
     manifests: list[str | Path]
+    preference: PreferenceInputs | None = None
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The models scored by exact match and lm-eval."""
+        return tuple(v for v in VARIANTS if v in self.exact_match)
+
+    @property
+    def scored(self) -> tuple[str, ...]:
+        """The models scored by exact match: the variants, and the exported file where there is one."""
+        return self.variants + ((EXPORTED,) if EXPORTED in self.exact_match else ())
 
 
 @dataclass(frozen=True)
@@ -49,32 +71,49 @@ class ReportOutputs:
 
 
 def lm_eval_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per task and metric: base and tuned values, their stderr, the delta and the settings."""
+    """One row per task and metric: each variant's value and stderr, the delta of each over the one
+    before it (tuned over base, preference over tuned), and the settings."""
+    variants = [v for v in VARIANTS if v in results]
     rows = []
     for task in sorted(results["base"]["tasks"]):
-        base, tuned = results["base"]["tasks"][task], results["tuned"]["tasks"][task]
-        for key, value in sorted(base["metrics"].items()):
+        base = results["base"]["tasks"][task]
+        for key in sorted(base["metrics"]):
             metric, comma, filter_name = key.partition(",")
             # Metric keys read "<metric>,<filter>"; others ("name", "sample_len") describe the run.
             if not comma or metric.endswith("_stderr"):
                 continue
             stderr_key = f"{metric}_stderr,{filter_name}"
-            rows.append(
-                {
-                    "task": task,
-                    "metric": metric,
-                    "base": value,
-                    "base_stderr": base["metrics"].get(stderr_key),
-                    "tuned": tuned["metrics"][key],
-                    "tuned_stderr": tuned["metrics"].get(stderr_key),
-                    "delta": tuned["metrics"][key] - value,
-                    "samples": base["n_samples"]["effective"],
-                    "num_fewshot": base["settings"]["num_fewshot"],
-                    "apply_chat_template": base["settings"].get("apply_chat_template", False),
-                    "data": base["data"],
-                }
-            )
+            row = {"task": task, "metric": metric}
+            for variant in variants:
+                metrics = results[variant]["tasks"][task]["metrics"]
+                row |= {variant: metrics[key], f"{variant}_stderr": metrics.get(stderr_key)}
+            row |= _deltas(row, variants)
+            row |= {
+                "samples": base["n_samples"]["effective"],
+                "num_fewshot": base["settings"]["num_fewshot"],
+                "apply_chat_template": base["settings"].get("apply_chat_template", False),
+                "data": base["data"],
+            }
+            rows.append(row)
     return rows
+
+
+def _deltas(row: dict[str, Any], variants: list[str]) -> dict[str, float]:
+    """`delta`: tuned minus base; `preference_delta` and `exported_delta`: that model minus tuned."""
+    return {DELTAS[v][1]: row[v] - row[DELTAS[v][0]] for v in variants if v in DELTAS}
+
+
+def _delta_headers(variants: tuple[str, ...]) -> list[str]:
+    """The columns after `metric`: each variant, then its delta over the model it came from."""
+    headers = ["base"]
+    for variant in variants[1:]:
+        headers += [variant, "delta" if variant == "tuned" else f"delta vs {DELTAS[variant][0]}"]
+    return headers
+
+
+def _value_keys(variants: tuple[str, ...]) -> list[str]:
+    """The row keys of `_delta_headers`' columns."""
+    return ["base", *(key for v in variants[1:] for key in (v, DELTAS[v][1]))]
 
 
 def _fmt(value: float | None, stderr: float | None = None) -> str:
@@ -85,19 +124,6 @@ def _fmt(value: float | None, stderr: float | None = None) -> str:
 
 def _fmt_p(value: float | None) -> str:
     return "" if value is None else f"{value:.2g}"
-
-
-def _exact_match_cells(row: dict[str, Any]) -> list[str]:
-    cells = [row["metric"], f"{row['base']:.4f}", f"{row['tuned']:.4f}", f"{row['delta']:+.4f}"]
-    return cells + ([f"{row[EXPORTED]:.4f}", f"{row['exported_delta']:+.4f}"] if EXPORTED in row else [])
-
-
-def _markdown_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
-    return [
-        "| " + " | ".join(headers) + " |",
-        "|" + "---|" * len(headers),
-        *("| " + " | ".join(map(str, r)) + " |" for r in rows),
-    ]
 
 
 def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -143,21 +169,28 @@ def _save_figure(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_loss_curves(log_history: list[dict[str, Any]], path: str | Path) -> None:
+def plot_loss_curves(log_history: list[dict[str, Any]], path: str | Path, preference: list[dict[str, Any]] | None = None) -> None:
+    """SFT's losses; beside them, for an experiment tuned on preferences, the preference loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "training"), ("eval_loss", "validation")):
-        points = [(h["step"], h[key]) for h in log_history if key in h]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (completion tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    histories = [("SFT", "loss (completion tokens)", log_history)]
+    if preference is not None:
+        histories.append(("preference tuning", "preference loss", preference))
+    fig, axes = plt.subplots(1, len(histories), figsize=(7 * len(histories), 4), squeeze=False)
+    for ax, (title, ylabel, history) in zip(axes[0], histories, strict=True):
+        for key, label in (("loss", "training"), ("eval_loss", "validation")):
+            points = [(h["step"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        if preference is not None:
+            ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
     _save_figure(fig, path)
 
 
@@ -169,9 +202,11 @@ def plot_eval_comparison(rows: list[dict[str, Any]], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['task']}\n{r['metric']}" for r in rows]
+    variants = [v for v in VARIANTS if v in rows[0]]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    width = 0.38
-    for offset, variant in ((-width / 2, "base"), (width / 2, "tuned")):
+    width = 0.76 / len(variants)
+    for k, variant in enumerate(variants):
+        offset = (k - (len(variants) - 1) / 2) * width
         errors = [r.get(f"{variant}_stderr") or 0.0 for r in rows]
         ax.bar([i + offset for i in range(len(rows))], [r[variant] for r in rows], width, yerr=errors, capsize=3, label=variant)
     ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=30, ha="right")
@@ -200,29 +235,35 @@ def plot_token_lengths(stats: dict[str, Any], path: str | Path) -> None:
     _save_figure(fig, path)
 
 
-def significance(predictions: dict[str, list[dict[str, Any]]], harness: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Base vs tuned on the same items: for each exact-match metric over the held-out rows and each
-    lm-eval metric over the task's documents, the paired bootstrap's delta, its 95% interval and
-    p-value; for the right/wrong ones, McNemar's exact p-value too."""
+def significance(
+    predictions: dict[str, list[dict[str, Any]]],
+    harness: dict[str, dict[str, Any]],
+    before: str = "base",
+    after: str = "tuned",
+) -> list[dict[str, Any]]:
+    """`before` vs `after` (base vs tuned, or tuned vs preference) on the same items: for each
+    exact-match metric over the held-out rows and each lm-eval metric over the task's documents, the
+    paired bootstrap's delta, its 95% interval and p-value; for the right/wrong ones, McNemar's exact
+    p-value too."""
     rows = []
-    base, tuned = predictions["base"], predictions["tuned"]
-    if [r["id"] for r in base] != [r["id"] for r in tuned]:
-        raise PipelineError("the base and tuned predictions are not of the same held-out rows")
+    first, second = predictions[before], predictions[after]
+    if [r["id"] for r in first] != [r["id"] for r in second]:
+        raise PipelineError(f"the {before} and {after} predictions are not of the same held-out rows")
+    compared = {} if (before, after) == ("base", "tuned") else {"compared": f"{after} vs {before}"}
     for metric in EXACT_MATCH_METRICS:
-        scores = {v: [float(r[metric]) for r in predictions[v]] for v in VARIANTS}
-        row = {"task": "exact match", "metric": metric, "items": len(base), **paired_bootstrap(scores["base"], scores["tuned"])}
+        scores = {v: [float(r[metric]) for r in predictions[v]] for v in (before, after)}
+        row = {"task": "exact match", "metric": metric, "items": len(first), **compared}
+        row |= paired_bootstrap(scores[before], scores[after])
         if metric != "token_f1":
-            row["mcnemar_p_value"] = mcnemar_exact([bool(x) for x in scores["base"]], [bool(x) for x in scores["tuned"]])[
-                "p_value"
-            ]
+            row["mcnemar_p_value"] = mcnemar_exact([bool(x) for x in scores[before]], [bool(x) for x in scores[after]])["p_value"]
         rows.append(row)
-    for task in sorted(harness["base"]["tasks"]):
-        documents = {v: harness[v]["tasks"][task]["per_document"] for v in VARIANTS}
-        if documents["base"]["doc_id"] != documents["tuned"]["doc_id"]:
-            raise PipelineError(f"lm-eval task '{task}': the base and tuned models were scored on different documents")
-        for metric in (m for m in documents["base"] if m != "doc_id"):
-            paired = paired_bootstrap(documents["base"][metric], documents["tuned"][metric])
-            rows.append({"task": task, "metric": metric, "items": len(documents["base"]["doc_id"]), **paired})
+    for task in sorted(harness[before]["tasks"]):
+        documents = {v: harness[v]["tasks"][task]["per_document"] for v in (before, after)}
+        if documents[before]["doc_id"] != documents[after]["doc_id"]:
+            raise PipelineError(f"lm-eval task '{task}': the {before} and {after} models were scored on different documents")
+        for metric in (m for m in documents[before] if m != "doc_id"):
+            paired = paired_bootstrap(documents[before][metric], documents[after][metric])
+            rows.append({"task": task, "metric": metric, "items": len(documents[before]["doc_id"]), **compared, **paired})
     return rows
 
 
@@ -231,53 +272,60 @@ def write_report(
 ) -> dict[str, Any]:
     """Write every report artifact; return the JSON summary. `setup` records the experiment's
     datasets, base model and training settings (see `Experiment.describe`)."""
-    harness = {v: read_json(inputs.lm_eval[v]) for v in VARIANTS}
-    em = {v: read_json(path) for v, path in inputs.exact_match.items()}
-    exported = EXPORTED in em
+    variants, scored = inputs.variants, inputs.scored
+    harness = {v: read_json(inputs.lm_eval[v]) for v in variants}
+    em = {v: read_json(inputs.exact_match[v]) for v in scored}
     training, log_history = read_history(inputs.history)
     stats = read_json(inputs.data_stats)
     filters = read_json(inputs.filters)
     manifests = [read_json(p) for p in inputs.manifests]
     lm_rows = lm_eval_rows(harness)
-    em_rows = [
-        {"metric": key, "base": em["base"][key], "tuned": em["tuned"][key], "delta": em["tuned"][key] - em["base"][key]}
-        | ({EXPORTED: em[EXPORTED][key], "exported_delta": em[EXPORTED][key] - em["tuned"][key]} if exported else {})
-        for key in EXACT_MATCH_METRICS
-    ]
-    em_headers = ["metric", "base", "tuned", "delta"] + ([EXPORTED, "exported − tuned"] if exported else [])
+    em_rows = []
+    for key in EXACT_MATCH_METRICS:
+        row = {"metric": key, **{v: em[v][key] for v in scored}}
+        em_rows.append(row | _deltas(row, list(scored)))
+    em_headers, headers = _delta_headers(scored), _delta_headers(variants)
+
+    def cells(
+        row: dict[str, Any], fmt=lambda value, key: f"{value:+.4f}" if "delta" in key else f"{value:.4f}", models=variants
+    ) -> list[str]:
+        return [fmt(row[key], key) for key in _value_keys(models)]
 
     lines = [f"# sftpipe report: {experiment}", ""]
     lines += ["## Exact match on the held-out test split", ""]
     lines += [f"{em['base']['rows']} rows, greedy decoding, max_new_tokens={em['base']['settings']['max_new_tokens']}.", ""]
-    if exported:
-        round_trip = exported_round_trip(em[EXPORTED], inputs.predictions)
+    if "preference" in variants:
+        lines += ["tuned: after SFT; preference: after SFT and then preference tuning.", ""]
+    round_trip = exported_round_trip(em[EXPORTED], inputs.predictions) if EXPORTED in em else None
+    if round_trip:
         lines += [
-            f"exported: `{round_trip['gguf_file']}`, read back alone through transformers' GGUF loader; its greedy "
-            f"answers are the merged model's on {round_trip['same_answers']} of {round_trip['rows']} rows.",
+            f"exported: `{round_trip['gguf_file']}`, the SFT model as served, read back alone through transformers' "
+            f"GGUF loader; its greedy answers are the merged model's on {round_trip['same_answers']} of "
+            f"{round_trip['rows']} rows.",
             "",
         ]
-    lines += _markdown_table(em_headers, [_exact_match_cells(r) for r in em_rows])
-    scored = [v for v in (*VARIANTS, EXPORTED) if v in em]
-    lines += ["", "Per dataset (normalized exact match):", ""]
-    lines += _markdown_table(
-        ["dataset", "rows", *scored],
-        [
-            [name, base["rows"], *(f"{em[v]['per_dataset'][name]['normalized_exact_match']:.4f}" for v in scored)]
-            for name, base in em["base"]["per_dataset"].items()
-        ],
-    )
+    lines += ["| metric | " + " | ".join(em_headers) + " |", "|---" * (len(em_headers) + 1) + "|"]
+    lines += [f"| {r['metric']} | " + " | ".join(cells(r, models=scored)) + " |" for r in em_rows]
+    lines += ["", "Per dataset (normalized exact match):", "", f"| dataset | rows | {' | '.join(scored)} |"]
+    lines += ["|---|---|" + "---|" * len(scored)]
+    for name, base in em["base"]["per_dataset"].items():
+        scores = " | ".join(f"{em[v]['per_dataset'][name]['normalized_exact_match']:.4f}" for v in scored)
+        lines.append(f"| {name} | {base['rows']} | {scores} |")
     lines += ["", "## lm-evaluation-harness", ""]
     lines += [
-        "| task | metric | base | tuned | delta | samples | few-shot | chat template | data |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | metric | " + " | ".join(headers) + " | samples | few-shot | chat template | data |",
+        "|---|---|" + "---|" * len(headers) + "---|---|---|---|",
     ]
     lines += [
-        f"| {r['task']} | {r['metric']} | {_fmt(r['base'], r['base_stderr'])} | {_fmt(r['tuned'], r['tuned_stderr'])} "
-        f"| {r['delta']:+.4f} | {r['samples']} | {r['num_fewshot']} | {r['apply_chat_template']} | {r['data']} |"
+        f"| {r['task']} | {r['metric']} | "
+        + " | ".join(cells(r, lambda value, key, r=r: f"{value:+.4f}" if "delta" in key else _fmt(value, r[f"{key}_stderr"])))
+        + f" | {r['samples']} | {r['num_fewshot']} | {r['apply_chat_template']} | {r['data']} |"
         for r in lm_rows
     ]
     predictions = {v: list(read_jsonl(inputs.predictions[v])) for v in scored}
     paired = significance(predictions, harness)
+    if "preference" in variants:
+        paired += significance(predictions, harness, "tuned", "preference")
     lines += ["", "## Is the difference real?", ""]
     lines += [
         f"Paired comparisons on the same items: the delta's 95% interval from {BOOTSTRAP_SAMPLES:,} bootstrap "
@@ -287,7 +335,9 @@ def write_report(
         "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['task']} | {r['metric']} | {r['items']} | {r['delta']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
+        f"| {r['task'] + (' (' + r['compared'] + ')' if 'compared' in r else '')} | {r['metric']} | {r['items']} "
+        f"| {r['delta']:+.4f} "
+        f"| [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
         f"| {r['p_value']:.2g} | {_fmt_p(r.get('mcnemar_p_value'))} |"
         for r in paired
     ]
@@ -303,6 +353,9 @@ def write_report(
         f"- final train loss: {_fmt(training.train_loss)}, validation loss: {_fmt(training.eval_loss)}",
         f"- train rows: {training.train_rows}, validation rows: {training.validation_rows}",
     ]
+    preference = preference_summary(inputs.preference) if inputs.preference else None
+    if preference:
+        lines += ["", *preference_lines(preference)]
     data_rows = [[m["name"], m["source"]["kind"], m["rows"], m["sha256"][:16]] for m in manifests]
     split_rows = [
         [split, stats[split]["rows"], stats[split]["tokens"], stats[split]["truncated"], stats[split]["dropped_too_long"]]
@@ -335,16 +388,18 @@ def write_report(
         ]
         for name, f in filters["datasets"].items()
     ]
-    lines += ["", *_markdown_table(filter_headers, filter_rows)]
-    lines += ["", *_markdown_table(SPLIT_HEADERS, split_rows)]
+    lines += ["", "| " + " | ".join(filter_headers) + " |", "|" + "---|" * len(filter_headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in filter_rows]
+    lines += ["", "| split | rows | tokens | truncated | dropped (too long) |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in split_rows]
     _write_text(outputs.markdown, "\n".join(lines) + "\n")
 
-    plot_loss_curves(log_history, outputs.loss_curves)
-    em_as_rows = [{"task": "exact match", "metric": r["metric"], "base": r["base"], "tuned": r["tuned"]} for r in em_rows]
+    plot_loss_curves(log_history, outputs.loss_curves, read_history(inputs.preference.history)[1] if preference else None)
+    em_as_rows = [{"task": "exact match", "metric": r["metric"], **{v: r[v] for v in variants}} for r in em_rows]
     plot_eval_comparison(em_as_rows + lm_rows, outputs.eval_comparison)
     plot_token_lengths(stats, outputs.token_lengths)
-    em_table = [_exact_match_cells(r) for r in em_rows]
-    _write_text(outputs.exact_match_table, _html_page(_html_table(em_headers, em_table)))
+    em_table = [[r["metric"], *cells(r, models=scored)] for r in em_rows]
+    _write_text(outputs.exact_match_table, _html_page(_html_table(["metric", *em_headers], em_table)))
     samples = [
         [rows[0]["id"], rows[0]["prompt"], rows[0]["reference"], *(r["prediction"] for r in rows)]
         for rows in zip(*(predictions[v][:SAMPLE_GENERATIONS] for v in scored), strict=True)
@@ -356,7 +411,7 @@ def write_report(
         _html_page(
             _html_table(["dataset", "source", "rows", "sha256"], data_rows),
             _html_table(filter_headers, filter_rows),
-            _html_table(SPLIT_HEADERS, split_rows),
+            _html_table(["split", "rows", "tokens", "truncated", "dropped (too long)"], split_rows),
         ),
     )
     summary = {
@@ -365,12 +420,25 @@ def write_report(
         "exact_match": em_rows,
         "lm_eval": lm_rows,
         "significance": paired,
-        **({EXPORTED: round_trip} if exported else {}),
+        **({EXPORTED: round_trip} if round_trip else {}),
         "training": training.to_json(),
+        **({"preference": preference} if preference else {}),
     }
     write_json(outputs.summary, summary)
     log_evaluation(training.tracking, training.steps, tracked_figures(em_rows, lm_rows))
     return summary
+
+
+def tracked_figures(em_rows: list[dict[str, Any]], lm_rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The evaluation figures a tracker gets, each variant's (and the exported model's), named
+    `eval/<task>/<metric>/<variant>`."""
+    rows = [{**r, "task": "exact_match"} for r in em_rows] + lm_rows
+    return {
+        f"eval/{r['task']}/{r['metric']}/{variant}": float(r[variant])
+        for r in rows
+        for variant in (*VARIANTS, EXPORTED)
+        if variant in r
+    }
 
 
 def exported_round_trip(metrics: dict[str, Any], predictions: dict[str, str | Path]) -> dict[str, Any]:
@@ -385,25 +453,69 @@ def exported_round_trip(metrics: dict[str, Any], predictions: dict[str, str | Pa
     return {"gguf_file": metrics["settings"]["gguf_file"], "rows": metrics["rows"], "same_answers": same}
 
 
-def tracked_figures(em_rows: list[dict[str, Any]], lm_rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The evaluation figures a tracker gets, base and tuned (and exported), named `eval/<task>/<metric>/<variant>`."""
-    rows = [{**r, "task": "exact_match"} for r in em_rows] + lm_rows
+def preference_summary(inputs: PreferenceInputs) -> dict[str, Any]:
+    """The preference stage's figures: held-out rewards, the run's training and validation figures
+    as TRL logged them, and the pairs per split."""
+    training, log_history = read_history(inputs.history)
+    stats = read_json(inputs.stats)
+    validation = [h for h in log_history if "eval_rewards/accuracies" in h]
     return {
-        f"eval/{r['task']}/{r['metric']}/{variant}": float(r[variant])
-        for r in rows
-        for variant in (*VARIANTS, EXPORTED)
-        if variant in r
+        "held_out": read_json(inputs.rewards),
+        "training": training.to_json(),
+        "validation": {key.removeprefix("eval_"): value for key, value in validation[-1].items()} if validation else None,
+        "pairs": {split: stats[split]["rows"] for split in ("train", "validation", "test")},
     }
 
 
+def preference_lines(preference: dict[str, Any]) -> list[str]:
+    """The report's preference section, in markdown."""
+    held_out, training, validation = preference["held_out"], preference["training"], preference["validation"]
+    settings = training["settings"]
+    lines = [
+        "## Preference tuning",
+        "",
+        (
+            "The SFT adapter trained on, against the SFT model as reference"
+            if settings.get("start") == "adapter"
+            else "A fresh LoRA on the merged SFT model, which is also the reference"
+        )
+        + f"; loss {settings['loss_type']}, "
+        f"beta {settings['beta']}, learning rate {settings['learning_rate']}. Pairs: "
+        + ", ".join(f"{n} {split}" for split, n in preference["pairs"].items())
+        + ".",
+        "",
+        f"Held-out pairs ({held_out['pairs']}): reward beta * (log p_tuned - log p_SFT) of the chosen reply above the "
+        "rejected one's:",
+        "",
+        "| reward accuracy | mean margin | mean chosen reward | mean rejected reward "
+        "| chosen more likely: SFT | chosen more likely: preference |",
+        "|---|---|---|---|---|---|",
+        f"| {held_out['reward_accuracy']:.4f} | {held_out['reward_margin']:+.4f} | {held_out['reward_chosen']:+.4f} "
+        f"| {held_out['reward_rejected']:+.4f} | {held_out['reference_likelihood_accuracy']:.4f} "
+        f"| {held_out['likelihood_accuracy']:.4f} |",
+        "",
+        f"- steps: {training['steps']}, precision: {training['precision']}, runtime: {training['train_runtime_s']:.0f} s",
+        f"- final train loss: {_fmt(training['train_loss'])}, validation loss: {_fmt(training['eval_loss'])}",
+    ]
+    if validation:
+        lines.append(
+            f"- validation reward accuracy {validation['rewards/accuracies']:.4f}, margin {validation['rewards/margins']:+.4f}"
+        )
+    return lines
+
+
 def comparison_rows(experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per experiment: what sets it apart (the training settings that vary across the sweep)
-    and its headline figures."""
-    settings = [e["setup"].get("train", {}) for e in experiments]
+    """One row per experiment: what sets it apart (the training and preference settings that vary
+    across the sweep) and its headline figures."""
+    settings = [
+        {**e["setup"].get("train", {}), **{f"preference.{k}": v for k, v in (e["setup"].get("preference") or {}).items()}}
+        for e in experiments
+    ]
     varying = sorted({k for s in settings for k in s if len({repr(t.get(k)) for t in settings}) > 1})
     rows = []
     for e, train in zip(experiments, settings, strict=True):
         em = {r["metric"]: r for r in e["exact_match"]}
+        variants = [v for v in VARIANTS if v in em["normalized_exact_match"]]
         rows.append(
             {
                 "experiment": e["experiment"],
@@ -413,9 +525,10 @@ def comparison_rows(experiments: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train_loss": e["training"]["train_loss"],
                 "eval_loss": e["training"]["eval_loss"],
                 "exact_match": {
-                    v: em["normalized_exact_match"][v] for v in (*VARIANTS, EXPORTED) if v in em["normalized_exact_match"]
+                    v: em["normalized_exact_match"][v] for v in (*variants, EXPORTED) if v in em["normalized_exact_match"]
                 },
-                "lm_eval": {f"{r['task']} {r['metric']}": {v: r[v] for v in VARIANTS} for r in e["lm_eval"]},
+                "lm_eval": {f"{r['task']} {r['metric']}": {v: r[v] for v in variants} for r in e["lm_eval"]},
+                **({"reward_accuracy": e["preference"]["held_out"]["reward_accuracy"]} if e.get("preference") else {}),
             }
         )
     return rows
@@ -426,12 +539,14 @@ def write_summary(report_summaries: list[str | Path], out_path: str | Path, comp
     experiments = [read_json(p) for p in report_summaries]
     rows = comparison_rows(experiments)
     metrics = sorted({m for r in rows for m in r["lm_eval"]})
+    rewards = any("reward_accuracy" in r for r in rows)
     headers = ["experiment", "base model", "datasets", "settings", "train loss", "validation loss", "exact match", *metrics]
 
-    def base_to_tuned(pair: dict[str, float] | None) -> str:
-        if pair is None:
+    def base_to_tuned(scores: dict[str, float] | None) -> str:
+        if scores is None:
             return "n/a"
-        return f"{pair['base']:.4f} → {pair['tuned']:.4f}" + (f" (exported {pair[EXPORTED]:.4f})" if EXPORTED in pair else "")
+        chain = " → ".join(f"{scores[v]:.4f}" for v in VARIANTS if v in scores)
+        return chain + (f" (exported {scores[EXPORTED]:.4f})" if EXPORTED in scores else "")
 
     table = [
         [
@@ -443,10 +558,11 @@ def write_summary(report_summaries: list[str | Path], out_path: str | Path, comp
             _fmt(r["eval_loss"]),
             base_to_tuned(r["exact_match"]),
             *(base_to_tuned(r["lm_eval"].get(m)) for m in metrics),
+            *([_fmt(r.get("reward_accuracy"))] if rewards else []),
         ]
         for r in rows
     ]
-    _write_text(comparison_path, _html_page(_html_table(headers, table)))
+    _write_text(comparison_path, _html_page(_html_table(headers + (["held-out reward accuracy"] if rewards else []), table)))
     summary = {"comparison": rows, "experiments": {e["experiment"]: e for e in experiments}}
     write_json(out_path, summary)
     return summary

@@ -1,4 +1,5 @@
-"""Tokenize-and-split stage: hydrated JSONL to train/validation/test token JSONL with masked labels."""
+"""Tokenize-and-split stage: hydrated JSONL to train/validation/test token JSONL with masked labels,
+or, for preference pairs, with the prompt's and each reply's token ids."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import PipelineError, Progress, batched, jsonl_writer, read_jsonl_files, sha256_file, write_json
+from .io import PipelineError, Progress, batched, jsonl_writer, read_jsonl, read_jsonl_files, sha256_file, write_json
 from .model import load_tokenizer
 
 log = logging.getLogger("sftpipe")
@@ -110,7 +111,33 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[
         encoded["labels"] = [IGNORE_INDEX] * n_prompt + learned
         encoded["completion_tokens"] = len(learned)
         encoded["truncated"] = truncated
+        encoded["sequence_tokens"] = [len(encoded["input_ids"])]
         out.append(encoded)
+    return out
+
+
+def encode_pairs(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[dict[str, Any] | None]:
+    """`prompt_ids`, `chosen_ids` and `rejected_ids` per preference row: each reply encoded after the
+    prompt exactly as `encode_rows` encodes a completion (its EOS learned, cut at `max_length`);
+    `None` for a row whose prompt leaves no room for a reply."""
+    encoded = {
+        reply: encode_rows([{**row, "completion": row[reply]} for row in rows], tokenizer, max_length)
+        for reply in ("chosen", "rejected")
+    }
+    out: list[dict[str, Any] | None] = []
+    for row, chosen, rejected in zip(rows, encoded["chosen"], encoded["rejected"], strict=True):
+        if chosen is None:  # the prompt alone fills max_length, for both replies
+            out.append(None)
+            continue
+        n_prompt = chosen["labels"].count(IGNORE_INDEX)
+        pair = {k: v for k, v in row.items() if k != "content"}
+        pair["prompt_ids"] = chosen["input_ids"][:n_prompt]
+        pair["chosen_ids"] = chosen["input_ids"][n_prompt:]
+        pair["rejected_ids"] = rejected["input_ids"][n_prompt:]
+        pair["completion_tokens"] = chosen["completion_tokens"] + rejected["completion_tokens"]
+        pair["truncated"] = chosen["truncated"] or rejected["truncated"]
+        pair["sequence_tokens"] = chosen["sequence_tokens"] + rejected["sequence_tokens"]
+        out.append(pair)
     return out
 
 
@@ -154,11 +181,12 @@ def _collect(
             for c in counts:
                 c["dropped_too_long"] += 1
             continue
-        n_tokens = len(encoded["input_ids"])
-        if n_tokens < lengths.min_tokens:
+        sequences = encoded.pop("sequence_tokens")  # a pair's two sequences share its fate
+        if min(sequences) < lengths.min_tokens:
             for c in counts:
                 c["dropped_too_short"] += 1
             continue
+        n_tokens = sum(sequences)
         bin_start = str(n_tokens // bin_width * bin_width)
         completion_tokens, truncated = encoded.pop("completion_tokens"), encoded.pop("truncated")
         for c in counts:
@@ -175,6 +203,11 @@ def _collect(
 def learned_segments(tokenizer, row: dict[str, Any]) -> list[dict[str, Any]]:
     """A tokenized row as text in runs of tokens the model sees (prompt) and learns (completion and
     EOS), decoded with special tokens shown: what training is fed, as the report shows it."""
+    if "chosen_ids" in row:  # a preference pair shows its prompt and the chosen reply
+        return [
+            {"learned": False, "text": tokenizer.decode(row["prompt_ids"])},
+            {"learned": True, "text": tokenizer.decode(row["chosen_ids"])},
+        ]
     segments: list[dict[str, Any]] = []
     for token, label in zip(row["input_ids"], row["labels"], strict=True):
         learned = label != IGNORE_INDEX
@@ -244,7 +277,9 @@ def tokenize_and_split(
     split: SplitSettings,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Write one token JSONL per split (`out_paths[split]`) and the stats; return the stats."""
+    """Write one token JSONL per split (`out_paths[split]`) and the stats; return the stats. Preference
+    pairs (rows with `chosen` and `rejected` replies) are encoded by `encode_pairs`, their token counts
+    and histogram over both sequences."""
     if lengths.overlong not in OVERLONG:
         raise PipelineError(f"config key 'data.overlong': '{lengths.overlong}' is not one of {', '.join(OVERLONG)}")
     max_length = lengths.max_length
@@ -254,15 +289,16 @@ def tokenize_and_split(
     total = sum(1 for path in hydrated_paths for line in open(path, "rb") if line.strip())
     progress = Progress("tokenize", total)
     stats: dict[str, Any] = {split_name: {**_counters(), "datasets": {}} for split_name in SPLITS}
-    bin_width = max(1, max_length // HISTOGRAM_BINS)
+    pairs = "chosen" in next(read_jsonl(hydrated_paths[0]), {})
+    encode = encode_pairs if pairs else encode_rows
+    bin_width = max(1, max_length * (2 if pairs else 1) // HISTOGRAM_BINS)
     seen: set[str] = set()
     # Rows stream to their split files batch by batch: memory stays one batch, not the dataset.
     with contextlib.ExitStack() as stack:
         writers = {name: stack.enter_context(jsonl_writer(out_paths[name])) for name in SPLITS}
         preview: dict[str, list[dict[str, Any]]] = {}
         for batch in batched(read_jsonl_files(hydrated_paths), BATCH):
-            encoded = encode_rows(batch, tokenizer, max_length)
-            _collect(batch, encoded, seen, stats, writers, lengths, split, bin_width, preview)
+            _collect(batch, encode(batch, tokenizer, max_length), seen, stats, writers, lengths, split, bin_width, preview)
             progress.update(len(batch))
         _check_splits(stats, split)
     stats["preview"] = {name: [learned_segments(tokenizer, row) for row in rows] for name, rows in sorted(preview.items())}

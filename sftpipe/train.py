@@ -118,10 +118,11 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"
 
 
-def run_fingerprint(base_dir: str | Path, train_path: str | Path, validation_path: str | Path, settings: TrainSettings) -> str:
-    """What a checkpoint belongs to: a run resumes only from checkpoints of the same base, data and settings."""
-    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
-    for path in (Path(base_dir) / "config.json", train_path, validation_path):
+def run_fingerprint(settings: dict, files: list[str | Path]) -> str:
+    """What a checkpoint belongs to: a run resumes only from checkpoints of the same settings and
+    input files (the base model's config, the data)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in files:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()[:16]
 
@@ -183,14 +184,6 @@ def quantization_config(settings: TrainSettings, precision: str):
     )
 
 
-def _load_split(path: str | Path):
-    """The split's rows, or None for an empty one (a validation fraction of 0)."""
-    from datasets import Dataset
-
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
-    return Dataset.from_list(rows) if rows else None
-
-
 def _completion_only_trainer():
     from trl import SFTTrainer
 
@@ -239,6 +232,8 @@ def _progress_callback():
 class LoraRecipe:
     """One process's share of a LoRA run, step by step."""
 
+    loss_is_nll = True  # the loss is a mean negative log-likelihood, whose exponential is a perplexity
+
     def __init__(self, job: TrainJob) -> None:
         self.job, self.settings = job, job.settings
         self.precision = resolve_precision(self.settings.precision)
@@ -255,7 +250,15 @@ class LoraRecipe:
         self.tracking = Tracking(job.report_to, job.name)
         # Checkpoints live outside the rule's outputs, keyed by what they belong to, so a rerun after
         # a kill resumes while a changed config starts afresh.
-        self.checkpoints = Path(job.work_dir) / run_fingerprint(job.base_dir, job.train_path, job.validation_path, self.settings)
+        self.checkpoints = Path(job.work_dir) / run_fingerprint(self.learned_settings(), self.fingerprinted_files())
+
+    def learned_settings(self) -> dict:
+        """The settings that decide what the run learns, as its history records them."""
+        return asdict(self.settings)
+
+    def fingerprinted_files(self) -> list[str | Path]:
+        """The input files a checkpoint of this run belongs to."""
+        return [Path(self.job.base_dir) / "config.json", self.job.train_path, self.job.validation_path]
 
     def setup(self) -> None:
         self.setup_model()
@@ -289,8 +292,15 @@ class LoraRecipe:
             use_lean_swiglu(model)
         self.model = model
 
+    def load_split(self, path: str | Path):
+        """The split's rows, or None for an empty one (a validation fraction of 0)."""
+        from datasets import Dataset
+
+        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
+        return Dataset.from_list(rows) if rows else None
+
     def setup_data(self) -> None:
-        self.train_set, self.eval_set = _load_split(self.job.train_path), _load_split(self.job.validation_path)
+        self.train_set, self.eval_set = self.load_split(self.job.train_path), self.load_split(self.job.validation_path)
         if self.train_set is None:
             raise PipelineError(
                 f"{self.job.train_path}: the training split is empty (its stats.json tells how many rows were dropped "
@@ -302,11 +312,8 @@ class LoraRecipe:
                 "(data.split.validation_fraction above 0)"
             )
 
-    def setup_trainer(self) -> None:
-        from peft import LoraConfig
-        from transformers import EarlyStoppingCallback
-        from trl import SFTConfig
-
+    def trainer_arguments(self) -> dict:
+        """The trainer arguments every LoRA recipe sets, TRL's defaults among them made explicit."""
         settings = self.settings
         early_stopping = settings.early_stopping_patience is not None
         # Early stopping keeps the best checkpoint, so checkpoints must fall on evaluation steps.
@@ -314,7 +321,7 @@ class LoraRecipe:
             -(-settings.save_steps // settings.eval_steps) * settings.eval_steps if early_stopping else settings.save_steps
         )
         per_device = settings.batch_size // self.world_size
-        args = SFTConfig(
+        return dict(
             output_dir=str(self.checkpoints),
             num_train_epochs=settings.epochs,
             max_steps=settings.max_steps,
@@ -341,11 +348,6 @@ class LoraRecipe:
             fp16=self.precision == "fp16",
             activation_checkpointing=settings.gradient_checkpointing,
             use_cpu=not torch.cuda.is_available(),
-            # Padding-free batches carry no pad tokens; sequences stay isolated through position_ids.
-            padding_free=settings.padding_free,
-            # Without padding-free batches, similar lengths share a batch so little compute goes to padding.
-            train_sampling_strategy="random" if settings.padding_free else "group_by_length",
-            max_length=None,  # the tokenize stage already truncated to max_length
             report_to=list(self.job.report_to) or "none",
             run_name=self.job.name,
             disable_tqdm=True,
@@ -353,7 +355,13 @@ class LoraRecipe:
             ddp_backend=None if torch.cuda.is_available() or self.world_size == 1 else "gloo",
             **self._fsdp_arguments(),
         )
-        lora = LoraConfig(
+
+    def lora_config(self):
+        """A fresh LoRA adapter as `train:` shapes it."""
+        from peft import LoraConfig
+
+        settings = self.settings
+        return LoraConfig(
             r=settings.lora_r,
             lora_alpha=settings.lora_alpha,
             lora_dropout=settings.lora_dropout,
@@ -363,24 +371,45 @@ class LoraRecipe:
             modules_to_save=settings.modules_to_save,
             task_type="CAUSAL_LM",
         )
+
+    def callbacks(self) -> list:
+        from transformers import EarlyStoppingCallback
+
         os.environ.update(self.tracking.environment())  # before the trainer creates its tracking callbacks
         self.progress = _progress_callback()
         callbacks = [self.progress]
-        if early_stopping:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
+        if self.settings.early_stopping_patience is not None:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.settings.early_stopping_patience))
+        return callbacks
+
+    def setup_trainer(self) -> None:
+        from trl import SFTConfig
+
+        settings = self.settings
+        args = SFTConfig(
+            **self.trainer_arguments(),
+            # Padding-free batches carry no pad tokens; sequences stay isolated through position_ids.
+            padding_free=settings.padding_free,
+            # Without padding-free batches, similar lengths share a batch so little compute goes to padding.
+            train_sampling_strategy="random" if settings.padding_free else "group_by_length",
+            max_length=None,  # the tokenize stage already truncated to max_length
+        )
         self.trainer = _completion_only_trainer()(
             model=self.model,
             args=args,
             train_dataset=self.train_set,
             eval_dataset=self.eval_set,
             processing_class=self.tokenizer,
-            peft_config=lora,
-            callbacks=callbacks,
+            peft_config=self.lora_config(),
+            callbacks=self.callbacks(),
         )
         # The fused loss reads the output projection's weight outside the forward, where FSDP has it sharded.
         self.trainer.fused_loss = settings.fused_loss and not self.fsdp
-        # TRL casts the LoRA factors of a quantized model to bf16; they train in fp32 here, like the
-        # optimizer's state (bf16 factors lose small updates, and bf16 is emulated on most CPUs).
+        self.factors_in_fp32()
+
+    def factors_in_fp32(self) -> None:
+        """TRL casts the LoRA factors of a quantized model to bf16; they train in fp32 here, like the
+        optimizer's state (bf16 factors lose small updates, and bf16 is emulated on most CPUs)."""
         for parameter in self.trainer.model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
@@ -420,7 +449,7 @@ class LoraRecipe:
         return TrainSummary(
             train_loss=result.training_loss,
             eval_loss=final_eval.get("eval_loss"),
-            eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
+            eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval and self.loss_is_nll else None,
             steps=trainer.state.global_step,
             steps_run=self.progress.steps_run,
             resumed_from_step=resumed_from,
@@ -434,7 +463,7 @@ class LoraRecipe:
             attention=self.attention,
             world_size=self.world_size,
             allocator=current_allocator(),
-            settings=asdict(self.settings),
+            settings=self.learned_settings(),
             tracking=tracking,
         )
 

@@ -15,6 +15,7 @@ from sftpipe.filters import FilterSettings
 from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
 from sftpipe.launch import ALLOCATORS, STRATEGIES, Execution
 from sftpipe.merge import DTYPES
+from sftpipe.preference import LOSS_TYPES, PreferenceSettings
 from sftpipe.tokenization import OVERLONG, LengthSettings, SplitSettings
 from sftpipe.train import PRECISIONS, QUANTIZATIONS, TrainJob, TrainSettings
 
@@ -45,6 +46,11 @@ def test_settings_classes_have_the_schema_keys_and_defaults(section, classes):
     if TrainSettings in classes:  # where the run is tracked travels with the job
         fields["report_to"] = list(next(f.default for f in dataclasses.fields(TrainJob) if f.name == "report_to"))
     assert fields == _defaults(section)
+
+
+def test_preference_settings_have_the_schema_keys_and_defaults():
+    loss = {key: default for key, default in _defaults(PROPERTIES["preference"]).items() if key not in ("datasets", "train")}
+    assert _fields(PreferenceSettings) == loss
 
 
 def test_length_settings_defaults_are_the_schema_defaults():
@@ -80,6 +86,7 @@ def _enum(*path: str) -> list:
         (("merge", "dtype"), DTYPES),
         (("export", "gguf"), GGUF_TYPES),
         (("export", "serve"), GGUF_TYPES),
+        (("preference", "loss_type"), LOSS_TYPES),
     ],
     ids=lambda p: ".".join(p) if isinstance(p, tuple) else "",
 )
@@ -141,6 +148,24 @@ def _errors(edit) -> list[str]:
             lambda c: c["eval"]["lm_eval"]["tasks"][0].update(nme="x"),
             ["config key 'eval.lm_eval.tasks[0].nme': unknown key (did you mean name?)"],
         ),
+        (
+            lambda c: c.update(preference={"beta": 0, "loss_type": "dpo", "train": {"learning_rate": "low"}}),
+            [
+                "config key 'preference.beta': 0 is less than or equal to the minimum of 0",
+                "config key 'preference.loss_type': 'dpo' is not one of " + ", ".join(LOSS_TYPES) + " (did you mean ipo?)",
+                "config key 'preference.train.learning_rate': 'low' is not a number",
+            ],
+        ),
+        (
+            lambda c: (
+                c.pop("experiment"),
+                c.update(experiments={"x": {"preference": {"betta": 0.5, "train": {"lora": 4}}}}),
+            ),
+            [
+                "config key 'experiments.x.preference.betta': unknown key (did you mean beta?)",
+                "config key 'experiments.x.preference.train.lora': unknown key (did you mean lora_r?)",
+            ],
+        ),
     ],
     ids=[
         "valid",
@@ -154,6 +179,8 @@ def _errors(edit) -> list[str]:
         "required key",
         "experiment or experiments",
         "list item",
+        "preference keys",
+        "an experiment's preference keys",
     ],
 )
 def test_config_errors_name_the_key_first_and_alone(edit, errors):

@@ -93,9 +93,9 @@ def closure(script: Path) -> tuple[set[str], set[str]]:
 
 def planned_code_inputs() -> dict[str, set[str]]:
     """rule -> the sftpipe modules among its jobs' inputs, as Snakemake plans them (dry runs of the
-    default and demo configs cover every rule)."""
+    default and demo configs, and of the demo with preference tuning, cover every rule)."""
     found: dict[str, set[str]] = {}
-    for config in ("config.yaml", "demo.yaml"):
+    for configs in (["config.yaml"], ["demo.yaml"], ["demo.yaml", "demo-dpo.yaml"]):
         plan = subprocess.run(
             [
                 sys.executable,
@@ -107,7 +107,7 @@ def planned_code_inputs() -> dict[str, set[str]]:
                 "-d",
                 tempfile.mkdtemp(),
                 "--configfile",
-                str(REPO / "config" / config),
+                *(str(REPO / "config" / config) for config in configs),
             ],
             capture_output=True,
             text=True,
@@ -125,7 +125,8 @@ def rules() -> list[dict]:
     """name, conda env, script and planned code inputs of every rule in rules/*.smk."""
     code = planned_code_inputs()
     found = []
-    for path in sorted((REPO / "rules").glob("*.smk")):
+    paths = sorted((REPO / "rules").glob("*.smk"))
+    for path in paths:
         for block in re.split(r"^(?=rule \w+:)", path.read_text(), flags=re.M)[1:]:
             name = re.match(r"rule (\w+):", block)[1]
             found.append(
@@ -136,7 +137,8 @@ def rules() -> list[dict]:
                     "code": code.get(name, set()),
                 }
             )
-        # `use rule A as B with:` runs A's script in A's environment.
+    # `use rule A as B with:` runs A's script in A's environment (A may be in any file).
+    for path in paths:
         for parent, child in re.findall(r"^use rule (\w+) as (\w+)", path.read_text(), re.M):
             [rule] = [r for r in found if r["name"] == parent]
             found.append({**rule, "name": child, "code": code.get(child, set())})

@@ -73,3 +73,80 @@ def test_a_stage_error_names_the_experiment_key_the_user_set(tmp_path, capsys):
         assert stopped.value.code == 1
         assert f"sftpipe error in rule train_lora: config key '{expected}': fp16 needs CUDA" in capsys.readouterr().err
         assert f"config key '{expected}'" in (tmp_path / f"{experiment}.log").read_text()
+
+
+PAIRS = {**DATASETS, "pairs": {"format": "preference", "path": "pairs.jsonl"}, "hh": {"format": "hh_rlhf", "path": "hh.jsonl"}}
+
+
+def preference_config(**extra):
+    return config(**{"datasets": PAIRS, **extra})
+
+
+def test_sft_takes_the_sft_datasets_and_preference_tuning_the_pairs():
+    [run] = expand_experiments(
+        preference_config(experiment="one", preference={"beta": 0.2, "train": {"learning_rate": 1e-5}})
+    ).values()
+    assert run.datasets == ("alpaca", "guanaco")
+    assert run.preference["datasets"] == ("hh", "pairs") and run.preference["beta"] == 0.2
+    assert run.preference["loss_type"] == "sigmoid"  # the default, where the config leaves it out
+    # The preference stage trains with the experiment's settings, its own overrides on top.
+    assert run.preference_train == {"lora_r": 16, "learning_rate": 1e-5}
+    assert run.sft == "one" and run.preference_data == "one"
+    assert "preference" in run.describe()
+    [plain] = expand_experiments(preference_config(experiment="plain")).values()
+    assert plain.preference is None and "preference" not in plain.describe()
+
+
+def test_a_sweep_shares_sft_and_reference_between_experiments_that_agree_on_them():
+    runs = expand_experiments(
+        preference_config(
+            experiments={
+                "sft-only": {},
+                "b1": {"preference": {"datasets": ["pairs"], "beta": 0.1}},
+                "b5": {"preference": {"datasets": ["pairs"], "beta": 0.5}},
+                "hh": {"preference": {"datasets": ["hh"]}},
+                "r4": {"train": {"lora_r": 4}, "preference": {"datasets": ["pairs"]}},
+            },
+        )
+    )
+    # The same SFT settings share the SFT of the experiment without preference tuning...
+    assert {name: run.sft for name, run in runs.items()} == {
+        "sft-only": "sft-only",
+        "b1": "sft-only",
+        "b5": "sft-only",
+        "hh": "sft-only",
+        "r4": "r4",
+    }
+    # ...and the same SFT and pairs share one reference, whatever beta says.
+    assert {name: run.preference_data for name, run in runs.items()} == {
+        "sft-only": "",
+        "b1": "b1",
+        "b5": "b1",
+        "hh": "hh",
+        "r4": "r4",
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"experiment": "x", "preference": {}, "datasets": {"pairs": PAIRS["pairs"]}},
+            "'datasets': every dataset holds preference pairs; SFT needs one that does not",
+        ),
+        ({"experiment": "x", "preference": {}, "datasets": DATASETS}, "'preference': no dataset holds preference pairs"),
+        ({"experiments": {"x": {"datasets": ["alpaca", "pairs"]}}}, "'experiments.x.datasets': pairs hold preference pairs"),
+        (
+            {"experiment": "x", "preference": {"datasets": ["alpaca"]}},
+            "'preference.datasets': alpaca is not a dataset of preference",
+        ),
+        (
+            {"experiments": {"x": {"preference": {"loss_type": "exo_pair"}}}},
+            "'experiments.x.preference.label_smoothing': loss_type exo_pair",
+        ),
+    ],
+    ids=["only pairs", "no pairs", "pairs for SFT", "SFT data for preference", "exo_pair unsmoothed"],
+)
+def test_preference_config_errors_name_the_key(extra, message):
+    with pytest.raises(PipelineError, match=message):
+        expand_experiments(preference_config(**extra))
