@@ -248,8 +248,8 @@ MUTATIONS = [
     Mutation(
         "report-without-the-exported-column",
         "sftpipe/report.py",
-        "    exported = EXPORTED in em\n",
-        "    exported = False\n",
+        "return self.variants + ((EXPORTED,) if EXPORTED in self.exact_match else ())",
+        "return self.variants",
         ("tests/test_pipeline.py::test_exporting_adds_the_gguf_files_and_the_exported_column_and_reruns_nothing_else",),
         "the exported model's exact match in the report",
     ),
