@@ -52,6 +52,9 @@ def pyproject_pins(extra: str | None = None) -> dict[str, str | None]:
 # Imported only where installed, by a feature that says how to install it when missing (the q4_k_m
 # GGUF type): PyPI ships llama-cpp-python as a source build of llama.cpp, too slow for an environment.
 OPTIONAL = set(pyproject_pins("gguf"))
+# Modules of the optional extras, by distribution: where an extra is not installed, the installed
+# distributions cannot name them.
+OPTIONAL_MODULES = {"llama_cpp": "llama-cpp-python"}
 
 
 def env_pins(path: Path) -> tuple[dict[str, str | None], list]:
@@ -183,7 +186,7 @@ def test_conda_env_pins_what_the_rule_imports(rule):
     env, _ = env_pins(REPO / "envs" / f"{rule['conda']}.yaml")
     _, third = closure(REPO / rule["script"])
     distributions = packages_distributions()
-    needed = {normalize(d) for module in third for d in distributions.get(module, [module])}
+    needed = {normalize(d) for module in third for d in distributions.get(module, [OPTIONAL_MODULES.get(module, module)])}
     needed = (needed | RUNTIME_ONLY.get(rule["conda"], set())) - OPTIONAL
     assert needed - {"snakemake"} <= set(env), f"{rule['name']}: envs/{rule['conda']}.yaml lacks {sorted(needed - set(env))}"
 
