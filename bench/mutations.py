@@ -448,7 +448,9 @@ def scratch_copy(root: Path) -> Path:
 
 
 def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # The copy's package first, also in the processes the tests start (torchrun, Snakemake), which
+    # would otherwise import the installed (editable) one: the unmutated working tree.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(copy)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
         cwd=copy,
