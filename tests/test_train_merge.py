@@ -178,15 +178,17 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
 
 
 def test_a_changed_config_does_not_resume_an_old_checkpoint(tmp_path, tiny_model, tokenized):
+    from dataclasses import asdict
+
     from sftpipe.train import run_fingerprint
 
+    def fingerprint(settings, validation=tokenized["validation"]):
+        return run_fingerprint(asdict(settings), [tiny_model / "config.json", tokenized["train"], validation])
+
     base = TrainSettings(max_steps=4)
-    assert run_fingerprint(tiny_model, tokenized["train"], tokenized["validation"], base) == run_fingerprint(
-        tiny_model, tokenized["train"], tokenized["validation"], TrainSettings(max_steps=4)
-    )
-    assert run_fingerprint(tiny_model, tokenized["train"], tokenized["validation"], base) != run_fingerprint(
-        tiny_model, tokenized["train"], tokenized["validation"], TrainSettings(max_steps=4, learning_rate=1e-3)
-    )
+    assert fingerprint(base) == fingerprint(TrainSettings(max_steps=4))
+    assert fingerprint(base) != fingerprint(TrainSettings(max_steps=4, learning_rate=1e-3))
+    assert fingerprint(base) != fingerprint(base, validation=tokenized["test"])
 
 
 def test_merged_model_card_and_generate_command(tmp_path, tiny_model, trained):
