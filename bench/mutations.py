@@ -264,9 +264,8 @@ MUTATIONS = [
     Mutation(
         "gated-traceback",
         "sftpipe/data.py",
-        "    except (GatedRepoError, RepositoryNotFoundError) as err:  # the Hub answered: not for this user\n"
-        "        raise _hub_access_error(spec, err) from None\n",
-        "",
+        '"check the id, or, for a gated or private dataset, accept its terms on the Hub and set HF_TOKEN"',
+        '"check the id"',
         ("tests/test_hub.py::test_gated_hub_download_without_token_fails_and_writes_nothing",),
         "a clear error for a gated dataset",
     ),

@@ -293,6 +293,20 @@ def exported_exact_match(wildcards):
     }
 
 
+def preference_report_inputs(wildcards):
+    """The preference stage's results, for the report of an experiment tuned on preferences."""
+    if experiment_of(wildcards).preference is None:
+        return {}
+    return {
+        "lm_eval_preference": rules.evaluate_preference_lm_harness.output[0].format(**wildcards),
+        "exact_match_preference": of_variant(rules.evaluate_exact_match.output.metrics, "preference")(wildcards),
+        "predictions_preference": of_variant(rules.evaluate_exact_match.output.predictions, "preference")(wildcards),
+        "preference_rewards": rules.evaluate_preference.output.metrics.format(**wildcards),
+        "preference_history": rules.train_preference.output.history.format(**wildcards),
+        "preference_stats": of_preference_data(rules.tokenize_preference_data.output.stats)(wildcards),
+    }
+
+
 def evaluated_test_rows(wildcards):
     """The held-out rows exact match scores: the test split of the SFT data, for every variant."""
     return rules.tokenize_and_split.output.test.format(experiment=experiment_of(wildcards).sft)

@@ -5,20 +5,6 @@
 # experiments of a sweep over the loss settings share; the others after the experiment itself.
 
 
-def preference_report_inputs(wildcards):
-    """The preference stage's results, for the report of an experiment tuned on preferences."""
-    if experiment_of(wildcards).preference is None:
-        return {}
-    return {
-        "lm_eval_preference": rules.evaluate_preference_lm_harness.output[0].format(**wildcards),
-        "exact_match_preference": of_variant(rules.evaluate_exact_match.output.metrics, "preference")(wildcards),
-        "predictions_preference": of_variant(rules.evaluate_exact_match.output.predictions, "preference")(wildcards),
-        "preference_rewards": rules.evaluate_preference.output.metrics.format(**wildcards),
-        "preference_history": rules.train_preference.output.history.format(**wildcards),
-        "preference_stats": of_preference_data(rules.tokenize_preference_data.output.stats)(wildcards),
-    }
-
-
 # The SFT mixing and splitting, on the pairs.
 use rule filter_and_mix as filter_preference_data with:
     input:

@@ -299,9 +299,8 @@ def write_report(
     round_trip = exported_round_trip(em[EXPORTED], inputs.predictions) if EXPORTED in em else None
     if round_trip:
         lines += [
-            f"exported: `{round_trip['gguf_file']}`, the SFT model as served, read back alone through transformers' "
-            f"GGUF loader; its greedy answers are the merged model's on {round_trip['same_answers']} of "
-            f"{round_trip['rows']} rows.",
+            f"exported: `{round_trip['gguf_file']}`, read back alone through transformers' GGUF loader; its greedy "
+            f"answers are the merged model's on {round_trip['same_answers']} of {round_trip['rows']} rows.",
             "",
         ]
     lines += ["| metric | " + " | ".join(em_headers) + " |", "|---" * (len(em_headers) + 1) + "|"]

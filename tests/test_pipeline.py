@@ -226,7 +226,7 @@ def test_exporting_adds_the_gguf_files_and_the_exported_column_and_reruns_nothin
     summary = json.loads((results / "report" / "smoke.json").read_text())
     assert [row["exported"] for row in summary["exact_match"]] == [exported[row["metric"]] for row in summary["exact_match"]]
     report = (results / "report" / "smoke.md").read_text()
-    assert "| metric | base | tuned | delta | exported | exported − tuned |" in report
+    assert "| metric | base | tuned | delta | exported | delta vs tuned |" in report
     same = summary["exported"]["same_answers"]
     assert "exported: `smoke-q8_0.gguf`, read back alone through transformers' GGUF loader; its greedy answers " in report
     assert f"are the merged model's on {same} of {exported['rows']} rows." in report
@@ -297,7 +297,7 @@ def _sweep(config, experiments):
             lambda c: c["datasets"]["demo"].update(preset="alpacca"),
             [
                 "config key 'datasets.demo.preset': 'alpacca' is not one of alpaca, dolphin, guanaco, lamini_docs, "
-                "sftpipe_demo (did you mean alpaca?)"
+                "sftpipe_demo, sftpipe_demo_pairs (did you mean alpaca?)"
             ],
         ),
         (

@@ -453,8 +453,9 @@ def test_fused_loss_under_bf16_autocast_matches_the_autocast_logits_path(tiny_mo
 LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-3}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_with_the_fused_loss_matches_full_logits(tmp_path, tiny_model, tokenized, precision):
+# Padded batches too: there the projected positions include other rows' prompts, which the loss must skip.
+@pytest.mark.parametrize(("precision", "padding_free"), [("fp32", True), ("bf16", True), ("fp32", False)])
+def test_training_with_the_fused_loss_matches_full_logits(tmp_path, tiny_model, tokenized, precision, padding_free):
     def losses(out, fused_loss):
         settings = TrainSettings(
             max_steps=3,
@@ -464,6 +465,7 @@ def test_training_with_the_fused_loss_matches_full_logits(tmp_path, tiny_model, 
             logging_steps=1,
             precision=precision,
             fused_loss=fused_loss,
+            padding_free=padding_free,
         )
         summary = train_lora(job(tiny_model, tokenized, out, settings))
         assert summary.precision == precision
