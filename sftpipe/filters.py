@@ -25,6 +25,7 @@ from .io import (
     PipelineError,
     Progress,
     batched,
+    count_jsonl_rows,
     jsonl_writer,
     read_jsonl,
     read_jsonl_files,
@@ -289,7 +290,7 @@ class _Scan:
 
         self.signatures = signatures
 
-        progress = Progress("filters: scan", sum(1 for path in paths for line in open(path, "rb") if line.strip()))
+        progress = Progress("filters: scan", count_jsonl_rows(paths))
         with concurrent.futures.ProcessPoolExecutor(max(1, threads)) as pool:
             pending: list[tuple[list[dict[str, Any]], concurrent.futures.Future]] = []
             for batch in batched(read_jsonl_files(paths), BATCH):

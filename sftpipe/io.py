@@ -112,6 +112,15 @@ def read_jsonl_files(paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, A
         yield from read_jsonl(path)
 
 
+def count_jsonl_rows(paths: Iterable[str | os.PathLike]) -> int:
+    """The non-blank lines of JSONL files: a stage's row count for its progress, without parsing."""
+    total = 0
+    for path in paths:
+        with open(path, "rb") as handle:
+            total += sum(1 for line in handle if line.strip())
+    return total
+
+
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Lists of `size` items in order, the last one shorter (itertools.batched needs Python 3.12)."""
     iterator = iter(items)

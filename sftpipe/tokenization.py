@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import PipelineError, Progress, batched, jsonl_writer, read_jsonl, read_jsonl_files, sha256_file, write_json
+from .io import (
+    PipelineError,
+    Progress,
+    batched,
+    count_jsonl_rows,
+    jsonl_writer,
+    read_jsonl,
+    read_jsonl_files,
+    sha256_file,
+    write_json,
+)
 from .model import load_tokenizer
 
 log = logging.getLogger("sftpipe")
@@ -286,7 +296,7 @@ def tokenize_and_split(
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise PipelineError(f"{tokenizer_dir}: the tokenizer's pad token must exist and differ from EOS")
-    total = sum(1 for path in hydrated_paths for line in open(path, "rb") if line.strip())
+    total = count_jsonl_rows(hydrated_paths)
     progress = Progress("tokenize", total)
     stats: dict[str, Any] = {split_name: {**_counters(), "datasets": {}} for split_name in SPLITS}
     pairs = "chosen" in next(read_jsonl(hydrated_paths[0]), {})
