@@ -23,16 +23,16 @@ import torch
 
 from .artifacts import TrainSummary, write_history
 from .attention import use_attention
+from .fsdp import fsdp_arguments, gathered_state, shard_where_accelerate_does_not, sharding_check
 from .io import PipelineError, Progress, read_json, read_jsonl, sha256_file
 from .launch import STRATEGY_VARIABLE, current_allocator
 from .loss import completion_loss
 from .model import load_model, load_tokenizer, save_model_dir
+from .precision import COMPUTE_DTYPES, resolve_precision
 from .swiglu import use_lean_swiglu
 from .tracking import Tracking
 
 log = logging.getLogger("sftpipe")
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -93,31 +93,6 @@ class TrainJob:
         return cls(**{**fields, "settings": TrainSettings(**fields["settings"]), "report_to": tuple(fields["report_to"])})
 
 
-def cpu_has_native_bf16(cpuinfo: str) -> bool:
-    """Whether `/proc/cpuinfo`'s flags include a native bf16 dot product (AVX512-BF16 or AMX)."""
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(precision: str) -> str:
-    """`auto` picks bf16 where the hardware runs it natively (CUDA with bf16, or a CPU with AMX or
-    AVX512-BF16), else fp16 on CUDA and fp32 on CPU. `bf16` is honoured everywhere (emulated, slowly,
-    on a CPU without it)."""
-    if precision not in PRECISIONS:
-        raise PipelineError(f"config key 'train.precision': '{precision}' is not one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        if precision == "fp16" and not torch.cuda.is_available():
-            raise PipelineError("config key 'train.precision': fp16 needs CUDA; use bf16 or fp32 on CPU")
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"
-
-
 def run_fingerprint(settings: dict, files: list[str | Path]) -> str:
     """What a checkpoint belongs to: a run resumes only from checkpoints of the same settings and
     input files (the base model's config, the data)."""
@@ -152,8 +127,6 @@ def last_complete_checkpoint(checkpoints: Path, main_process: bool = True) -> Pa
     return last
 
 
-# The dtype each training precision computes in, and stores the frozen base weights in.
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZATIONS = ("none", "qlora")
 
 
@@ -194,6 +167,10 @@ def _completion_only_trainer():
         fused_loss = True
         tokens_seen = 0  # real (non-pad) tokens trained on, for the throughput figure
         projected_positions = 0  # positions projected onto the vocabulary in training, for the FLOP count
+
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            shard_where_accelerate_does_not(self)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, positions = completion_loss(model, inputs, self.accelerator.unwrap_model(model), self.fused_loss)
@@ -377,7 +354,7 @@ class LoraRecipe:
 
         os.environ.update(self.tracking.environment())  # before the trainer creates its tracking callbacks
         self.progress = _progress_callback()
-        callbacks = [self.progress]
+        callbacks = [self.progress, *([sharding_check()] if self.fsdp else [])]
         if self.settings.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.settings.early_stopping_patience))
         return callbacks
@@ -415,17 +392,8 @@ class LoraRecipe:
                 parameter.data = parameter.data.float()
 
     def _fsdp_arguments(self) -> dict[str, Any]:
-        """FSDP2 over the data-parallel processes: each decoder layer its own shard unit."""
-        if not self.fsdp:
-            return {}
-        return {
-            "fsdp": True,
-            "fsdp_config": {
-                "fsdp_version": 2,
-                "transformer_layer_cls_to_wrap": list(self.model._no_split_modules),
-                "reshard_after_forward": True,
-            },
-        }
+        """FSDP2 over the data-parallel processes (sftpipe.fsdp), or nothing."""
+        return fsdp_arguments(self.model) if self.fsdp else {}
 
     def train(self) -> TrainSummary:
         trainer = self.trainer
@@ -477,7 +445,7 @@ class LoraRecipe:
     def save(self, summary: TrainSummary) -> None:
         """The adapter (safetensors) and the history, from the main process; then the checkpoints go.
         Under FSDP every process first gives its shards, so the adapter saved is whole."""
-        state = self.trainer.accelerator.get_state_dict(self.trainer.model) if self.fsdp else None
+        state = gathered_state(self.trainer.model) if self.fsdp else None
         if not self.main_process:
             return
         save_model_dir(self.job.adapter_dir, self.trainer.model, self.tokenizer, state_dict=state)

@@ -1,5 +1,6 @@
-"""FSDP (FSDP2 over two gloo processes on CPU): the same training as DDP's, an adapter saved whole, and
-a run killed mid-way that resumes from its sharded checkpoint."""
+"""FSDP (FSDP2 over two gloo processes on CPU), checked where it acts: during training every parameter
+is a DTensor sharded on its first dimension, each rank holding its own half; the run trains as DDP
+does, saves the adapter whole, and resumes from its sharded checkpoint after a kill."""
 
 import json
 import os
@@ -10,10 +11,10 @@ import time
 
 import pytest
 import torch
-from conftest import job
+from conftest import REPO, job
 from safetensors.torch import load_file
 
-from sftpipe.launch import Execution, launch
+from sftpipe.launch import STRATEGY_VARIABLE, Execution, launch
 from sftpipe.train import TrainSettings
 
 STEPS = 24
@@ -31,6 +32,62 @@ def _losses(path):
 def ddp_run(tmp_path_factory, tiny_model, tokenized):
     out = tmp_path_factory.mktemp("ddp")
     return out, launch(job(tiny_model, tokenized, out, SETTINGS), DDP, threads=2)
+
+
+def probe(tmp_path, tiny_model, tokenized, strategy: str, steps: int = 2) -> list[dict]:
+    """Each rank's record (tests/ddp_probe.py) of a `steps`-step run under `strategy`."""
+    settings = TrainSettings(
+        max_steps=steps, batch_size=4, learning_rate=5e-3, eval_steps=steps, logging_steps=1, precision="fp32"
+    )
+    (tmp_path / "job.json").write_text(job(tiny_model, tokenized, tmp_path, settings).to_json())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(
+        [*command, str(REPO / "tests" / "ddp_probe.py"), str(tmp_path / "job.json"), str(tmp_path)],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", STRATEGY_VARIABLE: strategy},
+    )
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def test_fsdp_shards_every_parameter_while_it_trains(tmp_path, tiny_model, tokenized):
+    ranks = probe(tmp_path, tiny_model, tokenized, "fsdp")
+    held = [r["holdings"] for r in ranks]
+    assert [h["distributed_type"] for h in held] == ["DistributedType.FSDP"] * 2
+    names = held[0]["parameters"].keys()
+    assert any("lora_A" in n for n in names) and any("embed_tokens" in n for n in names) and len(names) > 2 * 7 * 2
+    for name in names:
+        first, second = (h["parameters"][name] for h in held)
+        assert first["dtensor"] and first["sharded_on_dim_0"], name
+        # Each rank holds half of the first dimension, and its own half (norm weights start at one and
+        # LoRA B factors at zero, so only the randomly initialized weights tell the halves apart).
+        assert first["local_shape"] == [first["shape"][0] // 2, *first["shape"][1:]] == second["local_shape"], name
+        if "lora_B" not in name and "norm" not in name:
+            assert first["local_sum"] != second["local_sum"], name
+    # The adapter is whole on both ranks once gathered, and the same.
+    for name, weight in ranks[0]["trainable"].items():
+        assert torch.equal(weight, ranks[1]["trainable"][name]), name
+
+
+def test_ddp_replicates_every_parameter(tmp_path, tiny_model, tokenized):
+    # The control: the same probe sees no DTensor and each rank holding every parameter whole.
+    held = [r["holdings"] for r in probe(tmp_path, tiny_model, tokenized, "ddp")]
+    assert [h["distributed_type"] for h in held] == ["DistributedType.MULTI_CPU"] * 2
+    assert not any(p["dtensor"] or p["local_shape"] != p["shape"] for h in held for p in h["parameters"].values())
+    assert held[0]["bytes"]["parameters"] == held[1]["bytes"]["parameters"]
+
+
+def test_a_run_asked_to_shard_fails_where_nothing_shards(tiny_model):
+    from types import SimpleNamespace
+
+    from sftpipe.fsdp import sharding_check
+    from sftpipe.io import PipelineError
+    from sftpipe.model import load_model
+
+    # What a library that drops FSDP without a word hands the first step: a model of plain tensors.
+    with pytest.raises(PipelineError, match=r"'train.strategy': fsdp was asked for, but \d+ parameters are not sharded"):
+        sharding_check().on_step_end(
+            SimpleNamespace(world_size=2), SimpleNamespace(global_step=1), None, model=load_model(tiny_model)
+        )
 
 
 def test_fsdp_trains_as_ddp_does_and_saves_the_whole_adapter(tmp_path, tiny_model, tokenized, ddp_run):
@@ -59,6 +116,10 @@ def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint(tmp_path, tiny_mo
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the launcher and both training processes
     process.wait()
+    # The checkpoint is torch.distributed.checkpoint's: the model's and the optimizer's shards of each rank.
+    [checkpoint] = [p.parent for p in (tmp_path / "work").glob("*/checkpoint-*/trainer_state.json")][:1]
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (checkpoint / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], part
     summary = launch(run, FSDP, threads=2)
     assert 4 <= summary.resumed_from_step < STEPS and summary.steps_run == STEPS - summary.resumed_from_step
     assert _losses(tmp_path / "h.json") == pytest.approx(_losses(ddp_run[0] / "h.json"), rel=1e-4)
