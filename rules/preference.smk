@@ -43,8 +43,10 @@ use rule tokenize_and_split as tokenize_preference_data with:
 
 rule precompute_reference_logps:
     input:
-        # The merged SFT model: where preference tuning starts, hence its reference.
-        model=of_sft(rules.merge_adapter.output[0]),
+        # Where preference tuning starts, hence its reference: the merged SFT model, or the base model
+        # under the SFT adapter it keeps training.
+        unpack(preference_sft_adapter),
+        model=preference_start,
         train=rules.tokenize_preference_data.output.train,
         validation=rules.tokenize_preference_data.output.validation,
         test=rules.tokenize_preference_data.output.test,
@@ -65,6 +67,8 @@ rule precompute_reference_logps:
         mem_mb=model_memory(copies=1, default=8000),
         runtime=120,
     params:
+        # The precision preference tuning trains in, so that its first step earns no reward.
+        precision=lambda wildcards: experiment_of(wildcards).preference_train["precision"],
         trust_remote_code=trust_remote_code,
     script:
         "../scripts/precompute_reference_logps.py"
@@ -78,6 +82,7 @@ rule train_preference:
         validation=of_preference_data(rules.tokenize_preference_data.output.validation),
         stats=of_preference_data(rules.tokenize_preference_data.output.stats),
         reference=of_preference_data(rules.precompute_reference_logps.output.logps),
+        reference_info=of_preference_data(rules.precompute_reference_logps.output.info),
         code=code("dpo.py", "preference.py", *REFERENCE_MODULES, *TRAIN_MODULES),
     output:
         adapter=directory("results/preference/{experiment}/adapter"),
@@ -135,6 +140,7 @@ rule evaluate_preference:
         model=rules.merge_preference_adapter.output[0],
         test=of_preference_data(rules.tokenize_preference_data.output.test),
         reference=of_preference_data(rules.precompute_reference_logps.output.logps),
+        reference_info=of_preference_data(rules.precompute_reference_logps.output.info),
         code=code(*REFERENCE_MODULES),
     output:
         metrics="results/eval/{experiment}/preference/rewards.json",

@@ -7,6 +7,7 @@ run_stage(
         model_dir=snakemake.input.model,
         test_path=snakemake.input.test,
         reference_path=snakemake.input.reference,
+        reference_info_path=snakemake.input.reference_info,
         metrics_path=snakemake.output.metrics,
         pairs_path=snakemake.output.pairs,
         beta=snakemake.params.beta,

@@ -8,6 +8,8 @@ run_stage(
         split_paths={split: snakemake.input[split] for split in ("train", "validation", "test")},
         out_path=snakemake.output.logps,
         info_path=snakemake.output.info,
+        precision=snakemake.params.precision,
         trust_remote_code=snakemake.params.trust_remote_code,
+        sft_adapter_dir=snakemake.input.get("sft_adapter"),
     ),
 )

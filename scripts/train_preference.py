@@ -11,6 +11,7 @@ run_stage(
             train_path=snakemake.input.train,
             validation_path=snakemake.input.validation,
             reference_path=snakemake.input.reference,
+            reference_info_path=snakemake.input.reference_info,
             adapter_dir=snakemake.output.adapter,
             history_path=snakemake.output.history,
             work_dir=snakemake.params.work_dir,

@@ -15,7 +15,7 @@ from pathlib import Path
 from .artifacts import TrainSummary
 from .io import PipelineError, read_jsonl
 from .preference import PreferenceSettings
-from .reference import read_reference
+from .reference import read_reference, reference_precision
 from .train import LoraRecipe, TrainSettings
 
 log = logging.getLogger("sftpipe")
@@ -32,6 +32,7 @@ class PreferenceJob:
     train_path: str | Path  # tokenized pairs
     validation_path: str | Path
     reference_path: str | Path  # the reference stage's log-probs of every pair
+    reference_info_path: str | Path  # what they were computed with (the precision among it)
     adapter_dir: str | Path
     history_path: str | Path
     work_dir: str | Path  # checkpoints, outside the stage's outputs so that a rerun finds them
@@ -64,14 +65,27 @@ def _reference_reading_trainer():
         def _precompute_ref_logps(self, dataset, name, batch_size):
             return dataset  # its reference columns were checked by _prepare_dataset
 
-        def compute_ref_log_probs(self, model, inputs):
-            raise RuntimeError("the reference log-probs come from the reference stage; no reference forward may run")
+        forwards = 0  # forwards of the model's body during the loss being computed
+
+        def count_forwards(self) -> None:
+            """Count every forward of the model's decoder body: TRL runs a reference forward through
+            that same body (the adapter disabled, or the model's copy), inline in its loss."""
+            model = self.accelerator.unwrap_model(self.model)
+            body = model.get_base_model() if hasattr(model, "get_base_model") else model
+            body.get_decoder().register_forward_pre_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 self.tokens_seen += int(inputs["attention_mask"].sum())
                 self.projected_positions += int(inputs["completion_mask"][:, 1:].sum())
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.forwards = 0
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.forwards != 1:
+                raise RuntimeError(
+                    f"the preference loss ran {self.forwards} forwards of the model; a reference forward ran, though the "
+                    "reference log-probs come from the reference stage"
+                )
+            return loss
 
     return ReferenceReadingDPOTrainer
 
@@ -103,6 +117,7 @@ class PreferenceRecipe(LoraRecipe):
         self.preference = job.preference
         # Pairs are padded (TRL's DPO has no padding-free batches), for the stock attention.
         super().__init__(replace(job, settings=replace(job.settings, padding_free=False)))
+        reference_precision(job.reference_info_path, job.settings.precision)
 
     def learned_settings(self) -> dict:
         return {**super().learned_settings(), **asdict(self.preference)}
@@ -175,6 +190,7 @@ class PreferenceRecipe(LoraRecipe):
             peft_config=self.lora_config() if self.job.sft_adapter_dir is None else None,
             callbacks=self.callbacks(),
         )
+        self.trainer.count_forwards()
         self.factors_in_fp32()
 
     def train(self) -> TrainSummary:

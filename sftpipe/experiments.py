@@ -135,7 +135,7 @@ def _shared(experiments: dict[str, Experiment]) -> dict[str, Experiment]:
     """Each experiment with the experiments whose stages it shares named: the SFT of an experiment tuned
     on preferences is the first one's (by name) with the same datasets, base model and training settings,
     one without preference tuning if there is one; its preference data and reference log-probs are the
-    first one's with that SFT and the same preference datasets. An experiment without preference tuning
+    first one's with that SFT, the same preference datasets, start and training precision. An experiment without preference tuning
     has its own stages, as it always had."""
 
     def sft_key(e: Experiment) -> str:
@@ -152,7 +152,12 @@ def _shared(experiments: dict[str, Experiment]) -> dict[str, Experiment]:
             data = next(
                 o.name
                 for o in sorted(resolved.values(), key=lambda o: o.name)
-                if o.preference is not None and o.sft == e.sft and o.preference["datasets"] == e.preference["datasets"]
+                if o.preference is not None
+                and o.sft == e.sft
+                and o.preference["datasets"] == e.preference["datasets"]
+                # The reference is computed in the precision its preference run trains in.
+                and o.preference_train.get("precision") == e.preference_train.get("precision")
+                and o.preference["start"] == e.preference["start"]
             )
             resolved[e.name] = replace(e, preference_data=data)
     return resolved

@@ -3,12 +3,15 @@ once and stored for preference tuning to read (it never runs the reference model
 held-out rewards of a preference-tuned model measured against them.
 
 A log-probability here is TRL's DPOTrainer's own: the sum, over a reply's tokens (its EOS included),
-of log p(token | the prompt and the reply before it), in fp32, over the token ids the tokenize stage
-wrote. A policy that is still its reference therefore gets rewards of 0 (to float rounding).
+of log p(token | the prompt and the reply before it), over the token ids the tokenize stage wrote,
+in the precision preference tuning trains in (its weights stored and its matmuls run as the trainer's
+are): a policy that is still its reference therefore gets rewards of 0, to that precision's rounding,
+on every host. A reference of another precision would hand DPO a biased margin at step 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -17,8 +20,9 @@ from typing import Any
 
 import torch
 
-from .io import PipelineError, Progress, read_jsonl, sha256_file, write_json, write_jsonl
+from .io import PipelineError, Progress, read_json, read_jsonl, sha256_file, write_json, write_jsonl
 from .model import load_model, load_tokenizer
+from .precision import COMPUTE_DTYPES, resolve_precision
 from .tokenization import WEIGHT_SUFFIXES
 
 log = logging.getLogger("sftpipe")
@@ -49,8 +53,31 @@ def _longest(pair: dict[str, Any]) -> int:
     return len(pair["prompt_ids"]) + max(len(pair[reply]) for reply in REPLIES)
 
 
+def scoring_model(model_dir: str | Path, precision: str, trust_remote_code: bool = False, adapter_dir: str | Path | None = None):
+    """The model at `model_dir` as preference tuning computes with it in `precision` (resolved: not
+    `auto`): its weights stored in that dtype, in eval mode; with `adapter_dir`, that LoRA adapter
+    on it, unmerged and in fp32, as a preference run that keeps training the SFT adapter holds it
+    (a merged bf16 model rounds the adapter's update into the weights, which that run does not)."""
+    model = load_model(model_dir, trust_remote_code, dtype=COMPUTE_DTYPES[precision])
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.float()
+    return model.eval()
+
+
+def _autocast(model, precision: str):
+    """The Trainer's autocast for `precision` (accelerate's, for bf16 and fp16), around a forward."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(model.device.type, dtype=COMPUTE_DTYPES[precision])
+
+
 @torch.inference_mode()
-def sequence_logps(model, pairs: list[dict[str, Any]], pad_token_id: int) -> list[tuple[float, float]]:
+def sequence_logps(model, pairs: list[dict[str, Any]], pad_token_id: int, precision: str = "fp32") -> list[tuple[float, float]]:
     """(chosen, rejected) log-probabilities of each pair's replies (see the module docstring).
 
     Only the positions that predict a reply token are projected onto the vocabulary
@@ -68,7 +95,9 @@ def sequence_logps(model, pairs: list[dict[str, Any]], pad_token_id: int) -> lis
         # Position p predicts token p + 1: the positions from the earliest reply's start - 1 onwards.
         first = min(starts) - 1
         keep = torch.arange(first, width - 1, device=model.device)
-        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits.float()
+        with _autocast(model, precision):
+            logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
+        logits = logits.float()
         targets = ids[:, first + 1 :]
         token_logps = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         predicted = keep[None, :] + 1
@@ -105,16 +134,22 @@ def precompute_reference_logps(
     split_paths: dict[str, str | Path],
     out_path: str | Path,
     info_path: str | Path,
+    precision: str = "auto",
     trust_remote_code: bool = False,
+    sft_adapter_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write `{id, split, ref_chosen_logps, ref_rejected_logps}` for every pair of every split, and
-    beside it what they were computed with (the model's and the data's sha256, the dtype)."""
+    beside it what they were computed with (the model's and the data's sha256, the precision:
+    preference tuning's `train.precision`, resolved on this host). The model is the merged SFT model,
+    or the base model under the SFT adapter (`sft_adapter_dir`) where preference tuning keeps
+    training that adapter."""
+    precision = resolve_precision(precision)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, trust_remote_code, dtype=torch.float32).eval()
+    model = scoring_model(model_dir, precision, trust_remote_code, sft_adapter_dir)
     rows, counts = [], {}
     for split, path in split_paths.items():
         pairs = _read_pairs(path)
-        logps = sequence_logps(model, pairs, tokenizer.pad_token_id)
+        logps = sequence_logps(model, pairs, tokenizer.pad_token_id, precision)
         rows += [
             {"id": pair["id"], "split": split, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
             for pair, (chosen, rejected) in zip(pairs, logps, strict=True)
@@ -124,15 +159,28 @@ def precompute_reference_logps(
     info = {
         "model": str(model_dir),
         "model_sha256": model_fingerprint(model_dir),
+        "sft_adapter": None if sft_adapter_dir is None else str(sft_adapter_dir),
         "data_sha256": {split: sha256_file(path) for split, path in split_paths.items()},
         "logps_sha256": sha256_file(out_path),
         "pairs": counts,
-        "dtype": "float32",
+        "precision": precision,
         "definition": "sum over each reply's tokens, EOS included, of log p(token | prompt and reply before it)",
     }
     write_json(info_path, info)
-    log.info("reference log-probs of %s pairs from %s", counts, model_dir)
+    log.info("reference log-probs of %s pairs from %s in %s", counts, model_dir, precision)
     return info
+
+
+def reference_precision(info_path: str | Path, precision: str, key: str = "preference.train.precision") -> str:
+    """The precision the reference at `info_path` was computed in, which must be `precision` resolved
+    on this host (a reference computed on a host of other precision gives step 0 a biased margin)."""
+    computed, wanted = read_json(info_path).get("precision"), resolve_precision(precision)
+    if computed != wanted:
+        raise PipelineError(
+            f"{info_path}: the reference log-probs were computed in {computed}, but '{key}: {precision}' trains in "
+            f"{wanted} here; rerun precompute_reference_logps on a host of the same precision, or set {key}"
+        )
+    return computed
 
 
 def read_reference(path: str | Path, ids: list[str], split_path: str | Path) -> dict[str, tuple[float, float]]:
@@ -152,22 +200,26 @@ def evaluate_preference(
     model_dir: str | Path,
     test_path: str | Path,
     reference_path: str | Path,
+    reference_info_path: str | Path,
     metrics_path: str | Path,
     pairs_path: str | Path,
     beta: float,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """The held-out pairs' implicit rewards, `beta * (log p_model(reply) - log p_reference(reply))`:
-    how often the chosen reply's exceeds the rejected one's (reward accuracy), by how much (margin),
-    and how often each model gives the chosen reply the higher likelihood."""
+    """The held-out pairs' implicit rewards, `beta * (log p_model(reply) - log p_reference(reply))`,
+    the model scored in the reference's precision: how often the chosen reply's exceeds the rejected
+    one's (reward accuracy), by how much (margin), and how often each model gives the chosen reply the
+    higher likelihood."""
     pairs = _read_pairs(test_path)
     if not pairs:
         raise PipelineError(f"{test_path}: no held-out preference pairs; raise 'data.split.test_fraction'")
     reference = read_reference(reference_path, [p["id"] for p in pairs], test_path)
+    precision = read_json(reference_info_path)["precision"]
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, trust_remote_code, dtype=torch.float32).eval()
+    model = scoring_model(model_dir, precision, trust_remote_code)
     scored = []
-    for pair, (chosen, rejected) in zip(pairs, sequence_logps(model, pairs, tokenizer.pad_token_id), strict=True):
+    logps = sequence_logps(model, pairs, tokenizer.pad_token_id, precision)
+    for pair, (chosen, rejected) in zip(pairs, logps, strict=True):
         ref_chosen, ref_rejected = reference[pair["id"]]
         reward_chosen, reward_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
         scored.append(
@@ -189,6 +241,7 @@ def evaluate_preference(
             name: reward_metrics([s for s in scored if s["dataset"] == name]) for name in sorted({s["dataset"] for s in scored})
         },
         "beta": beta,
+        "precision": precision,
     }
     write_json(metrics_path, metrics)
     log.info(

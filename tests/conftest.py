@@ -59,6 +59,32 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+# What `train.precision: auto` resolves to depends on the CPU (bf16 where AVX512-BF16 or AMX is), so a
+# test left at auto checks something different on each host. Every test that trains or scores pins its
+# precision; the precision-sensitive ones take the `precision` fixture and run in both. A test about
+# `auto` itself is marked `host_precision`.
+PRECISIONS = ("fp32", "bf16")
+
+
+@pytest.fixture(autouse=True)
+def precision_is_pinned(request, monkeypatch):
+    """Fail a test whose training or scoring would resolve `auto` from the host it runs on."""
+    if request.node.get_closest_marker("host_precision"):
+        return
+
+    def host_precision():
+        pytest.fail("a test left train.precision at 'auto': pin it (fp32, or the `precision` fixture for both)", pytrace=False)
+
+    monkeypatch.setattr("sftpipe.precision.host_precision", host_precision)
+
+
+@pytest.fixture(params=PRECISIONS)
+def precision(request) -> str:
+    """A precision-sensitive test runs in fp32 and in bf16 on every host (bf16 is emulated, slowly, where
+    the CPU lacks it; the tiny model affords that)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny-random Llama with the SmolLM2 tokenizer, materialized once per session."""

@@ -15,9 +15,10 @@ from sftpipe.filters import FilterSettings
 from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
 from sftpipe.launch import ALLOCATORS, STRATEGIES, Execution
 from sftpipe.merge import DTYPES
+from sftpipe.precision import PRECISIONS
 from sftpipe.preference import LOSS_TYPES, PreferenceSettings
 from sftpipe.tokenization import OVERLONG, LengthSettings, SplitSettings
-from sftpipe.train import PRECISIONS, QUANTIZATIONS, TrainJob, TrainSettings
+from sftpipe.train import QUANTIZATIONS, TrainJob, TrainSettings
 
 SCHEMA = load_schema()
 PROPERTIES = SCHEMA["properties"]

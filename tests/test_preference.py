@@ -7,6 +7,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,19 +45,42 @@ def pairs(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model, pairs):
-    out = tmp_path_factory.mktemp("reference")
-    precompute_reference_logps(tiny_model, pairs, out / "logps.jsonl", out / "reference.json")
-    return out / "logps.jsonl"
+def references(tmp_path_factory, tiny_model, pairs):
+    """precision -> the tiny model's reference log-probs of the pairs in that precision, computed once."""
+    made = {}
+
+    def reference(precision: str) -> Path:
+        if precision not in made:
+            out = tmp_path_factory.mktemp(f"reference-{precision}")
+            precompute_reference_logps(tiny_model, pairs, out / "logps.jsonl", out / "reference.json", precision=precision)
+            made[precision] = out / "logps.jsonl"
+        return made[precision]
+
+    return reference
 
 
-def _job(tiny_model, pairs, reference, out, **train):
-    settings = TrainSettings(**{"batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1, "eval_steps": 1000, **train})
+@pytest.fixture(scope="module")
+def reference(references):
+    return references("fp32")
+
+
+# What the first step's rewards may be, beside 0, when the reference is computed as the trainer
+# computes: the two forwards differ only in how their batches are padded and tiled (measured: ~1e-7
+# in both precisions). A reference in fp32 under a bf16 policy gives ~3e-5; a merged bf16 model
+# under an unmerged adapter ~7e-5.
+REWARD_TOLERANCE = {"fp32": 1e-6, "bf16": 2e-6}
+
+
+def _job(tiny_model, pairs, reference, out, info=None, **train):
+    settings = TrainSettings(
+        **{"batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1, "eval_steps": 1000, "precision": "fp32", **train}
+    )
     return PreferenceJob(
         base_dir=tiny_model,
         train_path=pairs["train"],
         validation_path=pairs["validation"],
         reference_path=reference,
+        reference_info_path=info or reference.with_name("reference.json"),
         adapter_dir=out / "adapter",
         history_path=out / "history.json",
         work_dir=out / "work",
@@ -106,54 +130,78 @@ def _shifted(reference, path, chosen, rejected):
     return write_jsonl(path, rows)
 
 
-def test_the_reference_is_read_from_its_artifact_and_never_recomputed(tmp_path, tiny_model, pairs, reference):
+def test_the_reference_is_read_from_its_artifact_and_never_recomputed(tmp_path, tiny_model, pairs, references, precision):
+    reference, tolerance = references(precision), REWARD_TOLERANCE[precision]
     train_rows = len(list(read_jsonl(pairs["train"])))
-    one_batch = {"max_steps": 1, "batch_size": train_rows}
+    one_batch = {"max_steps": 1, "batch_size": train_rows, "precision": precision}
+    assert json.loads(reference.with_name("reference.json").read_text())["precision"] == precision
     # Unshifted: the untrained policy is its reference, so the artifact holds what the trainer computes itself.
     logged, forwards = _first_step(_job(tiny_model, pairs, reference, tmp_path / "plain", **one_batch))
-    assert abs(logged["rewards/chosen"]) < 1e-5 and abs(logged["rewards/rejected"]) < 1e-5
-    assert logged["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(logged["rewards/chosen"]) < tolerance and abs(logged["rewards/rejected"]) < tolerance
+    assert logged["loss"] == pytest.approx(math.log(2), abs=tolerance)
     ref = [r for r in read_jsonl(reference) if r["split"] == "train"]
     assert logged["logps/chosen"] == pytest.approx(sum(r["ref_chosen_logps"] for r in ref) / len(ref), abs=1e-3)
     # One backbone forward per step: the policy's, no reference forward.
     assert forwards == 1
     # Shifted: the rewards and the loss move exactly as the DPO formula says they must.
     shifted = _shifted(reference, tmp_path / "shifted.jsonl", chosen=5.0, rejected=-3.0)
-    logged, forwards = _first_step(_job(tiny_model, pairs, shifted, tmp_path / "shifted", **one_batch))
-    assert logged["rewards/chosen"] == pytest.approx(-BETA * 5.0, abs=1e-5)
-    assert logged["rewards/rejected"] == pytest.approx(BETA * 3.0, abs=1e-5)
-    assert logged["rewards/margins"] == pytest.approx(-BETA * 8.0, abs=1e-5)
-    assert logged["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(-BETA * 8.0)).item(), abs=1e-5)
+    info = reference.with_name("reference.json")
+    logged, forwards = _first_step(_job(tiny_model, pairs, shifted, tmp_path / "shifted", info=info, **one_batch))
+    assert logged["rewards/chosen"] == pytest.approx(-BETA * 5.0, abs=tolerance)
+    assert logged["rewards/rejected"] == pytest.approx(BETA * 3.0, abs=tolerance)
+    assert logged["rewards/margins"] == pytest.approx(-BETA * 8.0, abs=tolerance)
+    assert logged["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(-BETA * 8.0)).item(), abs=tolerance)
     assert forwards == 1
 
 
-def test_the_sft_adapter_kept_training_starts_at_its_reference(tmp_path, tiny_model, pairs):
+def test_a_reference_forward_in_the_loss_is_an_error(tmp_path, tiny_model, pairs, reference):
+    # TRL's loss runs a reference forward inline whenever it is not told the batch holds the reference.
+    recipe = PreferenceRecipe(_job(tiny_model, pairs, reference, tmp_path, max_steps=1))
+    recipe.setup()
+    recipe.trainer.precompute_ref_logps = False
+    with pytest.raises(RuntimeError, match="a reference forward ran"):
+        recipe.train()
+
+
+def test_a_reference_of_another_precision_is_an_error(tmp_path, tiny_model, pairs, reference):
+    with pytest.raises(
+        PipelineError, match=r"reference.json: the reference log-probs were computed in fp32, but .*trains in bf16"
+    ):
+        PreferenceRecipe(_job(tiny_model, pairs, reference, tmp_path, precision="bf16"))
+
+
+def test_the_sft_adapter_kept_training_starts_at_its_reference(tmp_path, tiny_model, pairs, precision):
     from peft import LoraConfig, get_peft_model
 
     from sftpipe.model import load_model
 
-    # An SFT adapter that changes the model (random factors on both sides), and its merged model.
+    # An SFT adapter that changes the model (random factors on both sides); the reference is the base
+    # model under it, as the preference run holds it.
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
     get_peft_model(load_model(tiny_model), config).save_pretrained(tmp_path / "sft")
-    merge_adapter(tiny_model, tmp_path / "sft", tmp_path / "merged")
-    precompute_reference_logps(tmp_path / "merged", pairs, tmp_path / "logps.jsonl", tmp_path / "reference.json")
+    precompute_reference_logps(
+        tiny_model, pairs, tmp_path / "logps.jsonl", tmp_path / "reference.json", precision, sft_adapter_dir=tmp_path / "sft"
+    )
     train_rows = len(list(read_jsonl(pairs["train"])))
     job = replace(
-        _job(tiny_model, pairs, tmp_path / "logps.jsonl", tmp_path / "run", max_steps=1, batch_size=train_rows),
+        _job(
+            tiny_model, pairs, tmp_path / "logps.jsonl", tmp_path / "run", max_steps=1, batch_size=train_rows, precision=precision
+        ),
         sft_adapter_dir=tmp_path / "sft",
         preference=PreferenceSettings(beta=BETA, start="adapter"),
     )
-    # The base model under the SFT adapter is the merged SFT model: the first step earns no reward.
+    # The policy starts as its reference: the first step earns no reward.
     logged, forwards = _first_step(job)
-    assert abs(logged["rewards/chosen"]) < 1e-4 and abs(logged["rewards/rejected"]) < 1e-4
-    assert logged["loss"] == pytest.approx(math.log(2), abs=1e-4) and forwards == 1
+    tolerance = REWARD_TOLERANCE[precision]
+    assert abs(logged["rewards/chosen"]) < tolerance and abs(logged["rewards/rejected"]) < tolerance
+    assert logged["loss"] == pytest.approx(math.log(2), abs=tolerance) and forwards == 1
 
 
 def test_a_pair_the_reference_lacks_is_an_error(tmp_path, tiny_model, pairs, reference):
     partial = write_jsonl(tmp_path / "partial.jsonl", list(read_jsonl(reference))[1:])
     with pytest.raises(PipelineError, match=r"partial.jsonl: no reference log-probs for 1 pairs of .*the reference was computed"):
-        PreferenceRecipe(_job(tiny_model, pairs, partial, tmp_path)).setup()
+        PreferenceRecipe(_job(tiny_model, pairs, partial, tmp_path, info=reference.with_name("reference.json"))).setup()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +212,8 @@ def tuned(tmp_path_factory, tiny_model, pairs, reference):
     out = tmp_path_factory.mktemp("tuned")
     summary = train_preference(_job(tiny_model, pairs, reference, out, max_steps=16, logging_steps=4, eval_steps=8))
     merge_adapter(tiny_model, out / "adapter", out / "merged", history_path=out / "history.json")
-    metrics = evaluate_preference(out / "merged", pairs["test"], reference, out / "rewards.json", out / "pairs.jsonl", BETA)
+    info = reference.with_name("reference.json")
+    metrics = evaluate_preference(out / "merged", pairs["test"], reference, info, out / "rewards.json", out / "pairs.jsonl", BETA)
     return out, summary, metrics
 
 
@@ -191,11 +240,12 @@ def test_held_out_rewards_are_against_the_reference(tmp_path, tiny_model, pairs,
             assert pair["rewards"][reply] == pytest.approx(reward)
     assert metrics["reward_accuracy"] == sum(p["rewards"]["chosen"] > p["rewards"]["rejected"] for p in scored) / len(scored)
     # The reference itself, scored the same way, earns no reward at all.
-    untouched = evaluate_preference(tiny_model, pairs["test"], reference, tmp_path / "r.json", tmp_path / "p.jsonl", BETA)
+    info = reference.with_name("reference.json")
+    untouched = evaluate_preference(tiny_model, pairs["test"], reference, info, tmp_path / "r.json", tmp_path / "p.jsonl", BETA)
     assert untouched["reward_margin"] == untouched["reward_accuracy"] == 0.0
 
 
-def test_scoring_only_completion_positions_changes_no_loss(tmp_path, tiny_model, pairs, reference):
+def test_scoring_only_completion_positions_changes_no_loss(tmp_path, tiny_model, pairs, references, precision):
     import trl.trainer.utils
 
     cpu = torch.device("cpu")
@@ -204,7 +254,8 @@ def test_scoring_only_completion_positions_changes_no_loss(tmp_path, tiny_model,
     assert not trl.trainer.utils._use_triton(cpu)
     losses = {}
     for compact in (True, False):
-        recipe = PreferenceRecipe(_job(tiny_model, pairs, reference, tmp_path / str(compact), max_steps=3))
+        job = _job(tiny_model, pairs, references(precision), tmp_path / str(compact), max_steps=3, precision=precision)
+        recipe = PreferenceRecipe(job)
         recipe.setup()
         recipe.train() if compact else super(PreferenceRecipe, recipe).train()
         losses[compact] = [
@@ -428,6 +479,12 @@ def test_a_two_experiment_sweep_plans_one_reference_job(tmp_path, sweep):
     assert jobs["filter_preference_data"] == jobs["tokenize_preference_data"] == 1
     assert jobs["train_preference"] == jobs["merge_preference_adapter"] == jobs["evaluate_preference"] == 2
     assert jobs["report"] == 2 and jobs["evaluate_exact_match"] == 2 + 2  # base and SFT once, each preference model
+
+
+def test_a_sweep_over_the_preference_precision_plans_a_reference_per_precision(tmp_path):
+    sweep = {"fp32": {"preference": {"train": {"precision": "fp32"}}}, "bf16": {"preference": {"train": {"precision": "bf16"}}}}
+    jobs = planned_jobs(tmp_path, _sweep_config(tmp_path, sweep, preference={"beta": 0.1}))
+    assert jobs["train_lora"] == 1 and jobs["precompute_reference_logps"] == 2
 
 
 def test_keeping_the_sft_adapter_trains_and_merges_over_the_base_model(tmp_path):

@@ -24,7 +24,7 @@ def test_training_and_evaluation_share_one_tracked_run(tmp_path, tiny_model, tok
 
     monkeypatch.chdir(tmp_path)  # the tracking stores live under results/tracking of the working directory
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings = TrainSettings(max_steps=4, batch_size=8, eval_steps=4, logging_steps=1)
+    settings = TrainSettings(max_steps=4, batch_size=8, eval_steps=4, logging_steps=1, precision="fp32")
     run = replace(job(tiny_model, tokenized, tmp_path, settings), name="tracked", report_to=("tensorboard", "mlflow"))
     summary = train_lora(run)
     tracking = summary.tracking

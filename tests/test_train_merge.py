@@ -11,13 +11,16 @@ from sftpipe.io import PipelineError
 from sftpipe.launch import Execution, allocator_library, launch
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
-from sftpipe.train import TrainSettings, cpu_has_native_bf16, resolve_precision, train_lora
+from sftpipe.precision import cpu_has_native_bf16, resolve_precision
+from sftpipe.train import TrainSettings, train_lora
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model, tokenized):
     out = tmp_path_factory.mktemp("train")
-    settings = TrainSettings(max_steps=24, batch_size=8, learning_rate=5e-3, eval_steps=12, logging_steps=4, lora_dropout=0.0)
+    settings = TrainSettings(
+        max_steps=24, batch_size=8, learning_rate=5e-3, eval_steps=12, logging_steps=4, lora_dropout=0.0, precision="fp32"
+    )
     summary = train_lora(job(tiny_model, tokenized, out, settings, history="history.json"))
     return out, summary
 
@@ -65,6 +68,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(flags, native):
     assert cpu_has_native_bf16(f"processor\t: 0\nmodel name\t: x avx512_bf16 in a name\nflags\t\t: {flags}\n") is native
 
 
+@pytest.mark.host_precision
 def test_auto_precision_follows_the_hardware():
     import re
     from pathlib import Path
@@ -83,6 +87,12 @@ def test_auto_precision_follows_the_hardware():
             resolve_precision("fp16")
 
 
+def test_the_test_suite_pins_precision():
+    # Outside tests marked host_precision, `auto` fails the test instead of resolving from this CPU.
+    with pytest.raises(pytest.fail.Exception, match="a test left train.precision at 'auto'"):
+        resolve_precision("auto")
+
+
 def _adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -90,7 +100,9 @@ def _adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
 
 
 def _train_adapter(tmp_path, tiny_model, tokenized, **adapter):
-    settings = TrainSettings(max_steps=16, batch_size=8, learning_rate=5e-3, eval_steps=16, logging_steps=4, **adapter)
+    settings = TrainSettings(
+        max_steps=16, batch_size=8, learning_rate=5e-3, eval_steps=16, logging_steps=4, precision="fp32", **adapter
+    )
     train_lora(job(tiny_model, tokenized, tmp_path, settings))
     history = json.loads((tmp_path / "h.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
@@ -302,7 +314,7 @@ def test_data_parallel_ranks_train_one_adapter_on_disjoint_rows(tmp_path, tiny_m
 
     from sftpipe.io import read_jsonl
 
-    settings = TrainSettings(max_steps=4, batch_size=4, learning_rate=5e-3, eval_steps=4, logging_steps=2)
+    settings = TrainSettings(max_steps=4, batch_size=4, learning_rate=5e-3, eval_steps=4, logging_steps=2, precision="fp32")
     (tmp_path / "job.json").write_text(job(tiny_model, tokenized, tmp_path, settings).to_json())
     subprocess.run(
         [
@@ -339,7 +351,7 @@ def test_data_parallel_ranks_train_one_adapter_on_disjoint_rows(tmp_path, tiny_m
     "execution", [Execution(processes=2), Execution(gpus=2)], ids=["train.processes=2", "a job holding 2 gpus"]
 )
 def test_the_launcher_runs_one_training_process_per_worker(tmp_path, tiny_model, tokenized, execution):
-    settings = TrainSettings(max_steps=6, batch_size=4, learning_rate=5e-3, eval_steps=6, logging_steps=2)
+    settings = TrainSettings(max_steps=6, batch_size=4, learning_rate=5e-3, eval_steps=6, logging_steps=2, precision="fp32")
     summary = launch(job(tiny_model, tokenized, tmp_path, settings), execution, threads=2)
     assert summary.world_size == 2 and summary.steps == 6 == summary.steps_run
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
@@ -351,13 +363,13 @@ def test_a_batch_that_does_not_split_over_the_processes_names_the_key(tmp_path, 
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(PipelineError, match="train.batch_size.*6 examples do not split evenly over 4 processes"):
-        LoraRecipe(job(tiny_model, tokenized, tmp_path, TrainSettings(batch_size=6)))
+        LoraRecipe(job(tiny_model, tokenized, tmp_path, TrainSettings(batch_size=6, precision="fp32")))
 
 
 def test_early_stopping_ends_training_when_validation_loss_stalls(tmp_path, tiny_model, tokenized):
     # A zero learning rate leaves the validation loss flat: the first evaluation is the best one.
     settings = TrainSettings(
-        max_steps=40, batch_size=4, learning_rate=0.0, eval_steps=4, logging_steps=4, early_stopping_patience=2
+        max_steps=40, batch_size=4, learning_rate=0.0, eval_steps=4, logging_steps=4, early_stopping_patience=2, precision="fp32"
     )
     summary = train_lora(job(tiny_model, tokenized, tmp_path, settings))
     assert summary.steps == 12
@@ -391,7 +403,7 @@ def allocators():
 
 @pytest.mark.parametrize("allocator, expected", [("auto", "tcmalloc"), ("jemalloc", "jemalloc"), ("system", "system")])
 def test_training_runs_on_the_configured_allocator(tmp_path, tiny_model, tokenized, allocators, allocator, expected):
-    settings = TrainSettings(max_steps=2, batch_size=8, eval_steps=2)
+    settings = TrainSettings(max_steps=2, batch_size=8, eval_steps=2, precision="fp32")
     summary = launch(job(tiny_model, tokenized, tmp_path, settings), Execution(allocator=allocator))
     # Read from the training process's own memory map, and written by it to the history.
     assert summary.allocator == expected

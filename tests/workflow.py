@@ -14,8 +14,30 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 HF_TOKEN = "hf_sftpipeTestTokenNeverWritten"
 
 
+# Arguments after which Snakemake runs no job: what it plans or writes needs no pinned precision.
+NO_JOBS = ("-n", "--dry-run", "--lint", "--unlock", "--report", "--list-rules", "--summary", "--dag")
+
+
+def pinned_precision(workdir: Path, args: tuple[str, ...]) -> None:
+    """Fail a run whose jobs would train or score at `train.precision: auto`, which resolves from the
+    host's CPU (see conftest.precision_is_pinned, which covers the tests' own processes)."""
+    if "--configfile" not in args or any(arg in NO_JOBS for arg in args):
+        return
+    targets = [arg for arg in args[: args.index("--configfile")] if arg.startswith("results/")]
+    if targets and all(target.startswith("results/data/") for target in targets):
+        return  # the data stages train and score nothing
+    merged: dict = {}
+    for name in args[args.index("--configfile") + 1 :]:
+        if name.startswith("-"):
+            break
+        merged.update(yaml.safe_load((workdir / name).read_text()) or {})
+    precision = (merged.get("train") or {}).get("precision", "auto")
+    assert precision != "auto", f"{' '.join(args)}: the config leaves train.precision at 'auto'; pin it in the test"
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Snakemake on `workdir`; `env` adds variables to the environment, or removes those it maps to None."""
+    pinned_precision(workdir, args)
     variables = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_TOKEN": HF_TOKEN, **(env or {})}
     result = subprocess.run(
         [*SNAKEMAKE, "-d", str(workdir), *args],
@@ -89,7 +111,7 @@ def smoke_config(work: Path, shared_data: Path) -> Path:
             "guanaco": {"preset": "guanaco", "path": "fixtures/guanaco.jsonl"},
         },
         "data": {"mirror_dir": "mirror", "max_length": 128, "split": {"validation_fraction": 0.1, "test_fraction": 0.15}},
-        "train": {"max_steps": 4, "batch_size": 4, "eval_steps": 2, "logging_steps": 1},
+        "train": {"max_steps": 4, "batch_size": 4, "eval_steps": 2, "logging_steps": 1, "precision": "fp32"},
         "eval": {
             "exact_match": {"max_new_tokens": 8, "batch_size": 8, "limit": 12},
             "lm_eval": {
