@@ -2,7 +2,7 @@
 
 Each mutation replaces one snippet of a file in a scratch copy of the working tree (with
 ../shared beside it, as the tests expect), runs the tests that guard it, and counts as killed when
-they fail. The same tests run first on the unmutated copy, which must pass. Writes JSON.
+they fail. The same tests run first on the unmutated copy, once per set of tests, and must pass. Writes JSON.
 
     .venv/bin/python bench/mutations.py [--only NAME ...]
 """
@@ -87,7 +87,7 @@ MUTATIONS = [
     ),
     Mutation(
         "amx-not-native",
-        "sftpipe/train.py",
+        "sftpipe/precision.py",
         'flags & {"avx512_bf16", "amx_bf16"}',
         'flags & {"avx512_bf16"}',
         (T + "test_native_bf16_is_read_from_the_cpu_flags",),
@@ -95,7 +95,7 @@ MUTATIONS = [
     ),
     Mutation(
         "auto-always-bf16",
-        "sftpipe/train.py",
+        "sftpipe/precision.py",
         'return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"',
         'return "bf16"',
         (T + "test_auto_precision_follows_the_hardware",),
@@ -272,10 +272,34 @@ MUTATIONS = [
     Mutation(
         "fsdp-saves-one-shard",
         "sftpipe/train.py",
-        "state = self.trainer.accelerator.get_state_dict(self.trainer.model) if self.fsdp else None",
+        "state = gathered_state(self.trainer.model) if self.fsdp else None",
         "state = None",
         ("tests/test_fsdp.py::test_fsdp_trains_as_ddp_does_and_saves_the_whole_adapter",),
         "the whole adapter gathered from every FSDP process",
+    ),
+    Mutation(
+        "fsdp-arguments-dropped",
+        "sftpipe/train.py",
+        "return fsdp_arguments(self.model) if self.fsdp else {}",
+        "return {}",
+        ("tests/test_fsdp.py::test_fsdp_shards_every_parameter_while_it_trains",),
+        "train.strategy: fsdp shards the model",
+    ),
+    Mutation(
+        "fsdp-dropped-on-cpu",
+        "sftpipe/train.py",
+        "            shard_where_accelerate_does_not(self)\n",
+        "",
+        ("tests/test_fsdp.py::test_fsdp_shards_every_parameter_while_it_trains",),
+        "FSDP on CPU, where accelerate drops it without a word",
+    ),
+    Mutation(
+        "fsdp-unsharded-unnoticed",
+        "sftpipe/fsdp.py",
+        "            if unsharded := unsharded_parameters(model):",
+        "            if unsharded := []:",
+        ("tests/test_fsdp.py::test_a_run_asked_to_shard_fails_where_nothing_shards",),
+        "a run asked to shard fails at its first step when the model is not sharded",
     ),
     Mutation(
         "mcnemar-one-sided",
@@ -429,6 +453,86 @@ MUTATIONS = [
         (P + "test_the_report_sets_sft_and_preference_tuning_side_by_side",),
         "held-out reward accuracy and margins in the report",
     ),
+    Mutation(
+        "reference-in-fp32",
+        "sftpipe/reference.py",
+        "model = load_model(model_dir, trust_remote_code, dtype=COMPUTE_DTYPES[precision])",
+        "model = load_model(model_dir, trust_remote_code, dtype=torch.float32)",
+        (P + "test_the_reference_is_read_from_its_artifact_and_never_recomputed",),
+        "reference log-probs computed with the weights the policy trains on (bf16 where it trains in bf16)",
+    ),
+    Mutation(
+        "reference-without-autocast",
+        "sftpipe/reference.py",
+        'if precision == "fp32":\n        return contextlib.nullcontext()',
+        "if True:\n        return contextlib.nullcontext()",
+        (P + "test_the_reference_is_read_from_its_artifact_and_never_recomputed",),
+        "reference log-probs computed under the trainer's autocast",
+    ),
+    Mutation(
+        "reference-adapter-merged-away",
+        "sftpipe/reference.py",
+        "    if adapter_dir is not None:\n        from peft import PeftModel",
+        "    if False:\n        from peft import PeftModel",
+        (P + "test_the_sft_adapter_kept_training_starts_at_its_reference",),
+        "the reference of preference.start: adapter is the base model under the SFT adapter",
+    ),
+    Mutation(
+        "reference-forward-unguarded",
+        "sftpipe/dpo.py",
+        "if self.forwards != 1:",
+        "if False:",
+        (P + "test_a_reference_forward_in_the_loss_is_an_error",),
+        "a reference forward in the preference loss is an error",
+    ),
+    Mutation(
+        "reference-precision-unchecked",
+        "sftpipe/dpo.py",
+        "        reference_precision(job.reference_info_path, job.settings.precision)\n",
+        "",
+        (P + "test_a_reference_of_another_precision_is_an_error",),
+        "a reference computed in another precision than preference tuning trains in is an error",
+    ),
+    Mutation(
+        "reference-shared-across-precisions",
+        "sftpipe/experiments.py",
+        '                and o.preference_train.get("precision") == e.preference_train.get("precision")\n',
+        "",
+        (P + "test_a_sweep_over_the_preference_precision_plans_a_reference_per_precision",),
+        "experiments training preferences in different precisions get their own reference",
+    ),
+    Mutation(
+        "lm-eval-first-document-unnamed",
+        "sftpipe/tasks.py",
+        "check_documents(built_task(manager, spec.name, tmp, config, locations), config, locations)",
+        "check_documents(build_task(manager, TaskSpec(spec.name, data_dir=str(tmp))), config, locations)",
+        ("tests/test_tasks.py::test_a_document_the_task_cannot_read_names_task_file_line_and_value",),
+        "a first document lm-eval cannot build its task from is named by file, line and value",
+    ),
+    Mutation(
+        "precision-left-to-the-host",
+        "tests/conftest.py",
+        '    monkeypatch.setattr("sftpipe.precision.host_precision", host_precision)\n',
+        "",
+        ("tests/test_train_merge.py::test_the_test_suite_pins_precision",),
+        "a test left at train.precision: auto fails",
+    ),
+    Mutation(
+        "bench-bf16-not-on-cpu",
+        "bench/train_throughput.py",
+        "use_cpu=not torch.cuda.is_available(),",
+        "use_cpu=False,",
+        ("tests/test_bench.py",),
+        "the TRL baselines' bf16 configuration accepted by transformers on a CPU",
+    ),
+    Mutation(
+        "install-without-tcmalloc",
+        "cluster/install-allocator.sh",
+        'if apt-get install -y -qq --no-install-recommends "$PACKAGE" >/dev/null 2>&1 ||',
+        "if false ||",
+        ("tests/test_install.py",),
+        "make install gives a root user tcmalloc",
+    ),
 ]
 
 
@@ -467,6 +571,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/mutations.json")
     args = parser.parse_args()
     results = []
+    clean_runs: dict[tuple[str, ...], tuple[int, str]] = {}  # the unmutated tree passes or fails alike for each
     for mutation in MUTATIONS:
         if args.only and mutation.name not in args.only:
             continue
@@ -476,7 +581,9 @@ def main() -> None:
             text = target.read_text()
             assert text.count(mutation.old) == 1, f"{mutation.name}: the snippet must occur once in {mutation.file}"
             start = time.monotonic()
-            clean, clean_output = run_tests(copy, mutation.tests)
+            if mutation.tests not in clean_runs:
+                clean_runs[mutation.tests] = run_tests(copy, mutation.tests)
+            clean, clean_output = clean_runs[mutation.tests]
             target.write_text(text.replace(mutation.old, mutation.new))
             mutated, output = run_tests(copy, mutation.tests)
         result = {

@@ -108,10 +108,34 @@ def prepare(work: Path, model: Path, rows: int) -> None:
     write_jsonl(work / "heldout.jsonl", tokenized[rows:])
 
 
+def trl_arguments(work: Path, variant: str, native_bf16: bool, steps: int = 8):
+    """The SFTConfig of a TRL baseline. transformers refuses bf16 on a CPU unless told the run is on
+    the CPU (`use_cpu`), which a user on a CPU sets."""
+    from trl import SFTConfig
+
+    common = dict(
+        output_dir=str(work / f"{variant}-out"),
+        per_device_train_batch_size=HYPERPARAMETERS["batch_size"],
+        max_steps=steps,
+        learning_rate=HYPERPARAMETERS["learning_rate"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    if variant == "notebooks":
+        return SFTConfig(**common, max_length=512, bf16=False, activation_checkpointing=False)
+    return SFTConfig(**common, **({} if native_bf16 else {"bf16": False}))
+
+
 def run_trl(work: Path, model: Path, steps: int, variant: str, native_bf16: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from sftpipe.io import read_jsonl
     from sftpipe.model import load_model, load_tokenizer
@@ -129,24 +153,9 @@ def run_trl(work: Path, model: Path, steps: int, variant: str, native_bf16: bool
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     tokenizer = load_tokenizer(model)
-    common = dict(
-        output_dir=str(work / f"{variant}-out"),
-        per_device_train_batch_size=HYPERPARAMETERS["batch_size"],
-        max_steps=steps,
-        learning_rate=HYPERPARAMETERS["learning_rate"],
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = trl_arguments(work, variant, native_bf16, steps)
     if variant == "notebooks":
         tokenizer.pad_token = tokenizer.eos_token
-        args = SFTConfig(**common, max_length=512, use_cpu=True, bf16=False, activation_checkpointing=False)
-    else:
-        args = SFTConfig(**common, **({} if native_bf16 else {"bf16": False}))
     rows = [{"text": r["prompt"] + r["completion"]} for r in read_jsonl(work / "train.jsonl")]
     lora = LoraConfig(
         r=HYPERPARAMETERS["lora_r"],
@@ -272,10 +281,16 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/train_throughput.json")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="build every variant's training arguments, in both precisions, and train none"
+    )
     args = parser.parse_args()
-    from sftpipe.train import resolve_precision
+    from sftpipe.precision import resolve_precision
 
     native_bf16 = resolve_precision("auto") == "bf16"
+    if args.dry_run:
+        dry_run(args.variants)
+        return
     if args.variant:  # a child process: one variant, so its peak RSS is its own
         if args.variant in ABLATIONS:
             result = run_sftpipe(Path(args.work), Path(args.model), args.steps, args.variant)
@@ -288,7 +303,8 @@ def main() -> None:
     from sftpipe.launch import allocator_library
 
     peaks = {"fp32": gemm_peak(torch.float32) / 1e9, "bf16": gemm_peak(torch.bfloat16) / 1e9}
-    results = {}
+    results, failed = {}, {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = smollm2(work)
@@ -300,25 +316,24 @@ def main() -> None:
             preload = allocator_library(ABLATIONS[variant][1]) if variant in ABLATIONS else None
             if preload:
                 env["LD_PRELOAD"] = preload
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--variant",
-                    variant,
-                    "--work",
-                    tmp,
-                    "--model",
-                    str(model),
-                    "--steps",
-                    str(args.steps),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=env,
-            ).stdout
-            result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            command = [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--work",
+                tmp,
+                "--model",
+                str(model),
+                "--steps",
+                str(args.steps),
+            ]
+            run = subprocess.run(command, capture_output=True, text=True, env=env)
+            if run.returncode != 0:
+                failed[variant] = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+                print(f"{variant}: could not run: {failed[variant]}", file=sys.stderr)
+                continue
+            result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
             if variant in ABLATIONS:
                 result["setup"]["undoes"] = ABLATIONS[variant][2]
             result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
@@ -337,6 +352,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         **host_info(),
         "native_bf16": native_bf16,
+        # Other work on the cores slows every variant; the ratios of one run still compare like with like.
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "rows": args.rows,
         "steps": args.steps,
         "heldout_rows": HELD_OUT,
@@ -346,6 +363,7 @@ def main() -> None:
         "flop_counting": "4·N_body + 6·N_lora per computed position (+2·N_body + 2·N_lora under checkpointing), "
         "4·N_head per projected position; attention scores not counted",
         "variants": results,
+        "failed": failed,
         "speedup_real_tokens_per_s": {
             f"vs {b}": {v: r["real_tokens_per_s"] / results[b]["real_tokens_per_s"] for v, r in results.items()}
             for b in baselines
@@ -354,6 +372,24 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    if failed:
+        sys.exit(f"{len(failed)} variants could not run: {', '.join(failed)} (the JSON says why)")
+
+
+def dry_run(variants: list[str]) -> None:
+    """Each TRL baseline's arguments as a native-bf16 host and as an fp32-only host builds them (which
+    transformers checks on construction), and each of our variants' settings; no training."""
+    from sftpipe.train import TrainSettings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            if variant in ABLATIONS:
+                settings = TrainSettings(**HYPERPARAMETERS, **ABLATIONS[variant][0])
+                print(f"{variant}: precision {settings.precision}, allocator {ABLATIONS[variant][1]}")
+                continue
+            for native in (True, False):
+                built = trl_arguments(Path(tmp), variant, native)
+                print(f"{variant} (native bf16 {native}): bf16 {built.bf16}, use_cpu {built.use_cpu}")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def prepare_task_data(spec: TaskSpec, out_dir: str | Path, mirror_dir: str | Non
             locations[split] = where
             manifest["splits"][split] = {**source, "rows": count, "sha256": sha256_file(tmp / f"{split}.jsonl")}
             log.info("lm-eval task %s: %d %s rows from %s", spec.name, count, split, source["kind"])
-        documents = check_documents(build_task(manager, TaskSpec(spec.name, data_dir=str(tmp))), config, locations)
+        documents = check_documents(built_task(manager, spec.name, tmp, config, locations), config, locations)
         manifest["documents_checked"] = documents
         write_json(tmp / MANIFEST, manifest)
     return manifest
@@ -249,6 +249,43 @@ def check_documents(task, config: dict[str, Any], locations: dict[str, list[str]
             _check_document(task, doc, f"{place}: lm-eval task '{config['task']}'", row)
             checked += 1
     return checked
+
+
+def built_task(manager, name: str, data_dir: Path, config: dict[str, Any], locations: dict[str, list[str]]):
+    """The task on the prepared files in `data_dir`. lm-eval renders the first evaluation document
+    while it builds a task, before check_documents can name it: a build that fails, and succeeds
+    without that document, names it (file, line and value)."""
+    try:
+        return build_task(manager, TaskSpec(name, data_dir=str(data_dir)))
+    except PipelineError:
+        raise
+    except Exception as err:  # whatever the task's own template or function raises on that document
+        split = next(s for s in (config.get("test_split"), config.get("validation_split")) if s in locations)
+        path = data_dir / f"{split}.jsonl"
+        first, *rest = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(rest), encoding="utf-8")
+        try:
+            task = build_task(manager, TaskSpec(name, data_dir=str(data_dir)))
+        except Exception:
+            where, shown = f"{locations[split][0].rsplit(':', 1)[0]}", "one of its documents"
+        else:
+            where, row = locations[split][0], json.loads(first)
+            # The same checks as every other document's, on the task built without it.
+            _check_document(task, _as_document(task, row), f"{where}: lm-eval task '{name}'", row)
+            shown = "the row " + json.dumps(_shorten(row), ensure_ascii=False)
+        raise PipelineError(
+            f"{where}: lm-eval task '{name}': the task cannot read {shown} ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _as_document(task, row: dict[str, Any]) -> dict[str, Any]:
+    """`row` as the task's documents are: through its `process_docs`, where it has one."""
+    process = getattr(task.config, "process_docs", None)
+    if process is None:
+        return row
+    import datasets
+
+    return next(iter(process(datasets.Dataset.from_list([row]))))
 
 
 def _shorten(value: Any) -> Any:

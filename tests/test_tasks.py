@@ -70,7 +70,13 @@ def _broken(rows, index, change):
     ("task", "source", "split", "change", "message"),
     [
         ("arc_easy", "arc/hf_schema/ARC-Easy-test.jsonl", "test", lambda r: r.update(answerKey="Z"), r"'Z' is not in list"),
-        ("arc_easy", "arc/hf_schema/ARC-Easy-test.jsonl", "test", lambda r: r.pop("choices"), r"'None' has no attribute 'label'"),
+        (
+            "arc_easy",
+            "arc/hf_schema/ARC-Easy-test.jsonl",
+            "test",
+            lambda r: r.pop("choices"),
+            r"('None' has no attribute 'label'|'choices' is undefined)",
+        ),
         (
             "hellaswag",
             "hellaswag/hellaswag_val_sample1000.jsonl",
@@ -81,13 +87,15 @@ def _broken(rows, index, change):
     ],
     ids=["arc answerKey not a label", "arc without choices", "hellaswag label out of range"],
 )
+# The first document too: lm-eval renders it while it builds the task, before any document is checked.
+@pytest.mark.parametrize("index", [3, 0], ids=["a later row", "the first row"])
 def test_a_document_the_task_cannot_read_names_task_file_line_and_value(
-    tmp_path, shared_data, task, source, split, change, message
+    tmp_path, shared_data, task, source, split, change, message, index
 ):
     rows = list(read_jsonl(shared_data / source))[:5]
-    path = write_jsonl(tmp_path / f"{split}.jsonl", _broken(rows, 3, change))
-    with pytest.raises(PipelineError, match=rf"{path}:4: lm-eval task '{task}': .*{message}") as raised:
+    path = write_jsonl(tmp_path / f"{split}.jsonl", _broken(rows, index, change))
+    with pytest.raises(PipelineError, match=rf"{path}:{index + 1}: lm-eval task '{task}': .*{message}") as raised:
         prepare_task_data(TaskSpec(task, data_files={split: str(path)}), tmp_path / "out")
     # The value at fault is shown with the document.
-    assert json.dumps(_broken(rows, 3, change)[3]["id" if task == "arc_easy" else "ind"]) in str(raised.value)
+    assert json.dumps(_broken(rows, index, change)[index]["id" if task == "arc_easy" else "ind"]) in str(raised.value)
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,19 @@
+"""The benchmarks' configurations are accepted on every host: bench/train_throughput.py builds each
+TRL baseline's arguments as a native-bf16 host would and as an fp32-only one would."""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_the_training_bench_builds_every_variant_in_both_precisions():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--dry-run"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # TRL as shipped trains in bf16 where the CPU has it, which transformers accepts on a CPU run only with use_cpu.
+    assert "trl-defaults (native bf16 True): bf16 True, use_cpu True" in result.stdout
+    assert "trl-defaults (native bf16 False): bf16 False, use_cpu True" in result.stdout
+    assert "notebooks (native bf16 True): bf16 False, use_cpu True" in result.stdout
+    assert result.stdout.count(": precision auto, allocator ") == 6
