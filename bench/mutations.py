@@ -368,8 +368,8 @@ MUTATIONS = [
     Mutation(
         "reference-per-experiment",
         "sftpipe/experiments.py",
-        "resolved[e.name] = replace(e, preference_data=data)",
-        "resolved[e.name] = replace(e, preference_data=e.name)",
+        "resolved[e.name] = replace(e, preference_data_owner=data)",
+        "resolved[e.name] = replace(e, preference_data_owner=e.name)",
         (P + "test_a_two_experiment_sweep_plans_one_reference_job",),
         "one reference job for a sweep over preference settings",
     ),
@@ -428,6 +428,14 @@ MUTATIONS = [
         "pass",
         (P + "test_the_report_sets_sft_and_preference_tuning_side_by_side",),
         "held-out reward accuracy and margins in the report",
+    ),
+    Mutation(
+        "data-per-experiment",
+        "sftpipe/experiments.py",
+        "data = next(o.name for o in by_name if data_key(o) == data_key(e))",
+        "data = e.name",
+        ("tests/test_experiments.py::test_a_lora_r_sweep_plans_the_data_stages_and_the_base_scores_once",),
+        "one mix, tokenization and base exact match for a sweep over training keys",
     ),
 ]
 
