@@ -437,6 +437,30 @@ MUTATIONS = [
         ("tests/test_experiments.py::test_a_lora_r_sweep_plans_the_data_stages_and_the_base_scores_once",),
         "one mix, tokenization and base exact match for a sweep over training keys",
     ),
+    Mutation(
+        "glibc-sized-as-tcmalloc",
+        "sftpipe/resources.py",
+        'ALLOCATOR_OVERHEAD = {"tcmalloc": 1.0, "jemalloc": 1.5, "system": 1.5}',
+        'ALLOCATOR_OVERHEAD = {"tcmalloc": 1.0, "jemalloc": 1.0, "system": 1.0}',
+        ("tests/test_resources.py::test_the_estimate_holds_on_the_allocator_the_job_gets",),
+        "the memory a training job asks for follows its allocator",
+    ),
+    Mutation(
+        "idle-host-runtime",
+        "sftpipe/resources.py",
+        'SUSTAINED_FLOPS = {"cpu": 5e9, "cuda": 50e12}',
+        'SUSTAINED_FLOPS = {"cpu": 20e9, "cuda": 50e12}',
+        ("tests/test_resources.py::test_the_estimate_holds_on_the_allocator_the_job_gets",),
+        "the time a CPU training job asks for holds on a shared host",
+    ),
+    Mutation(
+        "allocator-unexplained",
+        "sftpipe/launch.py",
+        'log.info("allocator %s: %s", allocator, why)',
+        'log.info("allocator %s", allocator)',
+        (T + "test_the_training_log_names_the_allocator_and_why",),
+        "the training log says which allocator was picked and why",
+    ),
 ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from sftpipe.entry import checked
 from sftpipe.experiments import PREFERENCE_KEYS, expand_experiments
 from sftpipe.export import ExportSettings
-from sftpipe.launch import EXECUTION_KEYS
+from sftpipe.launch import EXECUTION_KEYS, planned_allocator
 from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec
 from sftpipe.preference import NOT_FOR_PAIRS
@@ -235,6 +235,15 @@ def preference_settings(wildcards):
 ON_GPU = not workflow.local_exec or host_has_nvidia_gpu()
 
 
+def job_allocator(choice):
+    """The allocator a training job will run on, which its memory estimate follows: on this host,
+    the one `train.allocator` picks here; on a cluster node, whose libraries this host cannot see,
+    glibc's for `auto` (the larger estimate)."""
+    if workflow.local_exec or choice != "auto":
+        return planned_allocator(choice)[0]
+    return "system"
+
+
 @functools.cache
 def _training_estimate(experiment, base, stats, ready):
     """sftpipe.resources' estimate for a training job (`ready`: its inputs exist, so the cache keeps a
@@ -243,7 +252,8 @@ def _training_estimate(experiment, base, stats, ready):
 
     train = EXPERIMENTS[experiment].train
     max_length = config["data"]["max_length"]
-    return train_resources(base, train, max_length, stats, train["gpus"], train["processes"], train["nodes"], ON_GPU)
+    allocator = job_allocator(train["allocator"])
+    return train_resources(base, train, max_length, stats, train["gpus"], train["processes"], train["nodes"], ON_GPU, allocator)
 
 
 def training_estimate(key):
@@ -256,11 +266,12 @@ def training_estimate(key):
 @functools.cache
 def _preference_estimate(experiment, base, stats, ready):
     """sftpipe.resources' estimate for a preference job, which holds a pair as one row of both its
-    sequences (up to twice max_length) and scores it in TRL's chunks (no logits kept)."""
+    sequences (up to twice max_length) and scores it in TRL's chunks (no logits kept); it trains in the
+    job's own process, which nothing preloads another allocator into."""
     from sftpipe.resources import train_resources
 
     train = {**EXPERIMENTS[experiment].preference_train, "fused_loss": True}
-    return train_resources(base, train, 2 * config["data"]["max_length"], stats, 1, 1, 1, ON_GPU)
+    return train_resources(base, train, 2 * config["data"]["max_length"], stats, 1, 1, 1, ON_GPU, "system")
 
 
 def preference_estimate(key):

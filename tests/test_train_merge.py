@@ -8,7 +8,7 @@ from conftest import job, unavailable
 
 from sftpipe.attention import flash_attention_available
 from sftpipe.io import PipelineError
-from sftpipe.launch import Execution, allocator_library, launch
+from sftpipe.launch import Execution, launch, planned_allocator
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.train import TrainSettings, cpu_has_native_bf16, resolve_precision, train_lora
@@ -377,7 +377,7 @@ def allocators():
 
     def installed():
         try:
-            return all(allocator_library(name) for name in ALLOCATOR_PACKAGES)
+            return all(planned_allocator(name)[2] for name in ALLOCATOR_PACKAGES)
         except PipelineError:
             return False
 
@@ -404,7 +404,7 @@ def test_an_allocator_that_is_not_installed_names_the_key(monkeypatch):
 
     monkeypatch.setitem(sftpipe.launch.ALLOCATOR_LIBRARIES, "jemalloc", ("sftpipe-no-such-allocator",))
     with pytest.raises(PipelineError, match=r"config key 'train.allocator': jemalloc is not installed"):
-        allocator_library("jemalloc")
+        planned_allocator("jemalloc")
 
 
 def test_fused_loss_equals_cross_entropy_over_full_logits(tiny_model, monkeypatch):
@@ -544,3 +544,17 @@ def test_lean_swiglu_leaves_other_architectures_alone(tiny_model):
     model = load_model(tiny_model)
     model.config.hidden_act = "gelu"
     assert use_lean_swiglu(model) == 0
+
+
+def test_the_training_log_names_the_allocator_and_why(monkeypatch, caplog):
+    import logging
+
+    import sftpipe.launch
+    import sftpipe.train
+
+    monkeypatch.setattr(sftpipe.launch, "current_allocator", lambda: "system")
+    monkeypatch.setattr(sftpipe.launch, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("sftpipe-no-such-allocator",)})
+    monkeypatch.setattr(sftpipe.train, "train_lora", lambda job: "trained")
+    with caplog.at_level(logging.INFO, logger="sftpipe"):
+        assert launch(None, Execution(allocator="auto")) == "trained"
+    assert "allocator system: train.allocator: auto, and neither tcmalloc nor jemalloc is installed" in caplog.text
