@@ -461,6 +461,30 @@ MUTATIONS = [
         (T + "test_the_training_log_names_the_allocator_and_why",),
         "the training log says which allocator was picked and why",
     ),
+    Mutation(
+        "dataset-path-checked-late",
+        "rules/common.smk",
+        "checked(workflow, lambda: [check_local_path(dataset_spec(d)) for d in DATASETS])",
+        "pass",
+        ("tests/test_config.py::test_what_the_config_alone_can_tell_stops_the_plan_in_one_line",),
+        "a dataset path that does not exist reported when the workflow is planned",
+    ),
+    Mutation(
+        "task-name-checked-late",
+        "rules/common.smk",
+        "checked(workflow, lambda: check_task_names(list(EVAL_TASKS)))",
+        "pass",
+        ("tests/test_config.py::test_what_the_config_alone_can_tell_stops_the_plan_in_one_line",),
+        "an unknown lm-eval task name reported when the workflow is planned",
+    ),
+    Mutation(
+        "target-read-as-config",
+        "Snakefile",
+        "checked(workflow, lambda: check_config_files(workflow.configfiles))",
+        "pass",
+        ("tests/test_config.py::test_a_target_after_configfile_is_named_as_one",),
+        "a target given after --configfile named as one",
+    ),
 ]
 
 

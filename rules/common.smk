@@ -5,12 +5,13 @@ import functools
 import re
 from pathlib import Path
 
+from sftpipe.data import check_local_path
 from sftpipe.entry import checked
 from sftpipe.experiments import PREFERENCE_KEYS, expand_experiments
 from sftpipe.export import ExportSettings
 from sftpipe.launch import EXECUTION_KEYS, planned_allocator
 from sftpipe.resources import host_has_nvidia_gpu
-from sftpipe.tasks import TaskSpec
+from sftpipe.tasks import TaskSpec, check_task_names
 from sftpipe.preference import NOT_FOR_PAIRS
 
 # ---------------------------------------------------------------------------------------------
@@ -52,11 +53,13 @@ def renderer(dataset, model):
 
 
 # Every renderer the experiments use: named templates, `chat-<model>`, `user-<hash>`. Reading each
-# dataset's spec checks what the schema cannot (one source per dataset, a pin only on a file).
+# dataset's spec checks what the schema cannot (one source per dataset, a pin only on a file), and a
+# local `path:` that is not there is reported now, not when its download job runs.
 RENDERERS = checked(
     workflow,
     lambda: sorted({renderer(d, EXPERIMENTS[e].model) for e, datasets in EXPERIMENT_DATASETS.items() for d in datasets}),
 )
+checked(workflow, lambda: [check_local_path(dataset_spec(d)) for d in DATASETS])
 
 # ---------------------------------------------------------------------------------------------
 # Code inputs: the package modules each stage runs, declared once per stage
@@ -297,9 +300,11 @@ def eval_data_dir(task):
     return f"results/data/lm_eval/{task}"
 
 
-# The configured lm-eval tasks, by name; building each one's spec checks what the schema cannot.
+# The configured lm-eval tasks, by name; building each one's spec checks what the schema cannot,
+# and a name no lm-eval YAML defines stops the workflow before any job runs.
 EVAL_TASKS = {t["name"]: t for t in config["eval"]["lm_eval"]["tasks"]}
 checked(workflow, lambda: [TaskSpec(**task) for task in EVAL_TASKS.values()])
+checked(workflow, lambda: check_task_names(list(EVAL_TASKS)))
 
 
 # What evaluation jobs get: the `eval.lm_eval` section, each task reading the data `prepare_eval_data`

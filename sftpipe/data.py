@@ -221,6 +221,13 @@ def local_source(spec: DatasetSpec, mirror_dir: str | None) -> Path | None:
     return mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split)
 
 
+def check_local_path(spec: DatasetSpec) -> None:
+    """A dataset's `path:` that is not there, reported when the workflow is planned, naming its key,
+    rather than by its download job once other jobs have run."""
+    if spec.path and not Path(spec.path).exists():
+        raise PipelineError(f"config key 'datasets.{spec.name}.path': {spec.path} does not exist")
+
+
 def local_source_files(spec: DatasetSpec, mirror_dir: str | None) -> list[Path]:
     """The files of `local_source`, as the workflow's inputs: editing them reruns the download and all
     after it. None for a missing path, so that the download itself reports it."""

@@ -61,10 +61,32 @@ def _task_dirs(names: tuple[str, ...]) -> list[str]:
     return sorted({str(path.parent) for path, text in _task_yamls() if pattern.search(text)})
 
 
-def _close_task_names(name: str) -> list[str]:
-    """Task names like `name` (a text scan of the task YAMLs: the full index takes ~20 s to build)."""
-    names = {m[1] for _, text in _task_yamls() for m in re.finditer(r"^task:\s*[\"']?([\w.-]+)[\"']?\s*$", text, re.M)}
-    return difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+@functools.cache
+def _task_names() -> frozenset[str]:
+    """Every task, group and tag name the task YAMLs define (a text scan, under a second: the full
+    index takes ~20 s to build)."""
+    names = set()
+    for _, text in _task_yamls():
+        names.update(m[1] for m in re.finditer(r"^[\"']?(?:task|group|tag)[\"']?:\s*[\"']?([\w.-]+)[\"']?\s*$", text, re.M))
+        for tags in re.finditer(r"^[\"']?tag[\"']?:\s*\n((?:[ \t]+-.*\n?)+)", text, re.M):
+            names.update(re.findall(r"-\s*[\"']?([\w.-]+)", tags[1]))
+    return frozenset(names)
+
+
+def unknown_task(name: str) -> PipelineError:
+    """The error for a task name no YAML defines, with the closest names."""
+    close = difflib.get_close_matches(name, sorted(_task_names()), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return PipelineError(f"config key 'eval.lm_eval.tasks': '{name}' is not an lm-eval task defined by a YAML file{hint}")
+
+
+def check_task_names(names: list[str]) -> None:
+    """Stop at the first configured name that lm-eval does not know, before any job runs (downloads
+    and hydration would otherwise run before the task's own job finds out). The text scan knows
+    nearly every name; lm-eval's own index, slow to build, settles the few it misses."""
+    for name in names:
+        if name not in _task_names() and name not in task_manager().task_index:
+            raise unknown_task(name)
 
 
 @functools.cache
@@ -90,9 +112,7 @@ def registered_config(manager, name: str) -> dict[str, Any]:
 
     entry = manager.task_index.get(name)
     if entry is None or entry.yaml_path is None:
-        close = _close_task_names(name)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise PipelineError(f"config key 'eval.lm_eval.tasks': '{name}' is not an lm-eval task defined by a YAML file{hint}")
+        raise unknown_task(name)
     return load_yaml(entry.yaml_path, resolve_func=True)
 
 
