@@ -485,6 +485,14 @@ MUTATIONS = [
         ("tests/test_config.py::test_a_target_after_configfile_is_named_as_one",),
         "a target given after --configfile named as one",
     ),
+    Mutation(
+        "json-column-of-next-line",
+        "sftpipe/io.py",
+        'json.loads(raw.decode("utf-8").rstrip("\\r\\n"))',
+        'json.loads(raw.decode("utf-8"))',
+        ("tests/test_data.py::test_bad_local_file_names_the_line_and_leaves_nothing",),
+        "malformed JSON reported at file:line:column as Python's parser gives it",
+    ),
 ]
 
 

@@ -173,7 +173,7 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         rows = json.loads(_decode(path))
     except json.JSONDecodeError as err:
-        raise PipelineError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+        raise PipelineError(f"{path}:{err.lineno}:{err.colno}: malformed JSON ({err.msg})") from None
     if not isinstance(rows, list):
         raise PipelineError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
     for i, row in enumerate(rows):

@@ -138,13 +138,14 @@ def numbered_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any
             try:
                 row = orjson.loads(raw)
             except orjson.JSONDecodeError as err:
-                # Re-parse with the stdlib for its readable reason and column.
+                # Re-parse with the stdlib for its readable reason and column: the line alone, since
+                # with its newline an unfinished object's error lands on the line after it.
                 try:
-                    json.loads(raw.decode("utf-8"))
+                    json.loads(raw.decode("utf-8").rstrip("\r\n"))
                 except UnicodeDecodeError as utf8:
                     raise PipelineError(f"{path}:{lineno}: not valid UTF-8 ({utf8.reason} at byte {utf8.start})") from None
                 except json.JSONDecodeError as detail:
-                    raise PipelineError(f"{path}:{lineno}: malformed JSON ({detail.msg}, column {detail.colno})") from None
+                    raise PipelineError(f"{path}:{lineno}:{detail.colno}: malformed JSON ({detail.msg})") from None
                 raise PipelineError(f"{path}:{lineno}: malformed JSON ({err})") from None
             if not isinstance(row, dict):
                 raise PipelineError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")

@@ -115,7 +115,13 @@ def test_builtin_demo_dataset_needs_no_files(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "rows.jsonl:2: malformed JSON"),
+        # The column Python's parser gives for the line: the end of the unfinished object, not the next line's start.
+        (
+            "rows.jsonl",
+            b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+            r"rows.jsonl:2:32: malformed JSON \(Expecting value\)",
+        ),
+        ("rows.json", b'[{"instruction": "a",\n "output": }]', r"rows.json:2:12: malformed JSON \(Expecting value\)"),
         ("rows.jsonl", b"", "source .*rows.jsonl has no rows"),
         ("rows.jsonl", b'{"instruction": "caf\xe9", "output": "b"}\n', "rows.jsonl:1: not valid UTF-8"),
         ("rows.jsonl", b'["not an object"]\n', "rows.jsonl:1: expected a JSON object"),
