@@ -493,6 +493,14 @@ MUTATIONS = [
         ("tests/test_data.py::test_bad_local_file_names_the_line_and_leaves_nothing",),
         "malformed JSON reported at file:line:column as Python's parser gives it",
     ),
+    Mutation(
+        "generate-loads-before-checking",
+        "sftpipe/generate.py",
+        "    check_arguments(model_dir, template, adapter_dir)\n",
+        "",
+        (T + "test_generate_checks_its_arguments_before_loading_weights",),
+        "python -m sftpipe.generate checks --model, --adapter and --template before loading weights",
+    ),
 ]
 
 

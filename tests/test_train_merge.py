@@ -558,3 +558,29 @@ def test_the_training_log_names_the_allocator_and_why(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="sftpipe"):
         assert launch(None, Execution(allocator="auto")) == "trained"
     assert "allocator system: train.allocator: auto, and neither tcmalloc nor jemalloc is installed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--model", "{tmp}/missing"], "error: --model: {tmp}/missing is not a directory"),
+        (["--model", "{tmp}"], "error: --model: {tmp} has no config.json"),
+        (["--model", "{tmp}/model", "--template", "nope"], "error: --template: 'nope' is not one of"),
+        (["--model", "{tmp}/model", "--adapter", "{tmp}"], "error: --adapter: {tmp} has no adapter_config.json"),
+    ],
+    ids=["missing model", "not a model", "unknown template", "not an adapter"],
+)
+def test_generate_checks_its_arguments_before_loading_weights(tmp_path, monkeypatch, capsys, args, error):
+    import sftpipe.generate
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded weights before checking the arguments")
+
+    monkeypatch.setattr(sftpipe.generate, "load_tokenizer", never)
+    monkeypatch.setattr(sftpipe.generate, "load_model", never)
+    assert sftpipe.generate.main([a.format(tmp=tmp_path) for a in args] + ["Hi"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(error.format(tmp=tmp_path))
