@@ -501,6 +501,14 @@ MUTATIONS = [
         (T + "test_generate_checks_its_arguments_before_loading_weights",),
         "python -m sftpipe.generate checks --model, --adapter and --template before loading weights",
     ),
+    Mutation(
+        "exact-match-first-rows",
+        "sftpipe/evaluate.py",
+        "rows = sample_rows(list(read_jsonl(test_path)), limit, seed)",
+        "rows = list(read_jsonl(test_path))[:limit]",
+        ("tests/test_evaluate.py::test_a_limit_scores_a_seeded_sample_of_every_dataset",),
+        "eval.exact_match.limit scores a seeded sample of every dataset, not the first rows",
+    ),
 ]
 
 
