@@ -509,6 +509,38 @@ MUTATIONS = [
         ("tests/test_evaluate.py::test_a_limit_scores_a_seeded_sample_of_every_dataset",),
         "eval.exact_match.limit scores a seeded sample of every dataset, not the first rows",
     ),
+    Mutation(
+        "library-noise-logged",
+        "sftpipe/entry.py",
+        "        silence_library_noise()\n",
+        "",
+        ("tests/test_logs.py::test_library_noise_stays_out_of_the_log",),
+        "peft's FutureWarning and bitsandbytes' missing-kernel warning kept out of rule logs",
+    ),
+    Mutation(
+        "hub-reachability-claimed",
+        "sftpipe/entry.py",
+        'hub = "offline mode (HF_HUB_OFFLINE)" if offline else "online mode (HF_HUB_OFFLINE unset)"',
+        'hub = "offline" if offline else "online"',
+        ("tests/test_logs.py::test_the_log_names_the_hub_clients_mode",),
+        "the log names the Hub client's mode, not a reachability it never checked",
+    ),
+    Mutation(
+        "progress-rate-only",
+        "sftpipe/io.py",
+        'pace = f"{rate:.1f}/s" if rate >= 1 or not rate else f"{1 / rate:.1f} s/{self.unit}"',
+        'pace = f"{rate:.1f}/s"',
+        ("tests/test_logs.py::test_slow_progress_shows_seconds_per_step_and_counts_only_the_steps_left",),
+        "slow progress shown in seconds per step",
+    ),
+    Mutation(
+        "progress-eta-counts-resumed-steps",
+        "sftpipe/train.py",
+        'unit="step", done=state.global_step)',
+        'unit="step")',
+        (T + "test_sigkill_then_rerun_resumes_from_the_last_checkpoint",),
+        "a resumed training's ETA counts only the steps left",
+    ),
 ]
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .data import chat_renderer
+from .entry import silence_library_noise
 from .evaluate import generate_greedy
 from .formats import TEMPLATES, Example
 from .io import PipelineError
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system", help="system prompt, for the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
+    silence_library_noise()
     instructions = args.instructions or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
         answers = generate(args.model, instructions, args.template, args.adapter, args.max_new_tokens, args.system)

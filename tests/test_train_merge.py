@@ -1,6 +1,7 @@
 """Train and merge stages on the tiny model: loss goes down, the adapter is safetensors, merge is exact."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -162,9 +163,13 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
         else:
             (partial / "trainer_state.json").write_bytes(state)
 
-    summary = train_lora(run)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sftpipe"):
+        summary = train_lora(run)
     assert 10 <= summary.resumed_from_step == saved < 80
     assert sum("its save did not finish" in r.getMessage() for r in caplog.records) == 2
+    # The progress counts on from the checkpoint's step, so its ETA is for the steps left.
+    assert any(m.startswith("train steps: 80/80 (") for m in caplog.messages)
     # Only a real resume runs just the remaining steps, on the remaining tokens...
     assert summary.steps == 80 and summary.steps_run == 80 - saved
     assert 0 < summary.train_tokens < uninterrupted.train_tokens
@@ -547,8 +552,6 @@ def test_lean_swiglu_leaves_other_architectures_alone(tiny_model):
 
 
 def test_the_training_log_names_the_allocator_and_why(monkeypatch, caplog):
-    import logging
-
     import sftpipe.launch
     import sftpipe.train
 
