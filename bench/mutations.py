@@ -541,6 +541,14 @@ MUTATIONS = [
         (T + "test_sigkill_then_rerun_resumes_from_the_last_checkpoint",),
         "a resumed training's ETA counts only the steps left",
     ),
+    Mutation(
+        "empty-system-prompt-dropped",
+        "sftpipe/formats.py",
+        'messages = [{"role": "system", "content": ex.system}] if ex.system is not None else []',
+        'messages = [{"role": "system", "content": ex.system}] if ex.system else []',
+        ("tests/test_data.py::test_an_empty_system_prompt_stays_empty",),
+        "an explicitly empty system prompt kept as an empty system turn, not the chat template's default",
+    ),
 ]
 
 
