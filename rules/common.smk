@@ -80,7 +80,7 @@ TASK_MODULES = ("tasks.py", *DATA_MODULES)
 REFERENCE_MODULES = ("reference.py", "model.py", "tokenization.py")
 TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py", "tracking.py")
 
-# A rule and the rules made from it with `use rule ... with: input:` (whose input block replaces
+# A stage's rule and those derived from it (`use rule`, whose own input block replaces
 # the whole of the original's) take their code from here.
 CODE = {
     "materialize_base_model": code("model.py"),
