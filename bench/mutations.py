@@ -549,6 +549,14 @@ MUTATIONS = [
         ("tests/test_data.py::test_an_empty_system_prompt_stays_empty",),
         "an explicitly empty system prompt kept as an empty system turn, not the chat template's default",
     ),
+    Mutation(
+        "estimate-ignores-allocator",
+        "rules/common.smk",
+        'allocator = job_allocator(train["allocator"])',
+        'allocator = "tcmalloc"',
+        ("tests/test_resources.py::test_the_plan_sizes_training_for_the_allocator_it_names",),
+        "the workflow sizes a training job for the allocator it will run on",
+    ),
 ]
 
 

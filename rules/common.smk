@@ -239,12 +239,12 @@ ON_GPU = not workflow.local_exec or host_has_nvidia_gpu()
 
 
 def job_allocator(choice):
-    """The allocator a training job will run on, which its memory estimate follows: on this host,
-    the one `train.allocator` picks here; on a cluster node, whose libraries this host cannot see,
-    glibc's for `auto` (the larger estimate)."""
-    if workflow.local_exec or choice != "auto":
-        return planned_allocator(choice)[0]
-    return "system"
+    """The allocator a training job will run on, which its memory estimate follows: the one named, or
+    for `auto` the one it finds on this host; on a cluster node, whose libraries this host cannot
+    see, glibc's (the larger estimate)."""
+    if choice != "auto":
+        return choice
+    return planned_allocator(choice)[0] if workflow.local_exec else "system"
 
 
 @functools.cache

@@ -132,3 +132,25 @@ def test_the_planned_allocator_says_why(monkeypatch):
     monkeypatch.setattr(sftpipe.launch, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("c",)})  # any library find_library finds
     name, why, library = planned_allocator("auto")
     assert name == "tcmalloc" and library and library in why
+
+
+def test_the_plan_sizes_training_for_the_allocator_it_names(tmp_path, tiny_model):
+    """Before the data exists, from the base model: a job on glibc's malloc asks for 1.5x one on tcmalloc."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(tiny_model, tmp_path / "results" / "models" / "base" / "tiny")
+    asked = {}
+    for allocator in ("system", "tcmalloc"):
+        config = {
+            "experiment": "x",
+            "base_model": {"name": "tiny", "source": "tiny-random"},
+            "datasets": {"demo": {"preset": "sftpipe_demo", "limit": 40}},
+            "train": {"allocator": allocator},
+            "eval": {"lm_eval": {"tasks": []}},
+        }
+        (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
+        plan = snakemake(tmp_path, "-n", "results/train/x/adapter", "--configfile", "my.yaml").stdout
+        [asked[allocator]] = re.findall(r"^rule train_lora:\n(?:    .*\n)*?    resources: .*\bmem_mb=(\d+)", plan, re.M)
+    assert int(asked["system"]) == pytest.approx(1.5 * int(asked["tcmalloc"]), rel=0.01)
