@@ -1,6 +1,6 @@
 from snakemake.utils import min_version, validate
 
-from sftpipe.config import canonical, check_config
+from sftpipe.config import canonical, check_config, check_config_files
 from sftpipe.entry import checked, prepare_job_environment
 
 min_version("9.0")
@@ -14,6 +14,7 @@ if not workflow.overwrite_configfiles:
 
 
 # Our own check names each offending key first and alone; Snakemake's then fills in the defaults.
+checked(workflow, lambda: check_config_files(workflow.configfiles))
 checked(workflow, lambda: check_config(config))
 validate(config, "config/schema.yaml", set_default=True)
 config.update(canonical(config))

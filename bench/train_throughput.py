@@ -300,7 +300,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from sftpipe.launch import allocator_library
+    from sftpipe.launch import planned_allocator
 
     peaks = {"fp32": gemm_peak(torch.float32) / 1e9, "bf16": gemm_peak(torch.bfloat16) / 1e9}
     results, failed = {}, {}
@@ -313,7 +313,7 @@ def main() -> None:
         for variant in args.variants:
             env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
             # As `sftpipe.launch` would: the variant's allocator preloaded into its process.
-            preload = allocator_library(ABLATIONS[variant][1]) if variant in ABLATIONS else None
+            preload = planned_allocator(ABLATIONS[variant][1])[2] if variant in ABLATIONS else None
             if preload:
                 env["LD_PRELOAD"] = preload
             command = [

@@ -1,30 +1,71 @@
 # Helpers that turn the validated config into paths and per-rule parameters. Each rule gets only
-# the config section it needs, so an unrelated edit reruns nothing.
+# the config section it needs, so an unrelated edit reruns nothing. Functions that name another
+# rule's output (rules.X) are called when the DAG is built, after every rule file is read.
 import functools
 import re
 from pathlib import Path
 
+from sftpipe.data import check_local_path
 from sftpipe.entry import checked
 from sftpipe.experiments import PREFERENCE_KEYS, expand_experiments
 from sftpipe.export import ExportSettings
-from sftpipe.launch import EXECUTION_KEYS
+from sftpipe.launch import EXECUTION_KEYS, planned_allocator
 from sftpipe.resources import host_has_nvidia_gpu
-from sftpipe.tasks import TaskSpec
+from sftpipe.tasks import TaskSpec, check_task_names
 from sftpipe.preference import NOT_FOR_PAIRS
+
+# ---------------------------------------------------------------------------------------------
+# Experiments, datasets and base models
+# ---------------------------------------------------------------------------------------------
 
 EXPERIMENTS = checked(workflow, lambda: expand_experiments(config))
 EXPORT = checked(workflow, lambda: ExportSettings.from_config(config["export"]))
 
 BASE_MODELS = {e.model: e.base_model for e in EXPERIMENTS.values()}
-# Each experiment's datasets: SFT data, then preference pairs.
-READS = {name: (*e.datasets, *(e.preference or {}).get("datasets", ())) for name, e in EXPERIMENTS.items()}
-DATASETS = sorted({d for datasets in READS.values() for d in datasets})
-PACKAGE = Path(workflow.basedir) / "sftpipe"
+# Every dataset an experiment reads: its SFT data, then its preference pairs.
+EXPERIMENT_DATASETS = {name: (*e.datasets, *(e.preference or {}).get("datasets", ())) for name, e in EXPERIMENTS.items()}
+DATASETS = sorted({d for datasets in EXPERIMENT_DATASETS.values() for d in datasets})
 
 
 def one_of(names):
     """A wildcard constraint matching exactly these names (dots in a name are literal)."""
     return "|".join(re.escape(name) for name in names)
+
+
+def experiment_of(wildcards):
+    return EXPERIMENTS[wildcards.experiment]
+
+
+def dataset_config(name, without=()):
+    """`datasets.<name>`, less the keys a rule does not read, so editing them reruns nothing there."""
+    return {k: v for k, v in config["datasets"][name].items() if k not in without}
+
+
+def dataset_spec(name, **kwargs):
+    from sftpipe.data import DatasetSpec
+
+    return DatasetSpec.from_config(name, config["datasets"][name], **kwargs)
+
+
+def renderer(dataset, model):
+    """The directory of a dataset's hydrated rows: the template that renders them (see DatasetSpec.renderer)."""
+    return dataset_spec(dataset).renderer(model)
+
+
+# Every renderer the experiments use: named templates, `chat-<model>`, `user-<hash>`. Reading each
+# dataset's spec checks what the schema cannot (one source per dataset, a pin only on a file), and a
+# local `path:` that is not there is reported now, not when its download job runs.
+RENDERERS = checked(
+    workflow,
+    lambda: sorted({renderer(d, EXPERIMENTS[e].model) for e, datasets in EXPERIMENT_DATASETS.items() for d in datasets}),
+)
+checked(workflow, lambda: [check_local_path(dataset_spec(d)) for d in DATASETS])
+
+# ---------------------------------------------------------------------------------------------
+# Code inputs: the package modules each stage runs, declared once per stage
+# ---------------------------------------------------------------------------------------------
+
+PACKAGE = Path(workflow.basedir) / "sftpipe"
 
 
 def code(*modules):
@@ -36,14 +77,41 @@ def code(*modules):
 # What reading a dataset or an lm-eval task pulls in.
 DATA_MODULES = ("data.py", "formats.py", "demo.py")
 TASK_MODULES = ("tasks.py", *DATA_MODULES)
-EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", "tokenization.py", *TASK_MODULES)
-TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py", "tracking.py")
-REFERENCE_MODULES = ("reference.py", "model.py", "tokenization.py")
+REFERENCE_MODULES = ("reference.py", "precision.py", "model.py", "tokenization.py")
+TRAIN_MODULES = (
+    "train.py",
+    "precision.py",
+    "fsdp.py",
+    "launch.py",
+    "loss.py",
+    "attention.py",
+    "swiglu.py",
+    "artifacts.py",
+    "model.py",
+    "tracking.py",
+)
 
+# A stage's rule and those derived from it (`use rule`, whose own input block replaces
+# the whole of the original's) take their code from here.
+CODE = {
+    "materialize_base_model": code("model.py"),
+    "read_dataset": code(*DATA_MODULES),
+    "prepare_eval_data": code(*TASK_MODULES),
+    "build_demo_choice_task": code("demo.py"),
+    "filter_and_mix": code("filters.py", "tokenization.py", "model.py", *TASK_MODULES),
+    "tokenize_and_split": code("tokenization.py", "model.py"),
+    "train_lora": code(*TRAIN_MODULES),
+    "train_preference": code("dpo.py", "preference.py", *REFERENCE_MODULES, *TRAIN_MODULES),
+    "merge_adapter": code("merge.py", "model.py", "artifacts.py"),
+    "export_gguf": code("export.py", "model.py"),
+    "evaluate": code("evaluate.py", "metrics.py", "model.py", "tokenization.py", *TASK_MODULES),
+    "reference": code(*REFERENCE_MODULES),
+    "report": code("report.py", "metrics.py", "artifacts.py", "significance.py", "tracking.py"),
+}
 
-def dataset_config(name, without=()):
-    """`datasets.<name>`, less the keys a rule does not read, so editing them reruns nothing there."""
-    return {k: v for k, v in config["datasets"][name].items() if k not in without}
+# ---------------------------------------------------------------------------------------------
+# Paths: local sources, base models, and the stages an experiment shares with another
+# ---------------------------------------------------------------------------------------------
 
 
 def local_dataset_files(name):
@@ -53,29 +121,9 @@ def local_dataset_files(name):
     return [str(p) for p in local_source_files(dataset_spec(name), config["data"]["mirror_dir"])]
 
 
-def dataset_spec(name, **kwargs):
-    from sftpipe.data import DatasetSpec
-
-    return DatasetSpec.from_config(name, config["datasets"][name], **kwargs)
-
-
 def hub_mirror(name):
     """The mirror, for a dataset read from the Hub; None for the others, whose downloads it does not change."""
     return config["data"]["mirror_dir"] if dataset_spec(name, template_required=False).from_hub else None
-
-
-def renderer(dataset, model):
-    """The directory of a dataset's hydrated rows: the template that renders them (see DatasetSpec.renderer)."""
-    return dataset_spec(dataset).renderer(model)
-
-
-# Every renderer the experiments use: named templates, `chat-<model>`, `user-<hash>`. Reading each
-# dataset's spec checks what the schema cannot (one source per dataset, a pin only on a file).
-RENDERERS = checked(workflow, lambda: sorted({renderer(d, EXPERIMENTS[e].model) for e in READS for d in READS[e]}))
-
-
-def experiment_of(wildcards):
-    return EXPERIMENTS[wildcards.experiment]
 
 
 def base_model_dir(model):
@@ -100,50 +148,63 @@ def local_model_files(wildcards):
     )
 
 
-# A cluster job runs where its `gpu` resource puts it; a local one on this host's GPU, if it has one.
-ON_GPU = not workflow.local_exec or host_has_nvidia_gpu()
+def hydrated_rows(datasets):
+    """The hydrated rows of the experiment's SFT datasets (`datasets(experiment)`), or of its
+    preference pairs; 'chat'-templated ones are rendered per base model."""
+    return lambda wildcards: [
+        f"results/data/hydrated/{renderer(d, experiment_of(wildcards).model)}/{d}.jsonl"
+        for d in datasets(experiment_of(wildcards))
+    ]
 
 
-@functools.cache
-def _training_estimate(experiment, base, stats, ready):
-    """sftpipe.resources' estimate for a training job (`ready`: its inputs exist, so the cache keeps a
-    dry run's guess apart from the real figure)."""
-    from sftpipe.resources import train_resources
-
-    train = EXPERIMENTS[experiment].train
-    max_length = config["data"]["max_length"]
-    return train_resources(base, train, max_length, stats, train["gpus"], train["processes"], train["nodes"], ON_GPU)
+def of_owner(path, owner):
+    """An output path of stages the job's experiment shares with the experiment `owner(experiment)`
+    names (Experiment.data_owner, .sft_owner, .preference_data_owner): its own, or another's."""
+    return lambda wildcards: path.format(experiment=owner(experiment_of(wildcards)))
 
 
-def training_estimate(key):
-    """A training job's resource, from the base model's shape, the settings and the tokenized data."""
-    return lambda wildcards, input: _training_estimate(
-        wildcards.experiment, input.base, input.stats, Path(input.stats).exists() and Path(input.base).exists()
-    )[key]
+def of_data(path):
+    """The mix, the tokenized splits and the base model's exact match: shared by the experiments with
+    the same datasets and base model."""
+    return of_owner(path, lambda e: e.data_owner)
 
 
-@functools.cache
-def _preference_estimate(experiment, base, stats, ready):
-    """sftpipe.resources' estimate for a preference job, which holds a pair as one row of both its
-    sequences (up to twice max_length) and scores it in TRL's chunks (no logits kept)."""
-    from sftpipe.resources import train_resources
-
-    train = {**EXPERIMENTS[experiment].preference_train, "fused_loss": True}
-    return train_resources(base, train, 2 * config["data"]["max_length"], stats, 1, 1, 1, ON_GPU)
+def of_sft(path):
+    """Training, merge and the tuned model's evaluation: shared by experiments tuned on preferences
+    after the same SFT."""
+    return of_owner(path, lambda e: e.sft_owner)
 
 
-def preference_estimate(key):
-    """A preference job's resource, from the SFT model's shape, the settings and the tokenized pairs."""
-    return lambda wildcards, input: _preference_estimate(
-        wildcards.experiment, input.base, input.stats, Path(input.stats).exists() and Path(input.base).exists()
-    )[key]
+def of_preference_data(path):
+    """The preference pairs and their reference log-probs: shared by a sweep over the loss settings."""
+    return of_owner(path, lambda e: e.preference_data_owner)
 
 
-def model_memory(copies, default):
-    """The host memory of a job holding `copies` fp32 copies of its model (the input named `model`, else `base`)."""
-    from sftpipe.resources import model_memory_mb
+def of_variant(path, variant):
+    """An evaluation output path for one variant: base (the experiment's data owner's), tuned or
+    exported (its SFT owner's), or preference (its own)."""
+    owners = {"base": lambda e: e.data_owner, "preference": lambda e: e.name}
+    return of_owner(path.replace("{variant}", variant), owners.get(variant, lambda e: e.sft_owner))
 
-    return lambda wildcards, input: model_memory_mb(input.get("model", input.get("base")), copies, default)
+
+def preference_start(wildcards):
+    """The model the preference adapter trains on and is merged into: the merged SFT model, or, when
+    it keeps training the SFT adapter (preference.start: adapter), the base model under it."""
+    if experiment_of(wildcards).preference["start"] == "adapter":
+        return experiment_base_model(wildcards)
+    return of_sft(rules.merge_adapter.output[0])(wildcards)
+
+
+def preference_sft_adapter(wildcards):
+    """The SFT adapter a preference run keeps training (preference.start: adapter), as an input."""
+    if experiment_of(wildcards).preference["start"] != "adapter":
+        return {}
+    return {"sft_adapter": of_sft(rules.train_lora.output.adapter)(wildcards)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule parameters
+# ---------------------------------------------------------------------------------------------
 
 
 def train_settings(wildcards):
@@ -165,48 +226,9 @@ def base_model_setting(key):
     return lambda wildcards: BASE_MODELS[wildcards.model][key]
 
 
-def hydrated_rows(wildcards):
-    """The experiment's datasets as hydrated rows; 'chat'-templated ones are rendered per base model."""
-    experiment = experiment_of(wildcards)
-    return [f"results/data/hydrated/{renderer(d, experiment.model)}/{d}.jsonl" for d in experiment.datasets]
-
-
-def preference_hydrated_rows(wildcards):
-    """The experiment's preference pairs as hydrated rows, rendered like its SFT data."""
-    experiment = experiment_of(wildcards)
-    return [f"results/data/hydrated/{renderer(d, experiment.model)}/{d}.jsonl" for d in experiment.preference["datasets"]]
-
-
 def dataset_weights(names):
     """Each dataset's mixing weight (`datasets.<name>.weight`)."""
     return {name: config["datasets"][name].get("weight") for name in names}
-
-
-def of_sft(path):
-    """An output path of the SFT stages the job's experiment uses: its own, or those of the experiment
-    it shares them with (Experiment.sft)."""
-    return lambda wildcards: path.format(experiment=experiment_of(wildcards).sft)
-
-
-def of_preference_data(path):
-    """An output path of the preference data or reference stages the job's experiment uses
-    (Experiment.preference_data)."""
-    return lambda wildcards: path.format(experiment=experiment_of(wildcards).preference_data)
-
-
-def preference_start(wildcards):
-    """The model the preference adapter trains on and is merged into: the merged SFT model, or, when
-    it keeps training the SFT adapter (preference.start: adapter), the base model under it."""
-    if experiment_of(wildcards).preference["start"] == "adapter":
-        return experiment_base_model(wildcards)
-    return of_sft(rules.merge_adapter.output[0])(wildcards)
-
-
-def preference_sft_adapter(wildcards):
-    """The SFT adapter a preference run keeps training (preference.start: adapter), as an input."""
-    if experiment_of(wildcards).preference["start"] != "adapter":
-        return {}
-    return {"sft_adapter": of_sft(rules.train_lora.output.adapter)(wildcards)}
 
 
 def preference_settings(wildcards):
@@ -219,13 +241,81 @@ def preference_settings(wildcards):
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Resource estimates (sftpipe.resources)
+# ---------------------------------------------------------------------------------------------
+
+# A cluster job runs where its `gpu` resource puts it; a local one on this host's GPU, if it has one.
+ON_GPU = not workflow.local_exec or host_has_nvidia_gpu()
+
+
+def job_allocator(choice):
+    """The allocator a training job will run on, which its memory estimate follows: the one named, or
+    for `auto` the one it finds on this host; on a cluster node, whose libraries this host cannot
+    see, glibc's (the larger estimate)."""
+    if choice != "auto":
+        return choice
+    return planned_allocator(choice)[0] if workflow.local_exec else "system"
+
+
+@functools.cache
+def _training_estimate(experiment, base, stats, ready):
+    """sftpipe.resources' estimate for a training job (`ready`: its inputs exist, so the cache keeps a
+    dry run's guess apart from the real figure)."""
+    from sftpipe.resources import train_resources
+
+    train = EXPERIMENTS[experiment].train
+    max_length = config["data"]["max_length"]
+    allocator = job_allocator(train["allocator"])
+    return train_resources(base, train, max_length, stats, train["gpus"], train["processes"], train["nodes"], ON_GPU, allocator)
+
+
+def training_estimate(key):
+    """A training job's resource, from the base model's shape, the settings and the tokenized data."""
+    return lambda wildcards, input: _training_estimate(
+        wildcards.experiment, input.base, input.stats, Path(input.stats).exists() and Path(input.base).exists()
+    )[key]
+
+
+@functools.cache
+def _preference_estimate(experiment, base, stats, ready):
+    """sftpipe.resources' estimate for a preference job, which holds a pair as one row of both its
+    sequences (up to twice max_length) and scores it in TRL's chunks (no logits kept); it trains in the
+    job's own process, which nothing preloads another allocator into."""
+    from sftpipe.resources import train_resources
+
+    train = {**EXPERIMENTS[experiment].preference_train, "fused_loss": True}
+    return train_resources(base, train, 2 * config["data"]["max_length"], stats, 1, 1, 1, ON_GPU, "system")
+
+
+def preference_estimate(key):
+    """A preference job's resource, from the SFT model's shape, the settings and the tokenized pairs."""
+    return lambda wildcards, input: _preference_estimate(
+        wildcards.experiment, input.base, input.stats, Path(input.stats).exists() and Path(input.base).exists()
+    )[key]
+
+
+def model_memory(copies, default):
+    """The host memory of a job holding `copies` fp32 copies of its model (the input named `model`, else `base`)."""
+    from sftpipe.resources import model_memory_mb
+
+    return lambda wildcards, input: model_memory_mb(input.get("model", input.get("base")), copies, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: lm-eval tasks, the evaluated models and test rows
+# ---------------------------------------------------------------------------------------------
+
+
 def eval_data_dir(task):
     return f"results/data/lm_eval/{task}"
 
 
-# The configured lm-eval tasks, by name; building each one's spec checks what the schema cannot.
+# The configured lm-eval tasks, by name; building each one's spec checks what the schema cannot,
+# and a name no lm-eval YAML defines stops the workflow before any job runs.
 EVAL_TASKS = {t["name"]: t for t in config["eval"]["lm_eval"]["tasks"]}
 checked(workflow, lambda: [TaskSpec(**task) for task in EVAL_TASKS.values()])
+checked(workflow, lambda: check_task_names(list(EVAL_TASKS)))
 
 
 # What evaluation jobs get: the `eval.lm_eval` section, each task reading the data `prepare_eval_data`
@@ -259,14 +349,6 @@ def eval_task_source_files(wildcards):
     return [str(f) for path in found for f in source_files(path)]
 
 
-def of_variant(path, variant):
-    """An evaluation output path for one variant: base, tuned or exported (those of the SFT the experiment uses),
-    or preference (its own)."""
-    return lambda wildcards: path.format(
-        experiment=wildcards.experiment if variant == "preference" else experiment_of(wildcards).sft, variant=variant
-    )
-
-
 def evaluated_model(wildcards):
     if wildcards.variant == "base":
         return experiment_base_model(wildcards)
@@ -280,6 +362,16 @@ def evaluated_model(wildcards):
 def evaluated_gguf_file(wildcards):
     """The exported GGUF file the exported variant reads (the one the Modelfile serves)."""
     return EXPORT.file(wildcards.experiment) if wildcards.variant == "exported" else None
+
+
+def evaluated_test_rows(wildcards):
+    """The held-out rows exact match scores: the test split of the SFT data, for every variant."""
+    return of_data(rules.tokenize_and_split.output.test)(wildcards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report inputs
+# ---------------------------------------------------------------------------------------------
 
 
 def exported_exact_match(wildcards):
@@ -305,8 +397,3 @@ def preference_report_inputs(wildcards):
         "preference_history": rules.train_preference.output.history.format(**wildcards),
         "preference_stats": of_preference_data(rules.tokenize_preference_data.output.stats)(wildcards),
     }
-
-
-def evaluated_test_rows(wildcards):
-    """The held-out rows exact match scores: the test split of the SFT data, for every variant."""
-    return rules.tokenize_and_split.output.test.format(experiment=experiment_of(wildcards).sft)

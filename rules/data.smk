@@ -8,7 +8,7 @@ localrules:
 rule download_dataset:
     input:
         local=lambda wildcards: local_dataset_files(wildcards.dataset),
-        code=code(*DATA_MODULES),
+        code=CODE["read_dataset"],
     output:
         rows="results/data/raw/{dataset}.jsonl",
         manifest="results/data/raw/{dataset}.manifest.json",
@@ -34,7 +34,7 @@ rule hydrate_dataset:
         tokenizer=lambda wildcards: (
             base_model_dir(wildcards.renderer.removeprefix("chat-")) if wildcards.renderer.startswith("chat-") else []
         ),
-        code=code(*DATA_MODULES),
+        code=CODE["read_dataset"],
     output:
         # The renderer is the named template, `chat-<model>` for the base model whose own chat template
         # renders the rows, or `user-<hash>` for the config's Jinja templates.
@@ -56,10 +56,10 @@ rule hydrate_dataset:
 
 rule filter_and_mix:
     input:
-        hydrated=hydrated_rows,
+        hydrated=hydrated_rows(lambda experiment: experiment.datasets),
         # Decontamination reads the configured evaluation sets.
         eval_data=lm_eval_data_files,
-        code=code("filters.py", "tokenization.py", "model.py", *TASK_MODULES),
+        code=CODE["filter_and_mix"],
     output:
         rows="results/data/mixed/{experiment}.jsonl",
         stats="results/data/mixed/{experiment}.filters.json",
@@ -89,7 +89,7 @@ rule tokenize_and_split:
     input:
         rows=rules.filter_and_mix.output.rows,
         tokenizer=experiment_base_model,
-        code=code("tokenization.py", "model.py"),
+        code=CODE["tokenize_and_split"],
     output:
         train="results/data/tokenized/{experiment}/train.jsonl",
         validation="results/data/tokenized/{experiment}/validation.jsonl",
@@ -115,7 +115,7 @@ rule tokenize_and_split:
 rule prepare_eval_data:
     input:
         local=eval_task_source_files,
-        code=code(*TASK_MODULES),
+        code=CODE["prepare_eval_data"],
     output:
         directory(eval_data_dir("{task}")),
     log:
@@ -138,7 +138,7 @@ rule prepare_eval_data:
 
 rule build_demo_choice_task:
     input:
-        code=code("demo.py"),
+        code=CODE["build_demo_choice_task"],
     output:
         "results/data/lm_eval/sftpipe_demo_mc.jsonl",
     log:

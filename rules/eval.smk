@@ -2,7 +2,7 @@ rule evaluate_lm_harness:
     input:
         model=rules.merge_adapter.output[0],
         data_files=lm_eval_data_files,
-        code=code(*EVALUATE_MODULES),
+        code=CODE["evaluate"],
     output:
         "results/eval/{experiment}/tuned/lm_eval.json",
     log:
@@ -29,7 +29,7 @@ use rule evaluate_lm_harness as evaluate_base_lm_harness with:
     input:
         model=base_model_dir("{model}"),
         data_files=lm_eval_data_files,
-        code=code(*EVALUATE_MODULES),
+        code=CODE["evaluate"],
     output:
         "results/eval/base_model/{model}/lm_eval.json",
     log:
@@ -45,7 +45,7 @@ rule evaluate_exact_match:
     input:
         model=evaluated_model,
         test=evaluated_test_rows,
-        code=code(*EVALUATE_MODULES),
+        code=CODE["evaluate"],
     output:
         metrics="results/eval/{experiment}/{variant}/exact_match.json",
         predictions="results/eval/{experiment}/{variant}/predictions.jsonl",

@@ -6,7 +6,7 @@ localrules:
 rule export_gguf:
     input:
         model=rules.merge_adapter.output[0],
-        code=code("export.py", "model.py"),
+        code=CODE["export_gguf"],
     output:
         directory("results/export/{experiment}"),
     log:

@@ -6,7 +6,7 @@ localrules:
 rule materialize_base_model:
     input:
         local=local_model_files,
-        code=code("model.py"),
+        code=CODE["materialize_base_model"],
     output:
         directory(base_model_dir("{model}")),
     log:

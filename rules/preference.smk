@@ -1,18 +1,18 @@
 # Preference tuning after SFT, for experiments with a `preference:` section: the pairs go through the
 # SFT data stages, the merged SFT model's log-probs of them are computed once, and a fresh LoRA on that
 # model learns from them; it is merged and evaluated like the SFT adapter. The data and reference
-# stages are named after the experiment that owns them (Experiment.preference_data), which the
+# stages are named after the experiment that owns them (Experiment.preference_data_owner), which the
 # experiments of a sweep over the loss settings share; the others after the experiment itself.
 
 
 # The SFT mixing and splitting, on the pairs.
 use rule filter_and_mix as filter_preference_data with:
     input:
-        hydrated=preference_hydrated_rows,
+        hydrated=hydrated_rows(lambda experiment: experiment.preference["datasets"]),
         eval_data=lm_eval_data_files,
         # Pairs sharing words with the SFT test rows would inflate exact match after preference tuning.
-        held_out=lambda wildcards: [of_sft(rules.filter_and_mix.output.rows)(wildcards)],
-        code=code("filters.py", "tokenization.py", "model.py", *TASK_MODULES),
+        held_out=of_data(rules.filter_and_mix.output.rows),
+        code=CODE["filter_and_mix"],
     output:
         rows="results/data/preference/{experiment}/mixed.jsonl",
         stats="results/data/preference/{experiment}/filters.json",
@@ -29,7 +29,7 @@ use rule tokenize_and_split as tokenize_preference_data with:
     input:
         rows=rules.filter_preference_data.output.rows,
         tokenizer=experiment_base_model,
-        code=code("tokenization.py", "model.py"),
+        code=CODE["tokenize_and_split"],
     output:
         train="results/data/preference/{experiment}/train.jsonl",
         validation="results/data/preference/{experiment}/validation.jsonl",
@@ -50,7 +50,7 @@ rule precompute_reference_logps:
         train=rules.tokenize_preference_data.output.train,
         validation=rules.tokenize_preference_data.output.validation,
         test=rules.tokenize_preference_data.output.test,
-        code=code(*REFERENCE_MODULES),
+        code=CODE["reference"],
     output:
         logps="results/reference/{experiment}/logps.jsonl",
         info="results/reference/{experiment}/reference.json",
@@ -83,7 +83,7 @@ rule train_preference:
         stats=of_preference_data(rules.tokenize_preference_data.output.stats),
         reference=of_preference_data(rules.precompute_reference_logps.output.logps),
         reference_info=of_preference_data(rules.precompute_reference_logps.output.info),
-        code=code("dpo.py", "preference.py", *REFERENCE_MODULES, *TRAIN_MODULES),
+        code=CODE["train_preference"],
     output:
         adapter=directory("results/preference/{experiment}/adapter"),
         history="results/preference/{experiment}/history.json",
@@ -113,7 +113,7 @@ use rule merge_adapter as merge_preference_adapter with:
         base=preference_start,
         adapter=rules.train_preference.output.adapter,
         history=rules.train_preference.output.history,
-        code=code("merge.py", "model.py", "artifacts.py"),
+        code=CODE["merge_adapter"],
     output:
         directory("results/models/preference/{experiment}"),
     log:
@@ -126,7 +126,7 @@ use rule evaluate_lm_harness as evaluate_preference_lm_harness with:
     input:
         model=rules.merge_preference_adapter.output[0],
         data_files=lm_eval_data_files,
-        code=code(*EVALUATE_MODULES),
+        code=CODE["evaluate"],
     output:
         "results/eval/{experiment}/preference/lm_eval.json",
     log:
@@ -141,7 +141,7 @@ rule evaluate_preference:
         test=of_preference_data(rules.tokenize_preference_data.output.test),
         reference=of_preference_data(rules.precompute_reference_logps.output.logps),
         reference_info=of_preference_data(rules.precompute_reference_logps.output.info),
-        code=code(*REFERENCE_MODULES),
+        code=CODE["reference"],
     output:
         metrics="results/eval/{experiment}/preference/rewards.json",
         pairs="results/eval/{experiment}/preference/pairs.jsonl",

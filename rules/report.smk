@@ -7,7 +7,7 @@ rule report:
     input:
         unpack(exported_exact_match),
         unpack(preference_report_inputs),
-        # An experiment tuned on preferences may share its SFT stages with another (Experiment.sft).
+        # An experiment may share its data and SFT stages with another (Experiment.data_owner, .sft_owner).
         lm_eval_base=lambda wildcards: rules.evaluate_base_lm_harness.output[0].format(model=experiment_of(wildcards).model),
         lm_eval_tuned=of_sft(rules.evaluate_lm_harness.output[0]),
         exact_match_base=of_variant(rules.evaluate_exact_match.output.metrics, "base"),
@@ -15,10 +15,12 @@ rule report:
         predictions_base=of_variant(rules.evaluate_exact_match.output.predictions, "base"),
         predictions_tuned=of_variant(rules.evaluate_exact_match.output.predictions, "tuned"),
         history=of_sft(rules.train_lora.output.history),
-        data_stats=of_sft(rules.tokenize_and_split.output.stats),
-        filters=of_sft(rules.filter_and_mix.output.stats),
-        manifests=lambda wildcards: expand(rules.download_dataset.output.manifest, dataset=READS[wildcards.experiment]),
-        code=code("report.py", "metrics.py", "artifacts.py", "significance.py", "tracking.py"),
+        data_stats=of_data(rules.tokenize_and_split.output.stats),
+        filters=of_data(rules.filter_and_mix.output.stats),
+        manifests=lambda wildcards: expand(
+            rules.download_dataset.output.manifest, dataset=EXPERIMENT_DATASETS[wildcards.experiment]
+        ),
+        code=CODE["report"],
     output:
         markdown="results/report/{experiment}.md",
         summary="results/report/{experiment}.json",
@@ -72,7 +74,7 @@ rule report:
 rule summarize_experiments:
     input:
         reports=expand(rules.report.output.summary, experiment=EXPERIMENTS),
-        code=code("report.py", "metrics.py", "artifacts.py", "significance.py", "tracking.py"),
+        code=CODE["report"],
     output:
         summary="results/summary.json",
         comparison=report(

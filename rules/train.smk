@@ -1,10 +1,11 @@
 rule train_lora:
     input:
         base=experiment_base_model,
-        train=rules.tokenize_and_split.output.train,
-        validation=rules.tokenize_and_split.output.validation,
-        stats=rules.tokenize_and_split.output.stats,
-        code=code(*TRAIN_MODULES),
+        # Shared by the experiments with the same datasets and base model (Experiment.data_owner).
+        train=of_data(rules.tokenize_and_split.output.train),
+        validation=of_data(rules.tokenize_and_split.output.validation),
+        stats=of_data(rules.tokenize_and_split.output.stats),
+        code=CODE["train_lora"],
     output:
         adapter=directory("results/train/{experiment}/adapter"),
         history="results/train/{experiment}/history.json",
@@ -40,7 +41,7 @@ rule merge_adapter:
         base=experiment_base_model,
         adapter=rules.train_lora.output.adapter,
         history=rules.train_lora.output.history,
-        code=code("merge.py", "model.py", "artifacts.py"),
+        code=CODE["merge_adapter"],
     output:
         directory("results/models/merged/{experiment}"),
     log:

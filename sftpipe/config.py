@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,24 @@ def canonical(value: Any) -> Any:
     if isinstance(value, list):
         return [canonical(item) for item in value]
     return value
+
+
+def check_config_files(paths: list[str | Path], schema_path: str | Path = SCHEMA) -> None:
+    """Stop at a `--configfile` that is a target: Snakemake reads every argument after --configfile as
+    a config file, so a results file named there would otherwise report its own keys as unknown
+    config keys. A target lies under results/, or holds a mapping none of whose keys is a config key."""
+    known = load_schema(schema_path)["properties"]
+    for path in map(Path, paths):
+        # As the user typed it, relative to the working directory, which holds results/.
+        shown = Path(os.path.relpath(path)) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path
+        if shown.parts[:1] == ("results",):
+            raise PipelineError(f"{shown} was given as a config file; targets go before --configfile")
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # Snakemake has read it already, and reports what it cannot
+        if isinstance(content, dict) and content and not set(content) & set(known):
+            raise PipelineError(f"{shown} was given as a config file; targets go before --configfile")
 
 
 def check_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> None:

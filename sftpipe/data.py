@@ -173,7 +173,7 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         rows = json.loads(_decode(path))
     except json.JSONDecodeError as err:
-        raise PipelineError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+        raise PipelineError(f"{path}:{err.lineno}:{err.colno}: malformed JSON ({err.msg})") from None
     if not isinstance(rows, list):
         raise PipelineError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
     for i, row in enumerate(rows):
@@ -219,6 +219,13 @@ def local_source(spec: DatasetSpec, mirror_dir: str | None) -> Path | None:
     if not (spec.from_hub and mirror_dir):
         return None
     return mirror_location(Path(mirror_dir), spec.hub_id, spec.hub_config, spec.split)
+
+
+def check_local_path(spec: DatasetSpec) -> None:
+    """A dataset's `path:` that is not there, reported when the workflow is planned, naming its key,
+    rather than by its download job once other jobs have run."""
+    if spec.path and not Path(spec.path).exists():
+        raise PipelineError(f"config key 'datasets.{spec.name}.path': {spec.path} does not exist")
 
 
 def local_source_files(spec: DatasetSpec, mirror_dir: str | None) -> list[Path]:

@@ -7,12 +7,26 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .io import PipelineError
 
 T = TypeVar("T")
+
+
+def _not_a_missing_optional_kernel(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def silence_library_noise() -> None:
+    """Keep out of the logs what libraries print that says nothing about the run: peft asks for
+    transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model (a FutureWarning),
+    and bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch an optional kernel from the
+    Hub and warns when it cannot (its own CPU code then runs, as it does everywhere else)."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_a_missing_optional_kernel)
 
 
 def prepare_job_environment(workflow_dir: str, remote: bool) -> None:
@@ -50,8 +64,11 @@ def run_stage(smk: Any, stage: Callable[[], Any]) -> None:
         handler = logging.StreamHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-        hub = "offline" if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") else "online"
-        logging.getLogger("sftpipe").info("rule %s, Hugging Face Hub %s", smk.rule, hub)
+        silence_library_noise()
+        # The mode the Hub client is in, which says nothing of whether the Hub can be reached.
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        hub = "offline mode (HF_HUB_OFFLINE)" if offline else "online mode (HF_HUB_OFFLINE unset)"
+        logging.getLogger("sftpipe").info("rule %s, Hugging Face Hub client in %s", smk.rule, hub)
         # The stages that compute imported torch already; the report does not need it.
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(max(1, smk.threads))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import defaultdict
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -62,12 +64,14 @@ def evaluate_exact_match(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     limit: int | None = None,
+    seed: int = 0,
     trust_remote_code: bool = False,
     gguf_file: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy answers for the held-out prompts, scored strict and normalized against the references.
-    With `gguf_file`, the model and tokenizer are read from that GGUF file in `model_dir`, as exported."""
-    rows = list(read_jsonl(test_path))[:limit]
+    """Greedy answers for the held-out prompts (at most `limit`, drawn by `sample_rows`), scored strict
+    and normalized against the references. With `gguf_file`, the model and tokenizer are read from
+    that GGUF file in `model_dir`, as exported."""
+    rows = sample_rows(list(read_jsonl(test_path)), limit, seed)
     if not rows:
         raise PipelineError(f"{test_path}: the test split is empty; raise 'data.split.test_fraction'")
     gguf = {"gguf_file": gguf_file} if gguf_file else {}
@@ -98,13 +102,45 @@ def evaluate_exact_match(
             name: {"rows": sum(1 for s in scored if s["dataset"] == name), **_rates([s for s in scored if s["dataset"] == name])}
             for name in sorted({s["dataset"] for s in scored})
         },
-        "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit, "decoding": "greedy", **gguf},
+        "settings": {
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "limit": limit,
+            "seed": seed,
+            "sample": "all test rows" if limit is None else SAMPLE,
+            "decoding": "greedy",
+            **gguf,
+        },
     }
     write_json(metrics_path, metrics)
     log.info(
         "exact match: %.3f (normalized %.3f) on %d rows", metrics["exact_match"], metrics["normalized_exact_match"], len(scored)
     )
     return metrics
+
+
+SAMPLE = "a seeded sample of the test rows, each dataset's share in proportion to its rows"
+
+
+def sample_rows(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """At most `limit` of the test rows, in their order: each dataset's share of `limit` in proportion
+    to its rows (largest remainders get the rows left over), each dataset's rows ranked by a seeded
+    hash of their ids. The test split lists its rows grouped by dataset, so its first rows would
+    score the first dataset alone; the hash draws the same rows for every variant and every rerun."""
+    if limit is None or limit >= len(rows):
+        return rows
+    by_dataset: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_dataset[row["dataset"]].append(i)
+    shares = {name: limit * len(indices) / len(rows) for name, indices in by_dataset.items()}
+    counts = {name: int(share) for name, share in shares.items()}
+    for name in sorted(shares, key=lambda n: (counts[n] - shares[n], n))[: limit - sum(counts.values())]:
+        counts[name] += 1
+    chosen = set()
+    for name, indices in by_dataset.items():
+        ranked = sorted(indices, key=lambda i: hashlib.sha256(f"{seed}:{rows[i]['id']}".encode()).digest())
+        chosen.update(ranked[: counts[name]])
+    return [row for i, row in enumerate(rows) if i in chosen]
 
 
 def check_prompts_as_trained(tokenizer, rows: list[dict[str, Any]], where: str) -> None:

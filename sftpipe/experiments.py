@@ -3,10 +3,13 @@ training settings over the shared top-level sections, and optionally preference 
 
 Stages that depend only on a dataset or a base model (download, hydration, base model, the base
 model's lm-eval scores) are keyed by that dataset or model, so experiments that share them share
-their artifacts and Snakemake runs them once. Experiments tuned on preferences share more: those
-whose SFT is the same (datasets, base model, training settings) share its stages, named after one of
-them, and those that also tune on the same preference data share that data and its reference
-log-probs, so that a sweep over `beta` or `loss_type` computes them once.
+their artifacts and Snakemake runs them once. The others are named after the experiment that owns
+them, which the experiments that agree on what they depend on share: those with the same datasets
+and base model share the mix, the tokenized splits and the base model's exact match, so that a sweep
+over training keys prepares and scores its data once; those tuned on preferences whose SFT is the
+same (datasets, base model, training settings) share its stages, and those that also tune on the
+same preference data share that data and its reference log-probs, so that a sweep over `beta` or
+`loss_type` computes them once.
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ class Experiment:
     # Preference tuning after SFT, or None: its `datasets` (a tuple), the PreferenceSettings keys, and
     # `train`, the keys of `train` it overrides.
     preference: dict[str, Any] | None = None
-    sft: str = ""  # the experiment whose SFT stages are this one's: itself unless it shares another's
-    preference_data: str = ""  # the experiment whose preference data and reference log-probs this one's are
+    # The experiments whose stages this one's are (itself unless it shares another's): the SFT data
+    # and the base model's exact match; training, merge and its evaluation; the preference pairs and
+    # their reference log-probs.
+    data_owner: str = ""
+    sft_owner: str = ""
+    preference_data_owner: str = ""
 
     @property
     def model(self) -> str:
@@ -132,32 +139,38 @@ def _preference(config: dict[str, Any], override: dict[str, Any], key: str, pair
 
 
 def _shared(experiments: dict[str, Experiment]) -> dict[str, Experiment]:
-    """Each experiment with the experiments whose stages it shares named: the SFT of an experiment tuned
-    on preferences is the first one's (by name) with the same datasets, base model and training settings,
-    one without preference tuning if there is one; its preference data and reference log-probs are the
-    first one's with that SFT, the same preference datasets, start and training precision. An experiment without preference tuning
-    has its own stages, as it always had."""
+    """Each experiment with the experiments whose stages it shares named. Its data is the first one's
+    (by name) with the same datasets and base model. The SFT of an experiment tuned on preferences is
+    the first one's with the same datasets, base model and training settings, one without preference
+    tuning if there is one; its preference data and reference log-probs are the first one's with that
+    SFT, the same preference datasets, start and training precision. An experiment without preference
+    tuning trains its own SFT."""
+
+    def data_key(e: Experiment) -> str:
+        return json.dumps([e.datasets, e.base_model], sort_keys=True)
 
     def sft_key(e: Experiment) -> str:
         learned = {k: v for k, v in e.train.items() if k not in EXECUTION_KEYS}
         return json.dumps([e.datasets, e.base_model, learned], sort_keys=True)
 
-    ordered = sorted(experiments.values(), key=lambda e: (e.preference is not None, e.name))
+    by_name = sorted(experiments.values(), key=lambda e: e.name)
+    ordered = sorted(by_name, key=lambda e: e.preference is not None)
     resolved = {}
     for e in experiments.values():
+        data = next(o.name for o in by_name if data_key(o) == data_key(e))
         sft = e.name if e.preference is None else next(o.name for o in ordered if sft_key(o) == sft_key(e))
-        resolved[e.name] = replace(e, sft=sft)
+        resolved[e.name] = replace(e, data_owner=data, sft_owner=sft)
     for e in resolved.values():
         if e.preference is not None:
             data = next(
                 o.name
                 for o in sorted(resolved.values(), key=lambda o: o.name)
                 if o.preference is not None
-                and o.sft == e.sft
+                and o.sft_owner == e.sft_owner
                 and o.preference["datasets"] == e.preference["datasets"]
                 # The reference is computed in the precision its preference run trains in.
                 and o.preference_train.get("precision") == e.preference_train.get("precision")
                 and o.preference["start"] == e.preference["start"]
             )
-            resolved[e.name] = replace(e, preference_data=data)
+            resolved[e.name] = replace(e, preference_data_owner=data)
     return resolved

@@ -47,6 +47,8 @@ class Example:
     instruction: str
     output: str
     input: str = ""
+    # None: the row has no system prompt, and a template's default applies; "": the row says there
+    # is none, which a chat template gets as an empty system message, so that it inserts no default.
     system: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (user, assistant) turns
     rejected: str | None = None  # a preference pair's other reply; `output` is the chosen one
@@ -90,7 +92,7 @@ def parse_alpaca(row: dict[str, Any], where: str) -> list[Example]:
 def parse_dolphin(row: dict[str, Any], where: str) -> list[Example]:
     return [
         Example(
-            system=_field(row, "instruction", where) or None,
+            system=_field(row, "instruction", where),
             instruction=_field(row, "input", where),
             output=_field(row, "output", where),
         )
@@ -294,8 +296,9 @@ def _system_first(ex: Example, prompt: str) -> str:
 def render_alpaca(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
     _single_turn(ex, where, "alpaca")
     preamble, body = (ALPACA_PREAMBLE_WITH_INPUT, ALPACA_BODY_WITH_INPUT) if ex.input else (ALPACA_PREAMBLE, ALPACA_BODY)
-    # Alpaca's preamble is its system prompt: a row's own replaces it.
-    return f"{ex.system or preamble}\n\n{body.format(instruction=ex.instruction, input=ex.input)}", ex.output
+    # Alpaca's preamble is its system prompt: a row's own replaces it, an empty one leaves none.
+    system = preamble if ex.system is None else ex.system
+    return (f"{system}\n\n" if system else "") + body.format(instruction=ex.instruction, input=ex.input), ex.output
 
 
 def render_guanaco(ex: Example, where: str, chat_template: Callable | None) -> tuple[str, str]:
@@ -311,7 +314,7 @@ def render_qa(ex: Example, where: str, chat_template: Callable | None) -> tuple[
 
 def _messages(ex: Example) -> list[dict[str, str]]:
     """The example as chat messages up to the user turn the completion answers."""
-    messages = [{"role": "system", "content": ex.system}] if ex.system else []
+    messages = [{"role": "system", "content": ex.system}] if ex.system is not None else []
     for user, reply in ex.history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     messages.append({"role": "user", "content": _user_text(ex)})

@@ -138,13 +138,14 @@ def numbered_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any
             try:
                 row = orjson.loads(raw)
             except orjson.JSONDecodeError as err:
-                # Re-parse with the stdlib for its readable reason and column.
+                # Re-parse with the stdlib for its readable reason and column: the line alone, since
+                # with its newline an unfinished object's error lands on the line after it.
                 try:
-                    json.loads(raw.decode("utf-8"))
+                    json.loads(raw.decode("utf-8").rstrip("\r\n"))
                 except UnicodeDecodeError as utf8:
                     raise PipelineError(f"{path}:{lineno}: not valid UTF-8 ({utf8.reason} at byte {utf8.start})") from None
                 except json.JSONDecodeError as detail:
-                    raise PipelineError(f"{path}:{lineno}: malformed JSON ({detail.msg}, column {detail.colno})") from None
+                    raise PipelineError(f"{path}:{lineno}:{detail.colno}: malformed JSON ({detail.msg})") from None
                 raise PipelineError(f"{path}:{lineno}: malformed JSON ({err})") from None
             if not isinstance(row, dict):
                 raise PipelineError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
@@ -160,12 +161,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 class Progress:
-    """Log `done/total`, rate and ETA at most every `every` seconds, for long stages' logs."""
+    """Log `done/total`, rate and ETA at most every `every` seconds, for long stages' logs. `done`
+    counts what an earlier run did (a resumed training's steps): the rate is this run's."""
 
-    def __init__(self, desc: str, total: int | None, every: float = 10.0) -> None:
-        self.desc, self.total, self.every = desc, total, every
+    def __init__(self, desc: str, total: int | None, every: float = 10.0, unit: str = "item", done: int = 0) -> None:
+        self.desc, self.total, self.every, self.unit = desc, total, every, unit
         self.start = self.last = time.monotonic()
-        self.done = 0
+        self.done = self.initial = done
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -176,9 +178,11 @@ class Progress:
 
     def _log(self, now: float) -> None:
         elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.initial) / elapsed
+        # Slow work (a training step of minutes) reads as seconds each, where a rate would round to 0.0/s.
+        pace = f"{rate:.1f}/s" if rate >= 1 or not rate else f"{1 / rate:.1f} s/{self.unit}"
         if self.total:
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            log.info("%s: %d/%d (%.1f/s, ETA %.0fs)", self.desc, self.done, self.total, rate, eta)
+            eta = f"{(self.total - self.done) / rate:.0f}s" if rate else "unknown"
+            log.info("%s: %d/%d (%s, ETA %s)", self.desc, self.done, self.total, pace, eta)
         else:
-            log.info("%s: %d (%.1f/s)", self.desc, self.done, rate)
+            log.info("%s: %d (%s)", self.desc, self.done, pace)

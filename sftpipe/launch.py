@@ -34,7 +34,7 @@ class Execution:
     Snakemake resources, which never rerun a job."""
 
     processes: int = 1  # data-parallel processes per node: gloo processes on CPU; a node with several GPUs runs one per GPU
-    allocator: str = "auto"  # auto | tcmalloc | jemalloc | system: see allocator_library
+    allocator: str = "auto"  # auto | tcmalloc | jemalloc | system: see planned_allocator
     gpus: int = 1  # GPUs the job asks for on each node
     strategy: str = "ddp"  # one of STRATEGIES; with a single process, nothing to share
     nodes: int = 1  # nodes of the job's SLURM allocation, each running its share of the processes
@@ -62,9 +62,10 @@ def current_allocator() -> str:
     return next((name for name in ALLOCATOR_LIBRARIES if f"lib{name}" in maps), "system")
 
 
-def allocator_library(choice: str) -> str | None:
-    """The library to preload into a training process for `train.allocator`, or None to train with
-    this process's own allocator (`system`, one already preloaded, or `auto` where none is installed).
+def planned_allocator(choice: str) -> tuple[str, str, str | None]:
+    """(allocator, why, library to preload or None) for `train.allocator`: what a training process
+    started from this one will run on, and why. Torch-free, so the workflow's memory estimate can
+    follow it when the job is planned.
 
     PyTorch's CPU tensors come from malloc. glibc's keeps the activations freed after each backward
     as holes that the next step's differently sized tensors cannot reuse; tcmalloc's size classes
@@ -72,25 +73,33 @@ def allocator_library(choice: str) -> str | None:
     """
     if choice not in ALLOCATORS:
         raise PipelineError(f"config key 'train.allocator': '{choice}' is not one of {', '.join(ALLOCATORS)}")
-    if choice == "system" or not sys.platform.startswith("linux") or current_allocator() != "system":
-        return None
+    if choice == "system":
+        return "system", "train.allocator: system", None
+    if (running := current_allocator()) != "system":
+        return running, f"already loaded in this process (train.allocator: {choice})", None
+    if not sys.platform.startswith("linux"):
+        return "system", f"train.allocator: {choice}, but preloading another allocator needs Linux", None
     from ctypes.util import find_library
 
     for name in ALLOCATOR_LIBRARIES if choice == "auto" else (choice,):
         for library in ALLOCATOR_LIBRARIES[name]:
             # A conda env's own lib/ first (`--sdm conda` with gperftools), then the system's.
             in_prefix = Path(sys.prefix) / "lib" / f"lib{library}.so"
-            if in_prefix.exists():
-                return str(in_prefix)
-            if found := find_library(library):
-                return found
+            found = str(in_prefix) if in_prefix.exists() else find_library(library)
+            if found:
+                return name, f"train.allocator: {choice}, {found} found", found
     if choice != "auto":
         raise PipelineError(
             f"config key 'train.allocator': {choice} is not installed "
             f"(Debian: apt install {'libtcmalloc-minimal4' if choice == 'tcmalloc' else 'libjemalloc2'}; "
             f"conda: {'gperftools' if choice == 'tcmalloc' else 'jemalloc'})"
         )
-    return None
+    return (
+        "system",
+        "train.allocator: auto, and neither tcmalloc nor jemalloc is installed "
+        "(glibc's malloc needs more memory; Debian: apt install libtcmalloc-minimal4)",
+        None,
+    )
 
 
 def _fd(stream) -> int | None:
@@ -142,7 +151,8 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     if execution.strategy not in STRATEGIES:
         raise PipelineError(f"config key 'train.strategy': '{execution.strategy}' is not one of {', '.join(STRATEGIES)}")
     processes = execution.world_size
-    preload = allocator_library(execution.allocator)
+    allocator, why, preload = planned_allocator(execution.allocator)
+    log.info("allocator %s: %s", allocator, why)
     if processes <= 1 and preload is None:
         return train_lora(job)
     launcher = launcher_command(execution, slurm_hostnames)

@@ -197,7 +197,8 @@ def _progress_callback():
         steps_run = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.progress = Progress("train steps", state.max_steps, every=30.0)
+            # A resumed run starts at its checkpoint's step, so the ETA counts only the steps left.
+            self.progress = Progress("train steps", state.max_steps, every=30.0, unit="step", done=state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
             self.steps_run += 1
@@ -476,7 +477,10 @@ def die_with_parent() -> None:
 
 
 if __name__ == "__main__":
+    from .entry import silence_library_noise
+
     die_with_parent()
+    silence_library_noise()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     train_lora(TrainJob.from_json(Path(sys.argv[1]).read_text()))

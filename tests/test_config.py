@@ -186,3 +186,55 @@ def _errors(edit) -> list[str]:
 )
 def test_config_errors_name_the_key_first_and_alone(edit, errors):
     assert _errors(edit) == errors
+
+
+def _plan(tmp_path, config, *before, after=()):
+    """A dry run of `config` (written as my.yaml in `tmp_path`), `before` and `after` --configfile."""
+    from workflow import snakemake
+
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
+    return snakemake(tmp_path, "-n", *before, "--configfile", "my.yaml", *after, check=False)
+
+
+PLANNED = {
+    "experiment": "mine",
+    "base_model": {"name": "tiny", "source": "tiny-random"},
+    "datasets": {"demo": {"preset": "sftpipe_demo", "limit": 40}},
+    "eval": {"lm_eval": {"tasks": []}},
+}
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (
+            {"datasets": {"mine": {"preset": "alpaca", "path": "data/missing.jsonl"}}},
+            "config key 'datasets.mine.path': data/missing.jsonl does not exist",
+        ),
+        (
+            {"eval": {"lm_eval": {"tasks": [{"name": "arc_esay"}]}}},
+            "config key 'eval.lm_eval.tasks': 'arc_esay' is not an lm-eval task defined by a YAML file (did you mean arc_easy",
+        ),
+    ],
+    ids=["dataset path", "lm-eval task"],
+)
+def test_what_the_config_alone_can_tell_stops_the_plan_in_one_line(tmp_path, edit, error):
+    result = _plan(tmp_path, {**PLANNED, **edit})
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(error), result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_target_after_configfile_is_named_as_one(tmp_path):
+    target = tmp_path / "results" / "eval" / "mine" / "base" / "exact_match.json"
+    target.parent.mkdir(parents=True)
+    target.write_text('{"exact_match": 0.5, "rows": 2, "settings": {}}')
+    result = _plan(tmp_path, PLANNED, after=["results/eval/mine/base/exact_match.json"])
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == "results/eval/mine/base/exact_match.json was given as a config file; targets go before --configfile"
+    )
+    # Where it belongs, it is a target.
+    assert _plan(tmp_path, PLANNED, "results/eval/mine/base/exact_match.json").returncode == 0

@@ -115,7 +115,13 @@ def test_builtin_demo_dataset_needs_no_files(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "rows.jsonl:2: malformed JSON"),
+        # The column Python's parser gives for the line: the end of the unfinished object, not the next line's start.
+        (
+            "rows.jsonl",
+            b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+            r"rows.jsonl:2:32: malformed JSON \(Expecting value\)",
+        ),
+        ("rows.json", b'[{"instruction": "a",\n "output": }]', r"rows.json:2:12: malformed JSON \(Expecting value\)"),
         ("rows.jsonl", b"", "source .*rows.jsonl has no rows"),
         ("rows.jsonl", b'{"instruction": "caf\xe9", "output": "b"}\n', "rows.jsonl:1: not valid UTF-8"),
         ("rows.jsonl", b'["not an object"]\n', "rows.jsonl:1: expected a JSON object"),
@@ -465,3 +471,22 @@ def test_messages_must_alternate(tmp_path, tiny_model):
 def test_raw_text_format(tmp_path):
     hydrated = _hydrate(tmp_path, "docs", {"format": "text", "template": "raw", "path": "x"}, [{"text": "A whole document."}])
     assert (hydrated[0]["prompt"], hydrated[0]["completion"]) == ("", "A whole document.")
+
+
+def test_an_empty_system_prompt_stays_empty(tmp_path, tiny_model):
+    """An empty Dolphin `instruction` says there is no system prompt: the chat template gets an empty
+    system message, so it inserts no default of its own (SmolLM2's would), and Alpaca loses its preamble."""
+    from sftpipe.data import load_chat_template
+
+    row = {**DOLPHIN_ROWS[1], "instruction": ""}
+    default = load_chat_template(tiny_model)([{"role": "user", "content": "x"}])
+    assert default.startswith("<|im_start|>system\nYou are a helpful AI assistant")  # what an absent one becomes
+    chat = _hydrate(tmp_path, "d1", {"preset": "dolphin", "template": "chat"}, [row], tokenizer=tiny_model)[0]
+    assert (
+        chat["prompt"]
+        == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    chatml = _hydrate(tmp_path, "d2", {"preset": "dolphin"}, [row])[0]
+    assert chatml["prompt"].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    alpaca = _hydrate(tmp_path, "d3", {"format": "dolphin", "template": "alpaca", "path": "x"}, [row])[0]
+    assert alpaca["prompt"] == "### Instruction:\nWhat is two plus two?\n\n### Response:\n"

@@ -89,7 +89,7 @@ def test_bad_input_through_snakemake(tmp_path, http_server):
 
     # What each failure must name: the file and line, or the config key (and the field).
     expected = {
-        "malformed_json": [r"fixtures/malformed_json\.jsonl:2: malformed JSON"],
+        "malformed_json": [r"fixtures/malformed_json\.jsonl:2:32: malformed JSON"],
         "missing_field": [r"missing_field\.jsonl:2\b", r"missing field 'output'"],
         "wrong_type": [r"wrong_type\.jsonl:3\b", r"field 'output' must be a string, got int"],
         "empty_file": [r"fixtures/empty_file\.jsonl", r"no rows"],

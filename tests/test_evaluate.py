@@ -188,3 +188,28 @@ def test_arc_easy_scores_equal_the_lm_eval_cli(tmp_path, tiny_model, shared_data
     assert ours["per_document"]["doc_id"] == [s["doc_id"] for s in per_document] == list(range(24))
     assert ours["per_document"]["acc"] == [s["acc"] for s in per_document]
     assert ours["settings"] | settings == ours["settings"]  # the settings recorded beside the numbers
+
+
+def test_a_limit_scores_a_seeded_sample_of_every_dataset(tmp_path, tiny_model):
+    """Issue 29: 35 Alpaca rows then 26 lamini rows, limit 40, scored 35 Alpaca and 5 lamini rows."""
+    from sftpipe.evaluate import SAMPLE, sample_rows
+
+    rows = [{"id": f"alpaca-{i}", "dataset": "alpaca"} for i in range(35)] + [
+        {"id": f"lamini-{i}", "dataset": "lamini"} for i in range(26)
+    ]
+    sample = sample_rows(rows, 40, seed=0)
+    assert [r["dataset"] for r in sample].count("alpaca") == 23 and len(sample) == 40  # 40 * 35 / 61 = 22.95
+    assert sample != rows[:40] and sample == [r for r in rows if r in sample]  # not the first rows; in their order
+    # The same rows whatever order the split lists them in; another seed, others.
+    assert sorted(r["id"] for r in sample_rows(rows[::-1], 40, seed=0)) == sorted(r["id"] for r in sample)
+    assert sample_rows(rows, 40, seed=1) != sample
+    assert sample_rows(rows, None, seed=0) == sample_rows(rows, 61, seed=0) == rows
+
+    tokenizer = load_tokenizer(tiny_model)
+    test = _tokenized(tokenizer, [("Say something:", "yes"), ("Third:", "no"), ("The river", "flows")])
+    test[2]["dataset"] = "other"
+    metrics = evaluate_exact_match(
+        tiny_model, write_jsonl(tmp_path / "t.jsonl", test), tmp_path / "m.json", tmp_path / "p.jsonl", max_new_tokens=2, limit=2
+    )
+    assert metrics["rows"] == 2 and set(metrics["per_dataset"]) == {"d", "other"}
+    assert metrics["settings"]["sample"] == SAMPLE and metrics["settings"]["seed"] == 0

@@ -1,6 +1,7 @@
 """Sweeps: how `experiments:` resolves against the top-level sections, and its config errors."""
 
 import pytest
+import yaml
 
 from sftpipe.experiments import expand_experiments
 from sftpipe.io import PipelineError
@@ -91,7 +92,7 @@ def test_sft_takes_the_sft_datasets_and_preference_tuning_the_pairs():
     assert run.preference["loss_type"] == "sigmoid"  # the default, where the config leaves it out
     # The preference stage trains with the experiment's settings, its own overrides on top.
     assert run.preference_train == {"lora_r": 16, "learning_rate": 1e-5}
-    assert run.sft == "one" and run.preference_data == "one"
+    assert run.data_owner == run.sft_owner == run.preference_data_owner == "one"
     assert "preference" in run.describe()
     [plain] = expand_experiments(preference_config(experiment="plain")).values()
     assert plain.preference is None and "preference" not in plain.describe()
@@ -110,7 +111,7 @@ def test_a_sweep_shares_sft_and_reference_between_experiments_that_agree_on_them
         )
     )
     # The same SFT settings share the SFT of the experiment without preference tuning...
-    assert {name: run.sft for name, run in runs.items()} == {
+    assert {name: run.sft_owner for name, run in runs.items()} == {
         "sft-only": "sft-only",
         "b1": "sft-only",
         "b5": "sft-only",
@@ -118,7 +119,7 @@ def test_a_sweep_shares_sft_and_reference_between_experiments_that_agree_on_them
         "r4": "r4",
     }
     # ...and the same SFT and pairs share one reference, whatever beta says.
-    assert {name: run.preference_data for name, run in runs.items()} == {
+    assert {name: run.preference_data_owner for name, run in runs.items()} == {
         "sft-only": "",
         "b1": "b1",
         "b5": "b1",
@@ -150,3 +151,30 @@ def test_a_sweep_shares_sft_and_reference_between_experiments_that_agree_on_them
 def test_preference_config_errors_name_the_key(extra, message):
     with pytest.raises(PipelineError, match=message):
         expand_experiments(preference_config(**extra))
+
+
+def test_experiments_with_the_same_data_share_its_stages_and_the_base_models_scores():
+    runs = expand_experiments(
+        config(experiments={"r4": {"train": {"lora_r": 4}}, "r8": {}, "guanaco": {"datasets": ["guanaco"]}})
+    )
+    assert {name: run.data_owner for name, run in runs.items()} == {"r4": "r4", "r8": "r4", "guanaco": "guanaco"}
+    # Each trains its own adapter.
+    assert {name: run.sft_owner for name, run in runs.items()} == {"r4": "r4", "r8": "r8", "guanaco": "guanaco"}
+
+
+def test_a_lora_r_sweep_plans_the_data_stages_and_the_base_scores_once(tmp_path):
+    from workflow import planned_jobs
+
+    sweep = {
+        "experiments": {"r4": {"train": {"lora_r": 4}}, "r8": {"train": {"lora_r": 8}}},
+        "base_model": {"name": "tiny", "source": "tiny-random"},
+        "datasets": {"demo": {"preset": "sftpipe_demo", "limit": 40}},
+        "train": {"max_steps": 2},
+        "eval": {"lm_eval": {"tasks": [{"name": "sftpipe_demo_mc", "data_files": {"test": "demo_mc.jsonl"}}]}},
+    }
+    (tmp_path / "demo_mc.jsonl").write_text("")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    jobs = planned_jobs(tmp_path, tmp_path / "sweep.yaml")
+    assert jobs["filter_and_mix"] == jobs["tokenize_and_split"] == 1
+    assert jobs["evaluate_base_lm_harness"] == 1 and jobs["evaluate_exact_match"] == 1 + 2  # base once, each tuned
+    assert jobs["train_lora"] == jobs["evaluate_lm_harness"] == jobs["report"] == 2

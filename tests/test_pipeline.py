@@ -325,8 +325,8 @@ def test_bad_input_fails_the_rule_with_file_and_line_and_leaves_no_artifact(tmp_
     result = snakemake(tmp_path, "results/data/raw/broken.jsonl", "--cores", "1", "--configfile", "broken.yaml", check=False)
     assert result.returncode != 0
     log = (tmp_path / "results" / "logs" / "download_dataset" / "broken.log").read_text()
-    assert "broken.jsonl:2: malformed JSON" in log
-    assert "broken.jsonl:2: malformed JSON" in result.stdout + result.stderr
+    assert "broken.jsonl:2:17: malformed JSON" in log
+    assert "broken.jsonl:2:17: malformed JSON" in result.stdout + result.stderr
     # Snakemake deletes a failed job's outputs itself; what is ours to clean up is our temporary files.
     assert not (tmp_path / "results" / "data" / "raw" / "broken.jsonl").exists()
     assert not (tmp_path / "results" / "data" / "raw" / "broken.manifest.json").exists()

@@ -141,10 +141,10 @@ def test_a_training_job_holding_two_gpus_ran_two_processes(slurm_run):
 
 def test_compute_jobs_run_offline_and_downloads_online(slurm_run):
     logs = slurm_run[0] / "results" / "logs"
-    assert "Hugging Face Hub online" in (logs / "download_dataset" / "alpaca.log").read_text()
+    assert "Hugging Face Hub client in online mode" in (logs / "download_dataset" / "alpaca.log").read_text()
     for rule in ("tokenize_and_split", "train_lora", "evaluate_lm_harness"):
         for path in (logs / rule).rglob("*.log"):
-            assert "Hugging Face Hub offline" in path.read_text(), path
+            assert "Hugging Face Hub client in offline mode" in path.read_text(), path
 
 
 def test_slurm_artifacts_equal_the_local_run(slurm_run, sweep_run):

@@ -1,6 +1,7 @@
 """Train and merge stages on the tiny model: loss goes down, the adapter is safetensors, merge is exact."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from conftest import job, unavailable
 
 from sftpipe.attention import flash_attention_available
 from sftpipe.io import PipelineError
-from sftpipe.launch import Execution, allocator_library, launch
+from sftpipe.launch import Execution, launch, planned_allocator
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.precision import cpu_has_native_bf16, resolve_precision
@@ -174,9 +175,13 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
         else:
             (partial / "trainer_state.json").write_bytes(state)
 
-    summary = train_lora(run)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sftpipe"):
+        summary = train_lora(run)
     assert 10 <= summary.resumed_from_step == saved < 80
     assert sum("its save did not finish" in r.getMessage() for r in caplog.records) == 2
+    # The progress counts on from the checkpoint's step, so its ETA is for the steps left.
+    assert any(m.startswith("train steps: 80/80 (") for m in caplog.messages)
     # Only a real resume runs just the remaining steps, on the remaining tokens...
     assert summary.steps == 80 and summary.steps_run == 80 - saved
     assert 0 < summary.train_tokens < uninterrupted.train_tokens
@@ -389,7 +394,7 @@ def allocators():
 
     def installed():
         try:
-            return all(allocator_library(name) for name in ALLOCATOR_PACKAGES)
+            return all(planned_allocator(name)[2] for name in ALLOCATOR_PACKAGES)
         except PipelineError:
             return False
 
@@ -416,7 +421,7 @@ def test_an_allocator_that_is_not_installed_names_the_key(monkeypatch):
 
     monkeypatch.setitem(sftpipe.launch.ALLOCATOR_LIBRARIES, "jemalloc", ("sftpipe-no-such-allocator",))
     with pytest.raises(PipelineError, match=r"config key 'train.allocator': jemalloc is not installed"):
-        allocator_library("jemalloc")
+        planned_allocator("jemalloc")
 
 
 def test_fused_loss_equals_cross_entropy_over_full_logits(tiny_model, monkeypatch):
@@ -556,3 +561,41 @@ def test_lean_swiglu_leaves_other_architectures_alone(tiny_model):
     model = load_model(tiny_model)
     model.config.hidden_act = "gelu"
     assert use_lean_swiglu(model) == 0
+
+
+def test_the_training_log_names_the_allocator_and_why(monkeypatch, caplog):
+    import sftpipe.launch
+    import sftpipe.train
+
+    monkeypatch.setattr(sftpipe.launch, "current_allocator", lambda: "system")
+    monkeypatch.setattr(sftpipe.launch, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("sftpipe-no-such-allocator",)})
+    monkeypatch.setattr(sftpipe.train, "train_lora", lambda job: "trained")
+    with caplog.at_level(logging.INFO, logger="sftpipe"):
+        assert launch(None, Execution(allocator="auto")) == "trained"
+    assert "allocator system: train.allocator: auto, and neither tcmalloc nor jemalloc is installed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--model", "{tmp}/missing"], "error: --model: {tmp}/missing is not a directory"),
+        (["--model", "{tmp}"], "error: --model: {tmp} has no config.json"),
+        (["--model", "{tmp}/model", "--template", "nope"], "error: --template: 'nope' is not one of"),
+        (["--model", "{tmp}/model", "--adapter", "{tmp}"], "error: --adapter: {tmp} has no adapter_config.json"),
+    ],
+    ids=["missing model", "not a model", "unknown template", "not an adapter"],
+)
+def test_generate_checks_its_arguments_before_loading_weights(tmp_path, monkeypatch, capsys, args, error):
+    import sftpipe.generate
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded weights before checking the arguments")
+
+    monkeypatch.setattr(sftpipe.generate, "load_tokenizer", never)
+    monkeypatch.setattr(sftpipe.generate, "load_model", never)
+    assert sftpipe.generate.main([a.format(tmp=tmp_path) for a in args] + ["Hi"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(error.format(tmp=tmp_path))
