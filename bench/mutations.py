@@ -695,6 +695,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=[m.name for m in MUTATIONS])
     parser.add_argument("--out", default="bench/results/mutations.json")
+    parser.add_argument(
+        "--update", action="store_true", help="keep the other mutations' results already in --out (each run on its own code)"
+    )
     args = parser.parse_args()
     results = []
     clean_runs: dict[tuple[str, ...], tuple[int, str]] = {}  # the unmutated tree passes or fails alike for each
@@ -722,7 +725,11 @@ def main() -> None:
         results.append(result)
         print(f"{mutation.name}: {'killed' if result['killed'] else 'SURVIVED'} ({result['seconds']} s)", file=sys.stderr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "mutations": results}, indent=2) + "\n")
+    recorded = {r["name"]: r for r in results}
+    if args.update and Path(args.out).exists():
+        recorded = {r["name"]: r for r in json.loads(Path(args.out).read_text())["mutations"]} | recorded
+    listed = [recorded[m.name] for m in MUTATIONS if m.name in recorded]
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "mutations": listed}, indent=2) + "\n")
     if not all(r["killed"] for r in results):
         sys.exit(1)
 
