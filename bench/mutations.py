@@ -528,8 +528,8 @@ MUTATIONS = [
     Mutation(
         "install-without-tcmalloc",
         "cluster/install-allocator.sh",
-        'if apt-get install -y -qq --no-install-recommends "$PACKAGE" >/dev/null 2>&1 ||',
-        "if false ||",
+        'elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then',
+        "elif false; then",
         ("tests/test_install.py",),
         "make install gives a root user tcmalloc",
     ),
