@@ -282,7 +282,7 @@ MUTATIONS = [
         "sftpipe/train.py",
         "return fsdp_arguments(self.model) if self.fsdp else {}",
         "return {}",
-        ("tests/test_fsdp.py::test_fsdp_shards_every_parameter_while_it_trains",),
+        ("tests/test_fsdp.py::test_fsdp_shards_every_parameter_while_it_trains_as_ddp_does",),
         "train.strategy: fsdp shards the model",
     ),
     Mutation(
@@ -290,7 +290,7 @@ MUTATIONS = [
         "sftpipe/train.py",
         "            shard_where_accelerate_does_not(self)\n",
         "",
-        ("tests/test_fsdp.py::test_fsdp_shards_every_parameter_while_it_trains",),
+        ("tests/test_fsdp.py::test_fsdp_shards_every_parameter_while_it_trains_as_ddp_does",),
         "FSDP on CPU, where accelerate drops it without a word",
     ),
     Mutation(
