@@ -48,8 +48,6 @@ class Experiment:
     def describe(self) -> dict[str, Any]:
         """What the report and summary record about how this experiment differs from the others: its
         data, base model and what its training learns from (not how the job ran)."""
-        from .launch import EXECUTION_KEYS
-
         train = {key: value for key, value in self.train.items() if key not in EXECUTION_KEYS}
         described = {"datasets": list(self.datasets), "base_model": self.base_model, "train": train}
         if self.preference is not None:
