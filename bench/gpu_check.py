@@ -52,7 +52,8 @@ def prepare(work: Path, model_source: str, rows: int) -> tuple[Path, dict[str, P
 
 
 def train(work: Path, base: Path, splits: dict[str, Path], name: str, settings, execution=None) -> dict:
-    from sftpipe.launch import Execution, launch
+    from sftpipe.execution import Execution
+    from sftpipe.launch import launch
     from sftpipe.train import TrainJob
 
     job = TrainJob(
@@ -136,7 +137,7 @@ def main() -> int:
         print("gpu-check: no CUDA GPU on this machine, nothing to check (--dry-run checks the script on CPU)")
         return 0
 
-    from sftpipe.launch import Execution
+    from sftpipe.execution import Execution
     from sftpipe.merge import merge_adapter
     from sftpipe.train import TrainSettings
 

@@ -429,6 +429,14 @@ MUTATIONS = [
         (P + "test_the_report_sets_sft_and_preference_tuning_side_by_side",),
         "held-out reward accuracy and margins in the report",
     ),
+    Mutation(
+        "train-imports-launch",
+        "sftpipe/train.py",
+        "from .execution import STRATEGY_VARIABLE, current_allocator",
+        "from .launch import STRATEGY_VARIABLE, current_allocator",
+        ("tests/test_structure.py::test_the_package_has_no_import_cycle",),
+        "no import cycle in the package",
+    ),
 ]
 
 

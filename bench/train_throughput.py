@@ -180,7 +180,7 @@ def run_trl(work: Path, model: Path, steps: int, variant: str, native_bf16: bool
 
 
 def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
-    from sftpipe.launch import current_allocator
+    from sftpipe.execution import current_allocator
     from sftpipe.train import TrainJob, TrainSettings, train_lora
 
     overrides, _, _ = ABLATIONS[variant]
@@ -285,7 +285,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from sftpipe.launch import allocator_library
+    from sftpipe.execution import allocator_library
 
     peaks = {"fp32": gemm_peak(torch.float32) / 1e9, "bf16": gemm_peak(torch.bfloat16) / 1e9}
     results = {}

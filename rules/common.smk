@@ -7,7 +7,7 @@ from pathlib import Path
 from sftpipe.entry import checked
 from sftpipe.experiments import PREFERENCE_KEYS, expand_experiments
 from sftpipe.export import ExportSettings
-from sftpipe.launch import EXECUTION_KEYS
+from sftpipe.execution import EXECUTION_KEYS
 from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec
 from sftpipe.preference import NOT_FOR_PAIRS
@@ -37,7 +37,7 @@ def code(*modules):
 DATA_MODULES = ("data.py", "formats.py", "demo.py")
 TASK_MODULES = ("tasks.py", *DATA_MODULES)
 EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", "tokenization.py", *TASK_MODULES)
-TRAIN_MODULES = ("train.py", "launch.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py", "tracking.py")
+TRAIN_MODULES = ("train.py", "launch.py", "execution.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py", "tracking.py")
 REFERENCE_MODULES = ("reference.py", "model.py", "tokenization.py")
 
 

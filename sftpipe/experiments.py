@@ -15,9 +15,9 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .execution import EXECUTION_KEYS
 from .formats import FORMATS, is_preference_dataset
 from .io import PipelineError
-from .launch import EXECUTION_KEYS
 from .preference import PreferenceSettings
 
 # Path segments that are not experiment names (results/eval/<experiment>/ shares a level with them).

@@ -7,8 +7,9 @@ import torch
 from conftest import job, unavailable
 
 from sftpipe.attention import flash_attention_available
+from sftpipe.execution import Execution, allocator_library
 from sftpipe.io import PipelineError
-from sftpipe.launch import Execution, allocator_library, launch
+from sftpipe.launch import launch
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.train import TrainSettings, cpu_has_native_bf16, resolve_precision, train_lora
@@ -400,9 +401,9 @@ def test_training_runs_on_the_configured_allocator(tmp_path, tiny_model, tokeniz
 
 
 def test_an_allocator_that_is_not_installed_names_the_key(monkeypatch):
-    import sftpipe.launch
+    import sftpipe.execution
 
-    monkeypatch.setitem(sftpipe.launch.ALLOCATOR_LIBRARIES, "jemalloc", ("sftpipe-no-such-allocator",))
+    monkeypatch.setitem(sftpipe.execution.ALLOCATOR_LIBRARIES, "jemalloc", ("sftpipe-no-such-allocator",))
     with pytest.raises(PipelineError, match=r"config key 'train.allocator': jemalloc is not installed"):
         allocator_library("jemalloc")
 
@@ -511,7 +512,7 @@ def _allocated_bytes() -> int:
 
 
 def test_lean_swiglu_gives_the_stock_gradients_and_keeps_two_activations_less_per_layer(tiny_model):
-    from sftpipe.launch import current_allocator
+    from sftpipe.execution import current_allocator
     from sftpipe.swiglu import use_lean_swiglu
 
     if current_allocator() != "system" or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):
