@@ -36,6 +36,7 @@ class Mutation:
 T = "tests/test_train_merge.py::"
 E = "tests/test_export.py::"
 P = "tests/test_preference.py::"
+R = "tests/test_report.py::"
 MUTATIONS = [
     Mutation(
         "resume-from-scratch",
@@ -111,9 +112,9 @@ MUTATIONS = [
     ),
     Mutation(
         "normalized-is-strict",
-        "sftpipe/evaluate.py",
-        '"normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference)',
-        '"normalized_exact_match": prediction.strip() == reference.strip()',
+        "sftpipe/metrics.py",
+        "return normalize_answer(prediction) == normalize_answer(reference)",
+        "return prediction.strip() == reference.strip()",
         ("tests/test_evaluate.py::test_exact_match_scores_predictions_against_references",),
         "normalized exact match",
     ),
@@ -424,7 +425,7 @@ MUTATIONS = [
     Mutation(
         "report-without-preference",
         "sftpipe/report.py",
-        'lines += ["", *preference_lines(preference)]',
+        'lines += ["", *preference_lines(report.preference)]',
         "pass",
         (P + "test_the_report_sets_sft_and_preference_tuning_side_by_side",),
         "held-out reward accuracy and margins in the report",
@@ -436,6 +437,78 @@ MUTATIONS = [
         "from .launch import STRATEGY_VARIABLE, current_allocator",
         ("tests/test_structure.py::test_the_package_has_no_import_cycle",),
         "no import cycle in the package",
+    ),
+    Mutation(
+        "long-function",
+        "sftpipe/metrics.py",
+        "def strict_match(prediction: str, reference: str) -> bool:\n",
+        "def strict_match(prediction: str, reference: str) -> bool:\n" + "    pass\n" * 80,
+        ("tests/test_structure.py::test_no_function_outside_the_tests_is_over_80_lines",),
+        "no function over 80 lines",
+    ),
+    Mutation(
+        "evaluate-metrics-hard-coded",
+        "sftpipe/evaluate.py",
+        "**{name: metric.score(prediction, reference) for name, metric in EXACT_MATCH_METRICS.items()},",
+        '**{name: EXACT_MATCH_METRICS[name].score(prediction, reference) for name in ("exact_match", "token_f1")},',
+        (R + "test_a_registered_metric_reaches_evaluation_and_the_report",),
+        "evaluation scores every registered metric",
+    ),
+    Mutation(
+        "report-metrics-hard-coded",
+        "sftpipe/report.py",
+        "    for key in EXACT_MATCH_METRICS:\n",
+        '    for key in ("exact_match", "normalized_exact_match", "token_f1"):\n',
+        (R + "test_a_registered_metric_reaches_evaluation_and_the_report",),
+        "the report shows every registered metric",
+    ),
+    Mutation(
+        "mcnemar-on-scores",
+        "sftpipe/report.py",
+        "if EXACT_MATCH_METRICS[metric].right_or_wrong:",
+        "if True:",
+        ("tests/test_significance.py",),
+        "McNemar's test only for right/wrong metrics",
+    ),
+    Mutation(
+        "data-tables-untitled",
+        "sftpipe/report.py",
+        'f"<h3>{html.escape(title)}</h3><p>{html.escape(counts)}</p>" + _html_table(headers, rows)',
+        "_html_table(headers, rows)",
+        (R + "test_the_data_tables_have_titles_and_say_what_their_rows_count",),
+        "the report's data tables titled, saying what their rows count",
+    ),
+    Mutation(
+        "samples-repeat-the-system-prompt",
+        "sftpipe/report.py",
+        'start = shared_prompt_start([r[0]["prompt"] for r in rows])',
+        'start = ""',
+        (R + "test_the_samples_show_the_prompts_shared_start_once",),
+        "the samples' shared prompt start shown once",
+    ),
+    Mutation(
+        "figures-untitled",
+        "sftpipe/report.py",
+        "    if title:\n        fig.suptitle(title)",
+        "    if False:\n        fig.suptitle(title)",
+        (R + "test_every_figure_names_its_experiment",),
+        "every figure names its experiment",
+    ),
+    Mutation(
+        "workflow-page-single-experiment-only",
+        "report/workflow.rst",
+        '{%- if snakemake.config.get("experiments") %}',
+        "{%- if False %}",
+        (R + "test_the_report_pages_name_their_experiments_in_a_sweep_too",),
+        "the report's Workflow page in a sweep",
+    ),
+    Mutation(
+        "report-artifact-unlabelled",
+        "rules/report.smk",
+        '            labels={"experiment": "{experiment}", "artifact": "loss curves"},\n',
+        "",
+        (R + "test_the_report_rules_label_each_artifact_with_its_experiment",),
+        "each report artifact labelled with its experiment",
     ),
 ]
 

@@ -263,6 +263,27 @@ def completion_loss(model_dir: Path, adapter: Path, rows_path: Path) -> float:
     return total / count
 
 
+def run_variant(variant: str, work: Path, model: Path, steps: int, counts: dict[str, int], peaks: dict[str, float]) -> dict:
+    """One variant trained in a process of its own, so its peak RSS is its own, and measured."""
+    from sftpipe.execution import allocator_library
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    # As `sftpipe.launch` would: the variant's allocator preloaded into its process.
+    preload = allocator_library(ABLATIONS[variant][1]) if variant in ABLATIONS else None
+    if preload:
+        env["LD_PRELOAD"] = preload
+    command = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--model", str(model), "--steps", str(steps)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    if variant in ABLATIONS:
+        result["setup"]["undoes"] = ABLATIONS[variant][2]
+    result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
+    result["computed_gflops"] = computed_flops(result, counts) / result["seconds"] / 1e9
+    result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
+    result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
@@ -285,8 +306,6 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from sftpipe.execution import allocator_library
-
     peaks = {"fp32": gemm_peak(torch.float32) / 1e9, "bf16": gemm_peak(torch.bfloat16) / 1e9}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -295,36 +314,7 @@ def main() -> None:
         counts = parameter_counts(model)
         prepare(work, model, args.rows)
         for variant in args.variants:
-            env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-            # As `sftpipe.launch` would: the variant's allocator preloaded into its process.
-            preload = allocator_library(ABLATIONS[variant][1]) if variant in ABLATIONS else None
-            if preload:
-                env["LD_PRELOAD"] = preload
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--variant",
-                    variant,
-                    "--work",
-                    tmp,
-                    "--model",
-                    str(model),
-                    "--steps",
-                    str(args.steps),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=env,
-            ).stdout
-            result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-            if variant in ABLATIONS:
-                result["setup"]["undoes"] = ABLATIONS[variant][2]
-            result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
-            result["computed_gflops"] = computed_flops(result, counts) / result["seconds"] / 1e9
-            result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
-            result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
+            result = run_variant(variant, work, model, args.steps, counts, peaks)
             results[variant] = result
             print(
                 f"{variant}: {result['real_tokens_per_s']:.1f} real tokens/s, {result['computed_gflops']:.1f} GFLOP/s, "

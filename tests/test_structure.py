@@ -1,9 +1,12 @@
-"""The package's shape: modules import each other without a cycle."""
+"""The package's shape: modules import each other without a cycle, and no function outside the tests
+is too long to read at once."""
 
 import ast
 from pathlib import Path
 
 from conftest import REPO
+
+MAX_FUNCTION_LINES = 80
 
 
 def package_imports(package: Path = REPO / "sftpipe") -> dict[str, set[str]]:
@@ -54,3 +57,14 @@ def test_the_package_has_no_import_cycle():
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_function_outside_the_tests_is_over_80_lines():
+    files = [p for p in REPO.rglob("*.py") if not {".venv", "tests", "results", ".snakemake"} & set(p.relative_to(REPO).parts)]
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert files and not long, long
