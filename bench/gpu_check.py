@@ -37,7 +37,8 @@ def prepare(work: Path, model_source: str, rows: int) -> tuple[Path, dict[str, P
     """The base model and the demo's tasks, tokenized with sftpipe's own stages."""
     from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
     from sftpipe.model import ModelSource, materialize_base_model
-    from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+    from sftpipe.splits import SplitSettings
+    from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 
     base = work / "base"
     materialize_base_model(ModelSource(model_source), base)

@@ -296,7 +296,7 @@ MUTATIONS = [
     ),
     Mutation(
         "near-dedup-unverified",
-        "sftpipe/filters.py",
+        "sftpipe/dedup.py",
         " for k in others if np.count_nonzero(minhash(k) == mine) >= threshold * NUM_PERM]",
         " for k in others]",
         ("tests/test_filters.py::test_near_dedup_finds_pairs_above_the_threshold_and_keeps_those_below",),
@@ -304,7 +304,7 @@ MUTATIONS = [
     ),
     Mutation(
         "near-dedup-bands-at-threshold",
-        "sftpipe/filters.py",
+        "sftpipe/dedup.py",
         "CANDIDATE_MARGIN = 0.15",
         "CANDIDATE_MARGIN = 0.0",
         ("tests/test_filters.py::test_near_dedup_finds_pairs_above_the_threshold_and_keeps_those_below",),
@@ -509,6 +509,14 @@ MUTATIONS = [
         "",
         (R + "test_the_report_rules_label_each_artifact_with_its_experiment",),
         "each report artifact labelled with its experiment",
+    ),
+    Mutation(
+        "copies-not-renamed",
+        "sftpipe/mixing.py",
+        """yield {**rows[index], "id": f"{rows[index]['id']}#copy{made[index]}"}""",
+        "yield rows[index]",
+        ("tests/test_filters.py::test_mixing_fraction_count_and_upsampling",),
+        "each upsampled copy named <id>#copy<k>",
     ),
 ]
 

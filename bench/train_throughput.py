@@ -90,7 +90,8 @@ def prepare(work: Path, model: Path, rows: int) -> None:
     next HELD_OUT to score them on."""
     from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
     from sftpipe.io import read_jsonl, write_jsonl
-    from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+    from sftpipe.splits import SplitSettings
+    from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 
     spec = DatasetSpec.from_config("alpaca", {"preset": "alpaca", "path": str(ALPACA), "limit": rows + HELD_OUT})
     download_dataset(spec, work / "raw.jsonl", work / "manifest.json", None)

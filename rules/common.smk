@@ -36,9 +36,19 @@ def code(*modules):
 # What reading a dataset or an lm-eval task pulls in.
 DATA_MODULES = ("data.py", "formats.py", "demo.py")
 TASK_MODULES = ("tasks.py", *DATA_MODULES)
-EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", "tokenization.py", *TASK_MODULES)
-TRAIN_MODULES = ("train.py", "launch.py", "execution.py", "loss.py", "attention.py", "swiglu.py", "artifacts.py", "model.py", "tracking.py")
-REFERENCE_MODULES = ("reference.py", "model.py", "tokenization.py")
+EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", "tokenization.py", "splits.py", *TASK_MODULES)
+TRAIN_MODULES = (
+    "train.py",
+    "launch.py",
+    "execution.py",
+    "loss.py",
+    "attention.py",
+    "swiglu.py",
+    "artifacts.py",
+    "model.py",
+    "tracking.py",
+)
+REFERENCE_MODULES = ("reference.py", "model.py", "tokenization.py", "splits.py")
 
 
 def dataset_config(name, without=()):

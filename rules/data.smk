@@ -59,7 +59,7 @@ rule filter_and_mix:
         hydrated=hydrated_rows,
         # Decontamination reads the configured evaluation sets.
         eval_data=lm_eval_data_files,
-        code=code("filters.py", "tokenization.py", "model.py", *TASK_MODULES),
+        code=code("filters.py", "dedup.py", "decontamination.py", "mixing.py", "splits.py", "words.py", *TASK_MODULES),
     output:
         rows="results/data/mixed/{experiment}.jsonl",
         stats="results/data/mixed/{experiment}.filters.json",
@@ -89,7 +89,7 @@ rule tokenize_and_split:
     input:
         rows=rules.filter_and_mix.output.rows,
         tokenizer=experiment_base_model,
-        code=code("tokenization.py", "model.py"),
+        code=code("tokenization.py", "splits.py", "model.py"),
     output:
         train="results/data/tokenized/{experiment}/train.jsonl",
         validation="results/data/tokenized/{experiment}/validation.jsonl",

@@ -12,7 +12,7 @@ use rule filter_and_mix as filter_preference_data with:
         eval_data=lm_eval_data_files,
         # Pairs sharing words with the SFT test rows would inflate exact match after preference tuning.
         held_out=lambda wildcards: [of_sft(rules.filter_and_mix.output.rows)(wildcards)],
-        code=code("filters.py", "tokenization.py", "model.py", *TASK_MODULES),
+        code=code("filters.py", "dedup.py", "decontamination.py", "mixing.py", "splits.py", "words.py", *TASK_MODULES),
     output:
         rows="results/data/preference/{experiment}/mixed.jsonl",
         stats="results/data/preference/{experiment}/filters.json",
@@ -29,7 +29,7 @@ use rule tokenize_and_split as tokenize_preference_data with:
     input:
         rows=rules.filter_preference_data.output.rows,
         tokenizer=experiment_base_model,
-        code=code("tokenization.py", "model.py"),
+        code=code("tokenization.py", "splits.py", "model.py"),
     output:
         train="results/data/preference/{experiment}/train.jsonl",
         validation="results/data/preference/{experiment}/validation.jsonl",

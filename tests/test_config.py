@@ -16,7 +16,8 @@ from sftpipe.filters import FilterSettings
 from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
 from sftpipe.merge import DTYPES
 from sftpipe.preference import LOSS_TYPES, PreferenceSettings
-from sftpipe.tokenization import OVERLONG, LengthSettings, SplitSettings
+from sftpipe.splits import SplitSettings
+from sftpipe.tokenization import OVERLONG, LengthSettings
 from sftpipe.train import PRECISIONS, QUANTIZATIONS, TrainJob, TrainSettings
 
 SCHEMA = load_schema()

@@ -22,7 +22,8 @@ from sftpipe.merge import merge_adapter
 from sftpipe.model import load_tokenizer
 from sftpipe.preference import PreferenceSettings
 from sftpipe.reference import evaluate_preference, precompute_reference_logps
-from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, assign_split, row_split, tokenize_and_split
+from sftpipe.splits import SplitSettings, assign_split, row_split
+from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 from sftpipe.train import TrainSettings
 
 BETA = 0.1
