@@ -518,6 +518,14 @@ MUTATIONS = [
         ("tests/test_filters.py::test_mixing_fraction_count_and_upsampling",),
         "each upsampled copy named <id>#copy<k>",
     ),
+    Mutation(
+        "results-page-stale",
+        "bench/results/train_throughput.json",
+        '"real_tokens_per_s": 174.22723178014675',
+        '"real_tokens_per_s": 190.0',
+        ("tests/test_results_page.py",),
+        "bench/RESULTS.md written from the benchmarks' JSON",
+    ),
 ]
 
 
