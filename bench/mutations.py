@@ -526,6 +526,14 @@ MUTATIONS = [
         ("tests/test_results_page.py",),
         "bench/RESULTS.md written from the benchmarks' JSON",
     ),
+    Mutation(
+        "readme-without-results-link",
+        "README.md",
+        "[bench/RESULTS.md](bench/RESULTS.md)",
+        "bench/RESULTS.md",
+        ("tests/test_results_page.py::test_the_readme_links_the_results_page",),
+        "the README links the results page",
+    ),
 ]
 
 
