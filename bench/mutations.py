@@ -328,7 +328,7 @@ MUTATIONS = [
     ),
     Mutation(
         "reference-recomputed",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         "precompute_ref_log_probs=True,",
         "precompute_ref_log_probs=False,",
         (P + "test_the_reference_is_read_from_its_artifact_and_never_recomputed",),
@@ -344,7 +344,7 @@ MUTATIONS = [
     ),
     Mutation(
         "rejected-is-chosen",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         '"rejected_ids": p["rejected_ids"],',
         '"rejected_ids": p["chosen_ids"],',
         (P + "test_the_preference_loss_goes_down",),
@@ -360,7 +360,7 @@ MUTATIONS = [
     ),
     Mutation(
         "compact-path-leaks",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         "        trl_utils._use_triton = original",
         "        pass",
         (P + "test_scoring_only_completion_positions_changes_no_loss",),
@@ -400,7 +400,7 @@ MUTATIONS = [
     ),
     Mutation(
         "sft-adapter-not-loaded",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         "        if self.job.sft_adapter_dir is not None:\n            from peft import PeftModel",
         "        if False:\n            from peft import PeftModel",
         (P + "test_the_sft_adapter_kept_training_starts_at_its_reference",),

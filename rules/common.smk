@@ -10,7 +10,7 @@ from sftpipe.export import ExportSettings
 from sftpipe.execution import EXECUTION_KEYS
 from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec
-from sftpipe.preference import NOT_FOR_PAIRS
+from sftpipe.preference_settings import NOT_FOR_PAIRS
 
 EXPERIMENTS = checked(workflow, lambda: expand_experiments(config))
 EXPORT = checked(workflow, lambda: ExportSettings.from_config(config["export"]))

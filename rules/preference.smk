@@ -78,7 +78,7 @@ rule train_preference:
         validation=of_preference_data(rules.tokenize_preference_data.output.validation),
         stats=of_preference_data(rules.tokenize_preference_data.output.stats),
         reference=of_preference_data(rules.precompute_reference_logps.output.logps),
-        code=code("dpo.py", "preference.py", *REFERENCE_MODULES, *TRAIN_MODULES),
+        code=code("preference_train.py", "preference_settings.py", *REFERENCE_MODULES, *TRAIN_MODULES),
     output:
         adapter=directory("results/preference/{experiment}/adapter"),
         history="results/preference/{experiment}/history.json",

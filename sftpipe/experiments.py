@@ -18,7 +18,7 @@ from typing import Any
 from .execution import EXECUTION_KEYS
 from .formats import FORMATS, is_preference_dataset
 from .io import PipelineError
-from .preference import PreferenceSettings
+from .preference_settings import PreferenceSettings
 
 # Path segments that are not experiment names (results/eval/<experiment>/ shares a level with them).
 RESERVED_NAMES = {"base_model"}

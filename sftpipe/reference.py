@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from .io import PipelineError, Progress, read_jsonl, sha256_file, write_json, write_jsonl
-from .model import load_model, load_tokenizer
-from .tokenization import WEIGHT_SUFFIXES
+from .model import WEIGHT_SUFFIXES, load_model, load_tokenizer
 
 log = logging.getLogger("sftpipe")
 

@@ -24,7 +24,7 @@ from .io import (
     sha256_file,
     write_json,
 )
-from .model import load_tokenizer
+from .model import WEIGHT_SUFFIXES, load_tokenizer
 from .splits import SplitSettings, row_split
 
 log = logging.getLogger("sftpipe")
@@ -233,7 +233,6 @@ def _check_splits(stats: dict[str, Any], split: SplitSettings) -> None:
             )
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 # The code the token ids come from: this module, the split rule, the tokenizer loading and the artifact writing.
 FINGERPRINTED_CODE = ("tokenization.py", "splits.py", "model.py", "io.py")
 

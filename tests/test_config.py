@@ -15,7 +15,7 @@ from sftpipe.export import GGUF_TYPES, ExportSettings
 from sftpipe.filters import FilterSettings
 from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
 from sftpipe.merge import DTYPES
-from sftpipe.preference import LOSS_TYPES, PreferenceSettings
+from sftpipe.preference_settings import LOSS_TYPES, PreferenceSettings
 from sftpipe.splits import SplitSettings
 from sftpipe.tokenization import OVERLONG, LengthSettings
 from sftpipe.train import PRECISIONS, QUANTIZATIONS, TrainJob, TrainSettings
