@@ -43,8 +43,8 @@ STAGES = ("download", "hydrate", "filter_and_mix", "tokenize_and_split")
 
 def generate(rows: int, out: Path, seed: int = 0) -> dict[str, list[str]]:
     """Write `rows` Alpaca rows (with ids) to `out`; return the ids of the planted duplicates by kind."""
-    from sftpipe.filters import words
     from sftpipe.io import read_jsonl
+    from sftpipe.words import words
 
     real = json.loads((SHARED / "alpaca" / "alpaca_5000.json").read_text())
     rng = random.Random(seed)
@@ -98,8 +98,9 @@ def run_stage(stage: str, work: Path, model_dir: Path, threads: int) -> None:
     """One stage, in this process (the parent runs each in a fresh one)."""
     from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
     from sftpipe.filters import FilterSettings, filter_and_mix
+    from sftpipe.splits import SplitSettings
     from sftpipe.tasks import TaskSpec
-    from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+    from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 
     spec = DatasetSpec.from_config("scaling", {"preset": "alpaca", "path": str(work / "source.jsonl")})
     if stage == "download":
@@ -143,7 +144,7 @@ def text(row: dict[str, str]) -> str:
 
 
 def jaccard(a: str, b: str) -> float:
-    from sftpipe.filters import ngrams, words
+    from sftpipe.words import ngrams, words
 
     x, y = ngrams(words(a), 5), ngrams(words(b), 5)
     return len(x & y) / len(x | y) if x | y else 1.0

@@ -23,7 +23,8 @@ from common import host_info, smollm2
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
 from sftpipe.io import read_jsonl
 from sftpipe.model import load_tokenizer
-from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+from sftpipe.splits import SplitSettings
+from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 
 # The Alpaca prompt as the reference notebooks write it, one format string per case.
 ALPACA_WITH_INPUT = (

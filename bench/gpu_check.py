@@ -37,7 +37,8 @@ def prepare(work: Path, model_source: str, rows: int) -> tuple[Path, dict[str, P
     """The base model and the demo's tasks, tokenized with sftpipe's own stages."""
     from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
     from sftpipe.model import ModelSource, materialize_base_model
-    from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+    from sftpipe.splits import SplitSettings
+    from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 
     base = work / "base"
     materialize_base_model(ModelSource(model_source), base)
@@ -52,7 +53,8 @@ def prepare(work: Path, model_source: str, rows: int) -> tuple[Path, dict[str, P
 
 
 def train(work: Path, base: Path, splits: dict[str, Path], name: str, settings, execution=None) -> dict:
-    from sftpipe.launch import Execution, launch
+    from sftpipe.execution import Execution
+    from sftpipe.launch import launch
     from sftpipe.train import TrainJob
 
     job = TrainJob(
@@ -136,7 +138,7 @@ def main() -> int:
         print("gpu-check: no CUDA GPU on this machine, nothing to check (--dry-run checks the script on CPU)")
         return 0
 
-    from sftpipe.launch import Execution
+    from sftpipe.execution import Execution
     from sftpipe.merge import merge_adapter
     from sftpipe.train import TrainSettings
 

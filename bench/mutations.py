@@ -36,6 +36,7 @@ class Mutation:
 T = "tests/test_train_merge.py::"
 E = "tests/test_export.py::"
 P = "tests/test_preference.py::"
+R = "tests/test_report.py::"
 MUTATIONS = [
     Mutation(
         "resume-from-scratch",
@@ -111,9 +112,9 @@ MUTATIONS = [
     ),
     Mutation(
         "normalized-is-strict",
-        "sftpipe/evaluate.py",
-        '"normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference)',
-        '"normalized_exact_match": prediction.strip() == reference.strip()',
+        "sftpipe/metrics.py",
+        "return normalize_answer(prediction) == normalize_answer(reference)",
+        "return prediction.strip() == reference.strip()",
         ("tests/test_evaluate.py::test_exact_match_scores_predictions_against_references",),
         "normalized exact match",
     ),
@@ -319,7 +320,7 @@ MUTATIONS = [
     ),
     Mutation(
         "near-dedup-unverified",
-        "sftpipe/filters.py",
+        "sftpipe/dedup.py",
         " for k in others if np.count_nonzero(minhash(k) == mine) >= threshold * NUM_PERM]",
         " for k in others]",
         ("tests/test_filters.py::test_near_dedup_finds_pairs_above_the_threshold_and_keeps_those_below",),
@@ -327,7 +328,7 @@ MUTATIONS = [
     ),
     Mutation(
         "near-dedup-bands-at-threshold",
-        "sftpipe/filters.py",
+        "sftpipe/dedup.py",
         "CANDIDATE_MARGIN = 0.15",
         "CANDIDATE_MARGIN = 0.0",
         ("tests/test_filters.py::test_near_dedup_finds_pairs_above_the_threshold_and_keeps_those_below",),
@@ -351,7 +352,7 @@ MUTATIONS = [
     ),
     Mutation(
         "reference-recomputed",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         "precompute_ref_log_probs=True,",
         "precompute_ref_log_probs=False,",
         (P + "test_the_reference_is_read_from_its_artifact_and_never_recomputed",),
@@ -367,7 +368,7 @@ MUTATIONS = [
     ),
     Mutation(
         "rejected-is-chosen",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         '"rejected_ids": p["rejected_ids"],',
         '"rejected_ids": p["chosen_ids"],',
         (P + "test_the_preference_loss_goes_down",),
@@ -383,7 +384,7 @@ MUTATIONS = [
     ),
     Mutation(
         "compact-path-leaks",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         "        trl_utils._use_triton = original",
         "        pass",
         (P + "test_scoring_only_completion_positions_changes_no_loss",),
@@ -423,7 +424,7 @@ MUTATIONS = [
     ),
     Mutation(
         "sft-adapter-not-loaded",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         "        if self.job.sft_adapter_dir is not None:\n            from peft import PeftModel",
         "        if False:\n            from peft import PeftModel",
         (P + "test_the_sft_adapter_kept_training_starts_at_its_reference",),
@@ -448,7 +449,7 @@ MUTATIONS = [
     Mutation(
         "report-without-preference",
         "sftpipe/report.py",
-        'lines += ["", *preference_lines(preference)]',
+        'lines += ["", *preference_lines(report.preference)]',
         "pass",
         (P + "test_the_report_sets_sft_and_preference_tuning_side_by_side",),
         "held-out reward accuracy and margins in the report",
@@ -479,7 +480,7 @@ MUTATIONS = [
     ),
     Mutation(
         "reference-forward-unguarded",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         "if self.forwards != 1:",
         "if False:",
         (P + "test_a_reference_forward_in_the_loss_is_an_error",),
@@ -487,7 +488,7 @@ MUTATIONS = [
     ),
     Mutation(
         "reference-precision-unchecked",
-        "sftpipe/dpo.py",
+        "sftpipe/preference_train.py",
         "        reference_precision(job.reference_info_path, job.settings.precision)\n",
         "",
         (P + "test_a_reference_of_another_precision_is_an_error",),
@@ -660,6 +661,110 @@ MUTATIONS = [
         'allocator = "tcmalloc"',
         ("tests/test_resources.py::test_the_plan_sizes_training_for_the_allocator_it_names",),
         "the workflow sizes a training job for the allocator it will run on",
+    ),
+    Mutation(
+        "train-imports-launch",
+        "sftpipe/train.py",
+        "from .execution import STRATEGY_VARIABLE, current_allocator",
+        "from .launch import STRATEGY_VARIABLE, current_allocator",
+        ("tests/test_structure.py::test_the_package_has_no_import_cycle",),
+        "no import cycle in the package",
+    ),
+    Mutation(
+        "long-function",
+        "sftpipe/metrics.py",
+        "def strict_match(prediction: str, reference: str) -> bool:\n",
+        "def strict_match(prediction: str, reference: str) -> bool:\n" + "    pass\n" * 80,
+        ("tests/test_structure.py::test_no_function_outside_the_tests_is_over_80_lines",),
+        "no function over 80 lines",
+    ),
+    Mutation(
+        "evaluate-metrics-hard-coded",
+        "sftpipe/evaluate.py",
+        "**{name: metric.score(prediction, reference) for name, metric in EXACT_MATCH_METRICS.items()},",
+        '**{name: EXACT_MATCH_METRICS[name].score(prediction, reference) for name in ("exact_match", "token_f1")},',
+        (R + "test_a_registered_metric_reaches_evaluation_and_the_report",),
+        "evaluation scores every registered metric",
+    ),
+    Mutation(
+        "report-metrics-hard-coded",
+        "sftpipe/report.py",
+        "    for key in EXACT_MATCH_METRICS:\n",
+        '    for key in ("exact_match", "normalized_exact_match", "token_f1"):\n',
+        (R + "test_a_registered_metric_reaches_evaluation_and_the_report",),
+        "the report shows every registered metric",
+    ),
+    Mutation(
+        "mcnemar-on-scores",
+        "sftpipe/report.py",
+        "if EXACT_MATCH_METRICS[metric].right_or_wrong:",
+        "if True:",
+        ("tests/test_significance.py",),
+        "McNemar's test only for right/wrong metrics",
+    ),
+    Mutation(
+        "data-tables-untitled",
+        "sftpipe/report.py",
+        'f"<h3>{html.escape(title)}</h3><p>{html.escape(counts)}</p>" + _html_table(headers, rows)',
+        "_html_table(headers, rows)",
+        (R + "test_the_data_tables_have_titles_and_say_what_their_rows_count",),
+        "the report's data tables titled, saying what their rows count",
+    ),
+    Mutation(
+        "samples-repeat-the-system-prompt",
+        "sftpipe/report.py",
+        'start = shared_prompt_start([r[0]["prompt"] for r in rows])',
+        'start = ""',
+        (R + "test_the_samples_show_the_prompts_shared_start_once",),
+        "the samples' shared prompt start shown once",
+    ),
+    Mutation(
+        "figures-untitled",
+        "sftpipe/report.py",
+        "    if title:\n        fig.suptitle(title)",
+        "    if False:\n        fig.suptitle(title)",
+        (R + "test_every_figure_names_its_experiment",),
+        "every figure names its experiment",
+    ),
+    Mutation(
+        "workflow-page-single-experiment-only",
+        "report/workflow.rst",
+        '{%- if snakemake.config.get("experiments") %}',
+        "{%- if False %}",
+        (R + "test_the_report_pages_name_their_experiments_in_a_sweep_too",),
+        "the report's Workflow page in a sweep",
+    ),
+    Mutation(
+        "report-artifact-unlabelled",
+        "rules/report.smk",
+        '            labels={"experiment": "{experiment}", "artifact": "loss curves"},\n',
+        "",
+        (R + "test_the_report_rules_label_each_artifact_with_its_experiment",),
+        "each report artifact labelled with its experiment",
+    ),
+    Mutation(
+        "copies-not-renamed",
+        "sftpipe/mixing.py",
+        """yield {**rows[index], "id": f"{rows[index]['id']}#copy{made[index]}"}""",
+        "yield rows[index]",
+        ("tests/test_filters.py::test_mixing_fraction_count_and_upsampling",),
+        "each upsampled copy named <id>#copy<k>",
+    ),
+    Mutation(
+        "results-page-stale",
+        "bench/results/train_throughput.json",
+        '"real_tokens_per_s": 174.22723178014675',
+        '"real_tokens_per_s": 190.0',
+        ("tests/test_results_page.py",),
+        "bench/RESULTS.md written from the benchmarks' JSON",
+    ),
+    Mutation(
+        "readme-without-results-link",
+        "README.md",
+        "[bench/RESULTS.md](bench/RESULTS.md)",
+        "bench/RESULTS.md",
+        ("tests/test_results_page.py::test_the_readme_links_the_results_page",),
+        "the README links the results page",
     ),
 ]
 

@@ -90,7 +90,8 @@ def prepare(work: Path, model: Path, rows: int) -> None:
     next HELD_OUT to score them on."""
     from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
     from sftpipe.io import read_jsonl, write_jsonl
-    from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+    from sftpipe.splits import SplitSettings
+    from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 
     spec = DatasetSpec.from_config("alpaca", {"preset": "alpaca", "path": str(ALPACA), "limit": rows + HELD_OUT})
     download_dataset(spec, work / "raw.jsonl", work / "manifest.json", None)
@@ -189,7 +190,7 @@ def run_trl(work: Path, model: Path, steps: int, variant: str, native_bf16: bool
 
 
 def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
-    from sftpipe.launch import current_allocator
+    from sftpipe.execution import current_allocator
     from sftpipe.train import TrainJob, TrainSettings, train_lora
 
     overrides, _, _ = ABLATIONS[variant]
@@ -272,6 +273,30 @@ def completion_loss(model_dir: Path, adapter: Path, rows_path: Path) -> float:
     return total / count
 
 
+def run_variant(variant: str, work: Path, model: Path, steps: int, counts: dict[str, int], peaks: dict[str, float]) -> dict | str:
+    """One variant trained in a process of its own, so its peak RSS is its own, and measured; or, where
+    it cannot run, the last line it printed."""
+    from sftpipe.execution import planned_allocator
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    # As `sftpipe.launch` would: the variant's allocator preloaded into its process.
+    preload = planned_allocator(ABLATIONS[variant][1])[2] if variant in ABLATIONS else None
+    if preload:
+        env["LD_PRELOAD"] = preload
+    command = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--model", str(model), "--steps", str(steps)]
+    run = subprocess.run(command, capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        return (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+    result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    if variant in ABLATIONS:
+        result["setup"]["undoes"] = ABLATIONS[variant][2]
+    result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
+    result["computed_gflops"] = computed_flops(result, counts) / result["seconds"] / 1e9
+    result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
+    result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
@@ -300,8 +325,6 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from sftpipe.launch import planned_allocator
-
     peaks = {"fp32": gemm_peak(torch.float32) / 1e9, "bf16": gemm_peak(torch.bfloat16) / 1e9}
     results, failed = {}, {}
     load_before = os.getloadavg()
@@ -311,35 +334,11 @@ def main() -> None:
         counts = parameter_counts(model)
         prepare(work, model, args.rows)
         for variant in args.variants:
-            env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-            # As `sftpipe.launch` would: the variant's allocator preloaded into its process.
-            preload = planned_allocator(ABLATIONS[variant][1])[2] if variant in ABLATIONS else None
-            if preload:
-                env["LD_PRELOAD"] = preload
-            command = [
-                sys.executable,
-                __file__,
-                "--variant",
-                variant,
-                "--work",
-                tmp,
-                "--model",
-                str(model),
-                "--steps",
-                str(args.steps),
-            ]
-            run = subprocess.run(command, capture_output=True, text=True, env=env)
-            if run.returncode != 0:
-                failed[variant] = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
-                print(f"{variant}: could not run: {failed[variant]}", file=sys.stderr)
+            result = run_variant(variant, work, model, args.steps, counts, peaks)
+            if isinstance(result, str):
+                failed[variant] = result
+                print(f"{variant}: could not run: {result}", file=sys.stderr)
                 continue
-            result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
-            if variant in ABLATIONS:
-                result["setup"]["undoes"] = ABLATIONS[variant][2]
-            result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
-            result["computed_gflops"] = computed_flops(result, counts) / result["seconds"] / 1e9
-            result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
-            result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
             results[variant] = result
             print(
                 f"{variant}: {result['real_tokens_per_s']:.1f} real tokens/s, {result['computed_gflops']:.1f} GFLOP/s, "

@@ -9,10 +9,10 @@ from sftpipe.data import check_local_path
 from sftpipe.entry import checked
 from sftpipe.experiments import PREFERENCE_KEYS, expand_experiments
 from sftpipe.export import ExportSettings
-from sftpipe.launch import EXECUTION_KEYS, planned_allocator
+from sftpipe.execution import EXECUTION_KEYS, planned_allocator
 from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec, check_task_names
-from sftpipe.preference import NOT_FOR_PAIRS
+from sftpipe.preference_settings import NOT_FOR_PAIRS
 
 # ---------------------------------------------------------------------------------------------
 # Experiments, datasets and base models
@@ -77,12 +77,14 @@ def code(*modules):
 # What reading a dataset or an lm-eval task pulls in.
 DATA_MODULES = ("data.py", "formats.py", "demo.py")
 TASK_MODULES = ("tasks.py", *DATA_MODULES)
-REFERENCE_MODULES = ("reference.py", "precision.py", "model.py", "tokenization.py")
+REFERENCE_MODULES = ("reference.py", "precision.py", "model.py", "tokenization.py", "splits.py")
+EVALUATE_MODULES = ("evaluate.py", "metrics.py", "model.py", "tokenization.py", "splits.py", *TASK_MODULES)
 TRAIN_MODULES = (
     "train.py",
     "precision.py",
     "fsdp.py",
     "launch.py",
+    "execution.py",
     "loss.py",
     "attention.py",
     "swiglu.py",
@@ -98,13 +100,13 @@ CODE = {
     "read_dataset": code(*DATA_MODULES),
     "prepare_eval_data": code(*TASK_MODULES),
     "build_demo_choice_task": code("demo.py"),
-    "filter_and_mix": code("filters.py", "tokenization.py", "model.py", *TASK_MODULES),
-    "tokenize_and_split": code("tokenization.py", "model.py"),
+    "filter_and_mix": code("filters.py", "dedup.py", "decontamination.py", "mixing.py", "splits.py", "words.py", *TASK_MODULES),
+    "tokenize_and_split": code("tokenization.py", "splits.py", "model.py"),
     "train_lora": code(*TRAIN_MODULES),
-    "train_preference": code("dpo.py", "preference.py", *REFERENCE_MODULES, *TRAIN_MODULES),
+    "train_preference": code("preference_train.py", "preference_settings.py", *REFERENCE_MODULES, *TRAIN_MODULES),
     "merge_adapter": code("merge.py", "model.py", "artifacts.py"),
     "export_gguf": code("export.py", "model.py"),
-    "evaluate": code("evaluate.py", "metrics.py", "model.py", "tokenization.py", *TASK_MODULES),
+    "evaluate": code(*EVALUATE_MODULES),
     "reference": code(*REFERENCE_MODULES),
     "report": code("report.py", "metrics.py", "artifacts.py", "significance.py", "tracking.py"),
 }

@@ -28,36 +28,43 @@ rule report:
             "results/report/{experiment}/loss_curves.png",
             caption="../report/loss_curves.rst",
             category="Training",
+            labels={"experiment": "{experiment}", "artifact": "loss curves"},
         ),
         eval_comparison=report(
             "results/report/{experiment}/eval_comparison.png",
             caption="../report/eval_comparison.rst",
             category="Evaluation",
+            labels={"experiment": "{experiment}", "artifact": "scores"},
         ),
         exact_match_table=report(
             "results/report/{experiment}/exact_match.html",
             caption="../report/exact_match.rst",
             category="Evaluation",
+            labels={"experiment": "{experiment}", "artifact": "exact match"},
         ),
         sample_generations=report(
             "results/report/{experiment}/sample_generations.html",
             caption="../report/sample_generations.rst",
             category="Evaluation",
+            labels={"experiment": "{experiment}", "artifact": "sample generations"},
         ),
         token_lengths=report(
             "results/report/{experiment}/token_lengths.png",
             caption="../report/token_lengths.rst",
             category="Data",
+            labels={"experiment": "{experiment}", "artifact": "token lengths"},
         ),
         data_table=report(
             "results/report/{experiment}/data.html",
             caption="../report/data_stats.rst",
             category="Data",
+            labels={"experiment": "{experiment}", "artifact": "data"},
         ),
         training_rows=report(
             "results/report/{experiment}/training_rows.html",
             caption="../report/training_rows.rst",
             category="Data",
+            labels={"experiment": "{experiment}", "artifact": "training rows"},
         ),
     log:
         "results/logs/report/{experiment}.log",

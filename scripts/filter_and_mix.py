@@ -1,7 +1,7 @@
 from sftpipe.entry import run_stage
 from sftpipe.filters import FilterSettings, filter_and_mix
+from sftpipe.splits import SplitSettings
 from sftpipe.tasks import TaskSpec
-from sftpipe.tokenization import SplitSettings
 
 run_stage(
     snakemake,

@@ -1,5 +1,6 @@
 from sftpipe.entry import run_stage
-from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+from sftpipe.splits import SplitSettings
+from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 
 run_stage(
     snakemake,

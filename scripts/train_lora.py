@@ -1,5 +1,6 @@
 from sftpipe.entry import run_stage
-from sftpipe.launch import Execution, launch
+from sftpipe.execution import Execution
+from sftpipe.launch import launch
 from sftpipe.tracking import parse_report_to
 from sftpipe.train import TrainJob, TrainSettings
 

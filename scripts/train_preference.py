@@ -1,6 +1,6 @@
-from sftpipe.dpo import PreferenceJob, train_preference
 from sftpipe.entry import run_stage
-from sftpipe.preference import PreferenceSettings
+from sftpipe.preference_settings import PreferenceSettings
+from sftpipe.preference_train import PreferenceJob, train_preference
 from sftpipe.train import TrainSettings
 
 run_stage(

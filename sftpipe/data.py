@@ -127,11 +127,6 @@ class DatasetSpec:
         return f"chat-{model}" if self.template == "chat" else self.template
 
 
-def read_local_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a local json/jsonl/parquet/csv file, or of every such file in a directory (sorted)."""
-    return (row for _, row in located_rows(path))
-
-
 def located_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) for every row of a local file or directory; `where` names the file and the line
     (jsonl, csv), element (json) or row (parquet), for errors."""

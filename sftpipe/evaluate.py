@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .io import PipelineError, Progress, read_json, read_jsonl, write_json, write_jsonl
-from .metrics import EXACT_MATCH_METRICS, normalize_answer, token_f1
+from .metrics import EXACT_MATCH_METRICS
 from .model import load_model, load_tokenizer
 from .tasks import MANIFEST, TaskSpec, task_config, task_manager
 from .tokenization import IGNORE_INDEX, prompt_token_ids
@@ -89,9 +89,7 @@ def evaluate_exact_match(
                 "prompt": row["prompt"],
                 "reference": reference,
                 "prediction": prediction,
-                "exact_match": prediction.strip() == reference.strip(),
-                "normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference),
-                "token_f1": token_f1(prediction, reference),
+                **{name: metric.score(prediction, reference) for name, metric in EXACT_MATCH_METRICS.items()},
             }
         )
     write_jsonl(predictions_path, scored)

@@ -18,10 +18,10 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .execution import EXECUTION_KEYS
 from .formats import FORMATS, is_preference_dataset
 from .io import PipelineError
-from .launch import EXECUTION_KEYS
-from .preference import PreferenceSettings
+from .preference_settings import PreferenceSettings
 
 # Path segments that are not experiment names (results/eval/<experiment>/ shares a level with them).
 RESERVED_NAMES = {"base_model"}
@@ -55,8 +55,6 @@ class Experiment:
     def describe(self) -> dict[str, Any]:
         """What the report and summary record about how this experiment differs from the others: its
         data, base model and what its training learns from (not how the job ran)."""
-        from .launch import EXECUTION_KEYS
-
         train = {key: value for key, value in self.train.items() if key not in EXECUTION_KEYS}
         described = {"datasets": list(self.datasets), "base_model": self.base_model, "train": train}
         if self.preference is not None:

@@ -24,6 +24,9 @@ PAD_TOKEN = "<|pad|>"
 # logits that are exactly `lm_head(hidden_states)`, with no softcapping or scaling after it. The
 # lean MLP and the fused loss rely on both.
 LLAMA_LIKE_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# The files of a model directory that hold weights: the tokenizer's fingerprint leaves them out, the
+# reference's is made of them.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 
 from .io import PipelineError, Progress, read_json, read_jsonl, sha256_file, write_json, write_jsonl
-from .model import load_model, load_tokenizer
+from .model import WEIGHT_SUFFIXES, load_model, load_tokenizer
 from .precision import COMPUTE_DTYPES, resolve_precision
-from .tokenization import WEIGHT_SUFFIXES
 
 log = logging.getLogger("sftpipe")
 

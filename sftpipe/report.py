@@ -8,11 +8,12 @@ Writes a markdown summary for the terminal, a JSON summary, and the figures and 
 from __future__ import annotations
 
 import html
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import read_history
+from .artifacts import TrainSummary, read_history
 from .io import PipelineError, atomic_path, read_json, read_jsonl, write_json
 from .metrics import EXACT_MATCH_METRICS
 from .significance import BOOTSTRAP_SAMPLES, mcnemar_exact, paired_bootstrap
@@ -160,16 +161,22 @@ def _write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def _save_figure(fig, path: str | Path) -> None:
+def _save_figure(fig, path: str | Path, title: str = "") -> None:
+    """`title` names the experiment: a figure saved or shared alone still says which run it shows."""
     import matplotlib.pyplot as plt
 
+    if title:
+        fig.suptitle(title)
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         # Fixed metadata keeps the PNG bytes a function of the data alone.
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
 
 
-def plot_loss_curves(log_history: list[dict[str, Any]], path: str | Path, preference: list[dict[str, Any]] | None = None) -> None:
+def plot_loss_curves(
+    log_history: list[dict[str, Any]], path: str | Path, preference: list[dict[str, Any]] | None = None, title: str = ""
+) -> None:
     """SFT's losses; beside them, for an experiment tuned on preferences, the preference loss."""
     import matplotlib
 
@@ -180,7 +187,7 @@ def plot_loss_curves(log_history: list[dict[str, Any]], path: str | Path, prefer
     if preference is not None:
         histories.append(("preference tuning", "preference loss", preference))
     fig, axes = plt.subplots(1, len(histories), figsize=(7 * len(histories), 4), squeeze=False)
-    for ax, (title, ylabel, history) in zip(axes[0], histories, strict=True):
+    for ax, (stage, ylabel, history) in zip(axes[0], histories, strict=True):
         for key, label in (("loss", "training"), ("eval_loss", "validation")):
             points = [(h["step"], h[key]) for h in history if key in h]
             if points:
@@ -188,13 +195,13 @@ def plot_loss_curves(log_history: list[dict[str, Any]], path: str | Path, prefer
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         if preference is not None:
-            ax.set_title(title)
+            ax.set_title(stage)
         ax.legend()
         ax.grid(alpha=0.3)
-    _save_figure(fig, path)
+    _save_figure(fig, path, title)
 
 
-def plot_eval_comparison(rows: list[dict[str, Any]], path: str | Path) -> None:
+def plot_eval_comparison(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Grouped bars, base vs tuned, with lm-eval's standard errors as error bars."""
     import matplotlib
 
@@ -214,10 +221,10 @@ def plot_eval_comparison(rows: list[dict[str, Any]], path: str | Path) -> None:
     ax.set_ylabel("score")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    _save_figure(fig, path)
+    _save_figure(fig, path, title)
 
 
-def plot_token_lengths(stats: dict[str, Any], path: str | Path) -> None:
+def plot_token_lengths(stats: dict[str, Any], path: str | Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +239,7 @@ def plot_token_lengths(stats: dict[str, Any], path: str | Path) -> None:
     ax.set_xlabel(f"tokens per example (bins of {width})")
     ax.set_ylabel("examples")
     ax.legend()
-    _save_figure(fig, path)
+    _save_figure(fig, path, title)
 
 
 def significance(
@@ -254,7 +261,7 @@ def significance(
         scores = {v: [float(r[metric]) for r in predictions[v]] for v in (before, after)}
         row = {"task": "exact match", "metric": metric, "items": len(first), **compared}
         row |= paired_bootstrap(scores[before], scores[after])
-        if metric != "token_f1":
+        if EXACT_MATCH_METRICS[metric].right_or_wrong:
             row["mcnemar_p_value"] = mcnemar_exact([bool(x) for x in scores[before]], [bool(x) for x in scores[after]])["p_value"]
         rows.append(row)
     for task in sorted(harness[before]["tasks"]):
@@ -267,113 +274,246 @@ def significance(
     return rows
 
 
+@dataclass(frozen=True)
+class Report:
+    """Everything the report shows, read from the stage's inputs once."""
+
+    experiment: str
+    variants: tuple[str, ...]  # scored by exact match and lm-eval
+    scored: tuple[str, ...]  # scored by exact match: the variants, and the exported file where there is one
+    exact_match: dict[str, dict[str, Any]]  # scored variant -> its exact_match.json
+    em_rows: list[dict[str, Any]]  # one per exact-match metric: each scored variant's value and deltas
+    lm_rows: list[dict[str, Any]]  # see lm_eval_rows
+    paired: list[dict[str, Any]]  # see significance
+    predictions: dict[str, list[dict[str, Any]]]  # scored variant -> its predictions, in held-out order
+    training: TrainSummary
+    log_history: list[dict[str, Any]]
+    stats: dict[str, Any]  # the tokenized split's stats.json
+    filters: dict[str, Any]  # the mix's .filters.json
+    manifests: list[dict[str, Any]]  # each dataset's download manifest
+    round_trip: dict[str, Any] | None  # see exported_round_trip, where the config exports
+    preference: dict[str, Any] | None  # see preference_summary, where the experiment tunes on preferences
+    preference_history: list[dict[str, Any]] | None
+
+
+def exact_match_rows(em: dict[str, dict[str, Any]], scored: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per registered exact-match metric: each scored variant's value and its deltas."""
+    rows = []
+    for key in EXACT_MATCH_METRICS:
+        row = {"metric": key, **{v: em[v][key] for v in scored}}
+        rows.append(row | _deltas(row, list(scored)))
+    return rows
+
+
+def read_report(experiment: str, inputs: ReportInputs) -> Report:
+    variants, scored = inputs.variants, inputs.scored
+    harness = {v: read_json(inputs.lm_eval[v]) for v in variants}
+    em = {v: read_json(inputs.exact_match[v]) for v in scored}
+    predictions = {v: list(read_jsonl(inputs.predictions[v])) for v in scored}
+    paired = significance(predictions, harness)
+    if "preference" in variants:
+        paired += significance(predictions, harness, "tuned", "preference")
+    training, log_history = read_history(inputs.history)
+    return Report(
+        experiment=experiment,
+        variants=variants,
+        scored=scored,
+        exact_match=em,
+        em_rows=exact_match_rows(em, scored),
+        lm_rows=lm_eval_rows(harness),
+        paired=paired,
+        predictions=predictions,
+        training=training,
+        log_history=log_history,
+        stats=read_json(inputs.data_stats),
+        filters=read_json(inputs.filters),
+        manifests=[read_json(p) for p in inputs.manifests],
+        round_trip=exported_round_trip(em[EXPORTED], predictions) if EXPORTED in em else None,
+        preference=preference_summary(inputs.preference) if inputs.preference else None,
+        preference_history=read_history(inputs.preference.history)[1] if inputs.preference else None,
+    )
+
+
 def write_report(
     experiment: str, inputs: ReportInputs, outputs: ReportOutputs, setup: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write every report artifact; return the JSON summary. `setup` records the experiment's
     datasets, base model and training settings (see `Experiment.describe`)."""
-    variants, scored = inputs.variants, inputs.scored
-    harness = {v: read_json(inputs.lm_eval[v]) for v in variants}
-    em = {v: read_json(inputs.exact_match[v]) for v in scored}
-    training, log_history = read_history(inputs.history)
-    stats = read_json(inputs.data_stats)
-    filters = read_json(inputs.filters)
-    manifests = [read_json(p) for p in inputs.manifests]
-    lm_rows = lm_eval_rows(harness)
-    em_rows = []
-    for key in EXACT_MATCH_METRICS:
-        row = {"metric": key, **{v: em[v][key] for v in scored}}
-        em_rows.append(row | _deltas(row, list(scored)))
-    em_headers, headers = _delta_headers(scored), _delta_headers(variants)
+    report = read_report(experiment, inputs)
+    _write_text(outputs.markdown, markdown_report(report))
+    write_figures(report, outputs)
+    write_html_pages(report, outputs)
+    summary = report_summary(report, setup)
+    write_json(outputs.summary, summary)
+    log_evaluation(report.training.tracking, report.training.steps, tracked_figures(report.em_rows, report.lm_rows))
+    return summary
 
-    def cells(
-        row: dict[str, Any], fmt=lambda value, key: f"{value:+.4f}" if "delta" in key else f"{value:.4f}", models=variants
-    ) -> list[str]:
-        return [fmt(row[key], key) for key in _value_keys(models)]
 
-    lines = [f"# sftpipe report: {experiment}", ""]
-    lines += ["## Exact match on the held-out test split", ""]
+def report_summary(report: Report, setup: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's JSON: what `write_summary` sets side by side across experiments."""
+    return {
+        "experiment": report.experiment,
+        "setup": setup or {},
+        "exact_match": report.em_rows,
+        "lm_eval": report.lm_rows,
+        "significance": report.paired,
+        **({EXPORTED: report.round_trip} if report.round_trip else {}),
+        "training": report.training.to_json(),
+        **({"preference": report.preference} if report.preference else {}),
+    }
+
+
+def _score(value: float, key: str) -> str:
+    """A score, or a delta (`key` names which) with its sign."""
+    return f"{value:+.4f}" if "delta" in key else f"{value:.4f}"
+
+
+def _score_cells(row: dict[str, Any], variants: tuple[str, ...]) -> list[str]:
+    """Each variant's score and delta in a row of `_delta_headers(variants)`' columns."""
+    return [_score(row[key], key) for key in _value_keys(variants)]
+
+
+def _lm_eval_cells(row: dict[str, Any], variants: tuple[str, ...]) -> list[str]:
+    """As `_score_cells`, each score with lm-eval's standard error."""
+    return [_score(row[key], key) if "delta" in key else _fmt(row[key], row[f"{key}_stderr"]) for key in _value_keys(variants)]
+
+
+def _markdown_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(map(str, r)) + " |" for r in rows),
+    ]
+
+
+def markdown_report(report: Report) -> str:
+    """The report for the terminal: results/report/<experiment>.md."""
+    lines = [f"# sftpipe report: {report.experiment}", ""]
+    for section in (_exact_match_lines, _lm_eval_lines, _significance_lines, _trained_on_lines, _training_lines):
+        lines += section(report)
+    if report.preference:
+        lines += ["", *preference_lines(report.preference)]
+    lines += _data_lines(report)
+    return "\n".join(lines) + "\n"
+
+
+def _exact_match_lines(report: Report) -> list[str]:
+    em, scored = report.exact_match, report.scored
+    lines = ["## Exact match on the held-out test split", ""]
     lines += [f"{em['base']['rows']} rows, greedy decoding, max_new_tokens={em['base']['settings']['max_new_tokens']}.", ""]
-    if "preference" in variants:
-        lines += ["tuned: after SFT; preference: after SFT and then preference tuning.", ""]
-    round_trip = exported_round_trip(em[EXPORTED], inputs.predictions) if EXPORTED in em else None
-    if round_trip:
+    lines += [
+        "base: the base model; tuned: after SFT"
+        + ("; preference: after SFT and then preference tuning" if "preference" in report.variants else "")
+        + ".",
+        "",
+    ]
+    if round_trip := report.round_trip:
         lines += [
             f"exported: `{round_trip['gguf_file']}`, read back alone through transformers' GGUF loader; its greedy "
             f"answers are the merged model's on {round_trip['same_answers']} of {round_trip['rows']} rows.",
             "",
         ]
-    lines += ["| metric | " + " | ".join(em_headers) + " |", "|---" * (len(em_headers) + 1) + "|"]
-    lines += [f"| {r['metric']} | " + " | ".join(cells(r, models=scored)) + " |" for r in em_rows]
-    lines += ["", "Per dataset (normalized exact match):", "", f"| dataset | rows | {' | '.join(scored)} |"]
-    lines += ["|---|---|" + "---|" * len(scored)]
-    for name, base in em["base"]["per_dataset"].items():
-        scores = " | ".join(f"{em[v]['per_dataset'][name]['normalized_exact_match']:.4f}" for v in scored)
-        lines.append(f"| {name} | {base['rows']} | {scores} |")
-    lines += ["", "## lm-evaluation-harness", ""]
-    lines += [
-        "| task | metric | " + " | ".join(headers) + " | samples | few-shot | chat template | data |",
-        "|---|---|" + "---|" * len(headers) + "---|---|---|---|",
+    lines += _markdown_table(
+        ["metric", *_delta_headers(scored)], [[r["metric"], *_score_cells(r, scored)] for r in report.em_rows]
+    )
+    per_dataset = [
+        [name, base["rows"], *(f"{em[v]['per_dataset'][name]['normalized_exact_match']:.4f}" for v in scored)]
+        for name, base in em["base"]["per_dataset"].items()
     ]
-    lines += [
-        f"| {r['task']} | {r['metric']} | "
-        + " | ".join(cells(r, lambda value, key, r=r: f"{value:+.4f}" if "delta" in key else _fmt(value, r[f"{key}_stderr"])))
-        + f" | {r['samples']} | {r['num_fewshot']} | {r['apply_chat_template']} | {r['data']} |"
-        for r in lm_rows
+    return lines + ["", "Per dataset (normalized exact match):", "", *_markdown_table(["dataset", "rows", *scored], per_dataset)]
+
+
+def _lm_eval_lines(report: Report) -> list[str]:
+    headers = ["task", "metric", *_delta_headers(report.variants), "samples", "few-shot", "chat template", "data"]
+    rows = [
+        [
+            r["task"],
+            r["metric"],
+            *_lm_eval_cells(r, report.variants),
+            r["samples"],
+            r["num_fewshot"],
+            r["apply_chat_template"],
+            r["data"],
+        ]
+        for r in report.lm_rows
     ]
-    predictions = {v: list(read_jsonl(inputs.predictions[v])) for v in scored}
-    paired = significance(predictions, harness)
-    if "preference" in variants:
-        paired += significance(predictions, harness, "tuned", "preference")
-    lines += ["", "## Is the difference real?", ""]
-    lines += [
+    return ["", "## lm-evaluation-harness", "", *_markdown_table(headers, rows)]
+
+
+def _significance_lines(report: Report) -> list[str]:
+    rows = [
+        [
+            r["task"] + (f" ({r['compared']})" if "compared" in r else ""),
+            r["metric"],
+            r["items"],
+            f"{r['delta']:+.4f}",
+            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
+            f"{r['p_value']:.2g}",
+            _fmt_p(r.get("mcnemar_p_value")),
+        ]
+        for r in report.paired
+    ]
+    return [
+        "",
+        "## Is the difference real?",
+        "",
         f"Paired comparisons on the same items: the delta's 95% interval from {BOOTSTRAP_SAMPLES:,} bootstrap "
         "resamplings, its p-value, and McNemar's exact test for right/wrong scores.",
         "",
-        "| task | metric | items | delta | 95% interval | bootstrap p | McNemar p |",
-        "|---|---|---|---|---|---|---|",
+        *_markdown_table(["task", "metric", "items", "delta", "95% interval", "bootstrap p", "McNemar p"], rows),
     ]
-    lines += [
-        f"| {r['task'] + (' (' + r['compared'] + ')' if 'compared' in r else '')} | {r['metric']} | {r['items']} "
-        f"| {r['delta']:+.4f} "
-        f"| [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
-        f"| {r['p_value']:.2g} | {_fmt_p(r.get('mcnemar_p_value'))} |"
-        for r in paired
-    ]
-    lines += ["", "## What the model is trained on", ""]
+
+
+def _trained_on_lines(report: Report) -> list[str]:
+    lines = ["", "## What the model is trained on", ""]
     lines += ["The first training row of each dataset, as tokenized: the prompt the model sees, then what it learns.", ""]
-    for dataset, rows in stats["preview"].items():
+    for dataset, rows in report.stats["preview"].items():
         seen = "".join(s["text"] for s in rows[0] if not s["learned"])
         learned = "".join(s["text"] for s in rows[0] if s["learned"])
         lines += [f"**{dataset}**, seen:", "", "```", seen, "```", "", "learned:", "", "```", learned, "```", ""]
-    lines += ["", "## Training", ""]
-    lines += [
+    return lines
+
+
+def _training_lines(report: Report) -> list[str]:
+    training = report.training
+    return [
+        "",
+        "## Training",
+        "",
         f"- steps: {training.steps}, precision: {training.precision}, runtime: {training.train_runtime_s:.0f} s",
         f"- final train loss: {_fmt(training.train_loss)}, validation loss: {_fmt(training.eval_loss)}",
         f"- train rows: {training.train_rows}, validation rows: {training.validation_rows}",
     ]
-    preference = preference_summary(inputs.preference) if inputs.preference else None
-    if preference:
-        lines += ["", *preference_lines(preference)]
-    data_rows = [[m["name"], m["source"]["kind"], m["rows"], m["sha256"][:16]] for m in manifests]
-    split_rows = [
-        [split, stats[split]["rows"], stats[split]["tokens"], stats[split]["truncated"], stats[split]["dropped_too_long"]]
-        for split in ("train", "validation", "test")
-    ]
-    lines += ["", "## Data", "", "| dataset | source | rows | sha256 |", "|---|---|---|---|"]
-    lines += [f"| {n} | {k} | {r} | `{h}` |" for n, k, r, h in data_rows]
-    filter_headers = [
-        "dataset",
-        "rows in",
-        "exact dup",
-        "near dup",
-        "eval contamination",
-        "test overlap",
-        "after filters",
-        "weight",
-        "rows out",
-    ]
-    filter_rows = [
+
+
+# The three data tables, each with its title and what its row counts count: a multi-turn
+# conversation is one downloaded record but one training example per assistant turn.
+SOURCES = ("Sources", "rows: records as downloaded (a multi-turn conversation is one record).")
+FILTERS = (
+    "Filters and mixing",
+    "rows in: examples after hydration, one per assistant turn (a conversation with three answers counts three); "
+    "each filter's column counts the examples it removed.",
+)
+SPLITS = ("Splits", "rows: tokenized examples per split, after the filters, mixing and the length limits.")
+FILTER_HEADERS = [
+    "dataset",
+    "rows in",
+    "exact dup",
+    "near dup",
+    "eval contamination",
+    "test overlap",
+    "after filters",
+    "weight",
+    "rows out",
+]
+SPLIT_HEADERS = ["split", "rows", "tokens", "truncated", "dropped (too long)"]
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def data_tables(report: Report) -> list[tuple[tuple[str, str], list[str], list[list[Any]]]]:
+    """((title, what its rows count), headers, rows) of the sources, filters and splits tables."""
+    sources = [[m["name"], m["source"]["kind"], m["rows"], m["sha256"][:16]] for m in report.manifests]
+    filters = [
         [
             name,
             f["rows_in"],
@@ -385,47 +525,66 @@ def write_report(
             f["weight"] if f["weight"] is not None else "all",
             f["rows_out"],
         ]
-        for name, f in filters["datasets"].items()
+        for name, f in report.filters["datasets"].items()
     ]
-    lines += ["", "| " + " | ".join(filter_headers) + " |", "|" + "---|" * len(filter_headers)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in filter_rows]
-    lines += ["", "| split | rows | tokens | truncated | dropped (too long) |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in split_rows]
-    _write_text(outputs.markdown, "\n".join(lines) + "\n")
+    stats = report.stats
+    splits = [[s, stats[s]["rows"], stats[s]["tokens"], stats[s]["truncated"], stats[s]["dropped_too_long"]] for s in SPLIT_NAMES]
+    return [
+        (SOURCES, ["dataset", "source", "rows", "sha256"], sources),
+        (FILTERS, FILTER_HEADERS, filters),
+        (SPLITS, SPLIT_HEADERS, splits),
+    ]
 
-    plot_loss_curves(log_history, outputs.loss_curves, read_history(inputs.preference.history)[1] if preference else None)
-    em_as_rows = [{"task": "exact match", "metric": r["metric"], **{v: r[v] for v in variants}} for r in em_rows]
-    plot_eval_comparison(em_as_rows + lm_rows, outputs.eval_comparison)
-    plot_token_lengths(stats, outputs.token_lengths)
-    em_table = [[r["metric"], *cells(r, models=scored)] for r in em_rows]
-    _write_text(outputs.exact_match_table, _html_page(_html_table(["metric", *em_headers], em_table)))
+
+def _data_lines(report: Report) -> list[str]:
+    lines = ["", "## Data"]
+    for (title, counts), headers, rows in data_tables(report):
+        if title == SOURCES[0]:
+            rows = [[n, k, r, f"`{h}`"] for n, k, r, h in rows]
+        lines += ["", f"### {title}", "", counts, "", *_markdown_table(headers, rows)]
+    return lines
+
+
+def write_figures(report: Report, outputs: ReportOutputs) -> None:
+    """The loss curves, the scores of every variant side by side, and the token lengths, as PNG."""
+    plot_loss_curves(report.log_history, outputs.loss_curves, report.preference_history, title=report.experiment)
+    em_as_rows = [{"task": "exact match", "metric": r["metric"], **{v: r[v] for v in report.variants}} for r in report.em_rows]
+    plot_eval_comparison(em_as_rows + report.lm_rows, outputs.eval_comparison, title=report.experiment)
+    plot_token_lengths(report.stats, outputs.token_lengths, title=report.experiment)
+
+
+def shared_prompt_start(prompts: list[str]) -> str:
+    """The whole lines every prompt starts with (a template's system text or preamble), or "" where
+    the prompts share none: shown once above the samples rather than in every row."""
+    if len(prompts) < 2:
+        return ""
+    common = os.path.commonprefix(prompts)
+    return common[: common.rfind("\n") + 1]
+
+
+def sample_generations_html(report: Report) -> str:
+    """The first held-out prompts, their reference and every scored model's answer, side by side."""
+    rows = list(zip(*(report.predictions[v][:SAMPLE_GENERATIONS] for v in report.scored), strict=True))
+    start = shared_prompt_start([r[0]["prompt"] for r in rows])
     samples = [
-        [rows[0]["id"], rows[0]["prompt"], rows[0]["reference"], *(r["prediction"] for r in rows)]
-        for rows in zip(*(predictions[v][:SAMPLE_GENERATIONS] for v in scored), strict=True)
+        [r[0]["id"], ("…" if start else "") + r[0]["prompt"][len(start) :], r[0]["reference"], *(p["prediction"] for p in r)]
+        for r in rows
     ]
-    _write_text(outputs.sample_generations, _html_page(_html_table(["id", "prompt", "reference", *scored], samples)))
-    _write_text(outputs.training_rows, training_rows_html(stats["preview"]))
-    _write_text(
-        outputs.data_table,
-        _html_page(
-            _html_table(["dataset", "source", "rows", "sha256"], data_rows),
-            _html_table(filter_headers, filter_rows),
-            _html_table(["split", "rows", "tokens", "truncated", "dropped (too long)"], split_rows),
-        ),
-    )
-    summary = {
-        "experiment": experiment,
-        "setup": setup or {},
-        "exact_match": em_rows,
-        "lm_eval": lm_rows,
-        "significance": paired,
-        **({EXPORTED: round_trip} if round_trip else {}),
-        "training": training.to_json(),
-        **({"preference": preference} if preference else {}),
-    }
-    write_json(outputs.summary, summary)
-    log_evaluation(training.tracking, training.steps, tracked_figures(em_rows, lm_rows))
-    return summary
+    shared = [f"<p>Every prompt below starts with this text (shown as …):</p><pre>{html.escape(start)}</pre>"] if start else []
+    return _html_page(*shared, _html_table(["id", "prompt", "reference", *report.scored], samples))
+
+
+def write_html_pages(report: Report, outputs: ReportOutputs) -> None:
+    """The tables `snakemake --report` shows: exact match, sample generations, training rows and data."""
+    em_table = [[r["metric"], *_score_cells(r, report.scored)] for r in report.em_rows]
+    _write_text(outputs.exact_match_table, _html_page(_html_table(["metric", *_delta_headers(report.scored)], em_table)))
+    _write_text(outputs.sample_generations, sample_generations_html(report))
+    _write_text(outputs.training_rows, training_rows_html(report.stats["preview"]))
+    tables = [
+        f"<h3>{html.escape(title)}</h3><p>{html.escape(counts)}</p>" + _html_table(headers, rows)
+        for (title, counts), headers, rows in data_tables(report)
+    ]
+    _write_text(outputs.data_table, _html_page(*tables))
 
 
 def tracked_figures(em_rows: list[dict[str, Any]], lm_rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -440,10 +599,10 @@ def tracked_figures(em_rows: list[dict[str, Any]], lm_rows: list[dict[str, Any]]
     }
 
 
-def exported_round_trip(metrics: dict[str, Any], predictions: dict[str, str | Path]) -> dict[str, Any]:
+def exported_round_trip(metrics: dict[str, Any], predictions: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The exported file read back, against the merged model it came from: how many held-out rows
     get the same greedy answer from both."""
-    pairs = zip(read_jsonl(predictions[EXPORTED]), read_jsonl(predictions["tuned"]), strict=True)
+    pairs = zip(predictions[EXPORTED], predictions["tuned"], strict=True)
     same = 0
     for exported, tuned in pairs:
         if exported["id"] != tuned["id"]:

@@ -24,7 +24,8 @@ from .io import (
     sha256_file,
     write_json,
 )
-from .model import load_tokenizer
+from .model import WEIGHT_SUFFIXES, load_tokenizer
+from .splits import SplitSettings, row_split
 
 log = logging.getLogger("sftpipe")
 
@@ -33,28 +34,6 @@ SPLITS = ("train", "validation", "test")
 BATCH = 8192  # rows per tokenizer call: large batches keep every core busy
 HISTOGRAM_BINS = 32
 PREVIEW_ROWS = 3  # training rows per dataset shown as the model sees and learns them
-
-
-@dataclass(frozen=True)
-class SplitSettings:
-    validation_fraction: float = 0.05
-    test_fraction: float = 0.05
-    seed: int = 0
-
-
-def assign_split(row_id: str, settings: SplitSettings) -> str:
-    """Hash the id, not the position, so appending rows never moves existing rows between splits."""
-    bucket = int(hashlib.sha256(f"{settings.seed}:{row_id}".encode()).hexdigest()[:12], 16) / 16**12
-    if bucket < settings.test_fraction:
-        return "test"
-    if bucket < settings.test_fraction + settings.validation_fraction:
-        return "validation"
-    return "train"
-
-
-def row_split(row: dict[str, Any], settings: SplitSettings) -> str:
-    """The split of a hydrated row: every turn of a conversation shares its `source_id`, hence its split."""
-    return assign_split(row.get("source_id", row["id"]), settings)
 
 
 OVERLONG = ("truncate", "drop")  # what happens to a row over max_length
@@ -254,9 +233,8 @@ def _check_splits(stats: dict[str, Any], split: SplitSettings) -> None:
             )
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-# The code the token ids come from: this module, the tokenizer loading and the artifact writing.
-FINGERPRINTED_CODE = ("tokenization.py", "model.py", "io.py")
+# The code the token ids come from: this module, the split rule, the tokenizer loading and the artifact writing.
+FINGERPRINTED_CODE = ("tokenization.py", "splits.py", "model.py", "io.py")
 
 
 def fingerprint(

@@ -23,9 +23,9 @@ import torch
 
 from .artifacts import TrainSummary, write_history
 from .attention import use_attention
+from .execution import STRATEGY_VARIABLE, current_allocator
 from .fsdp import fsdp_arguments, gathered_state, shard_where_accelerate_does_not, sharding_check
 from .io import PipelineError, Progress, read_json, read_jsonl, sha256_file
-from .launch import STRATEGY_VARIABLE, current_allocator
 from .loss import completion_loss
 from .model import load_model, load_tokenizer, save_model_dir
 from .precision import COMPUTE_DTYPES, resolve_precision
@@ -38,7 +38,7 @@ log = logging.getLogger("sftpipe")
 @dataclass(frozen=True)
 class TrainSettings:
     """The `train:` keys that decide what the adapter learns, key for key: the job's cache key and
-    its checkpoints' fingerprint. How it executes (`sftpipe.launch.Execution`) is not among them."""
+    its checkpoints' fingerprint. How it executes (`sftpipe.execution.Execution`) is not among them."""
 
     lora_r: int = 16
     lora_alpha: int = 32

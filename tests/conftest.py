@@ -157,7 +157,8 @@ def job(model, tokenized, out, settings, adapter="adapter", history="h.json"):
 @pytest.fixture(scope="session")
 def tokenized(tmp_path_factory, tiny_model):
     """Tokenized splits of 48 short rows, for training on the tiny model."""
-    from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, tokenize_and_split
+    from sftpipe.splits import SplitSettings
+    from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 
     out = tmp_path_factory.mktemp("tokenized")
     rows = [

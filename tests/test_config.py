@@ -10,14 +10,15 @@ from conftest import REPO
 
 from sftpipe.attention import ATTENTION
 from sftpipe.config import config_errors, describe, load_schema
+from sftpipe.execution import ALLOCATORS, STRATEGIES, Execution
 from sftpipe.export import GGUF_TYPES, ExportSettings
 from sftpipe.filters import FilterSettings
 from sftpipe.formats import FORMATS, PRESETS, TEMPLATES
-from sftpipe.launch import ALLOCATORS, STRATEGIES, Execution
 from sftpipe.merge import DTYPES
 from sftpipe.precision import PRECISIONS
-from sftpipe.preference import LOSS_TYPES, PreferenceSettings
-from sftpipe.tokenization import OVERLONG, LengthSettings, SplitSettings
+from sftpipe.preference_settings import LOSS_TYPES, PreferenceSettings
+from sftpipe.splits import SplitSettings
+from sftpipe.tokenization import OVERLONG, LengthSettings
 from sftpipe.train import QUANTIZATIONS, TrainJob, TrainSettings
 
 SCHEMA = load_schema()

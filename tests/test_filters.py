@@ -5,11 +5,13 @@ import json
 import pytest
 from conftest import prepared, write_jsonl
 
-from sftpipe.filters import FilterSettings, filter_and_mix, mix, words
+from sftpipe.filters import FilterSettings, filter_and_mix
 from sftpipe.formats import TEMPLATES, Example
 from sftpipe.io import read_jsonl
+from sftpipe.mixing import copies, mix_plan
+from sftpipe.splits import SplitSettings, row_split
 from sftpipe.tasks import TaskSpec
-from sftpipe.tokenization import SplitSettings, row_split
+from sftpipe.words import words
 
 
 def _alpaca_rows(shared_data, n):
@@ -77,7 +79,7 @@ def test_near_dedup_finds_pairs_above_the_threshold_and_keeps_those_below(tmp_pa
     comparing the MinHashes of candidates is what keeps the second."""
     import random
 
-    from sftpipe.filters import ngrams, words
+    from sftpipe.words import ngrams, words
 
     rng = random.Random(0)
     rows, close, far = [], [], []
@@ -188,7 +190,7 @@ def test_planted_arc_challenge_choices_and_hellaswag_contexts_are_removed(tmp_pa
 
 
 def test_train_rows_overlapping_held_out_rows_are_removed(tmp_path, shared_data):
-    from sftpipe.tokenization import assign_split
+    from sftpipe.splits import assign_split
 
     rows = _alpaca_rows(shared_data, 200)
     test_row = next(r for r in rows if assign_split(r["source_id"], SplitSettings(0.1, 0.1, 0)) == "test")
@@ -201,6 +203,12 @@ def test_train_rows_overlapping_held_out_rows_are_removed(tmp_path, shared_data)
     assert test_row["id"] in {r["id"] for r in mixed}
 
 
+def mix(rows, weight, seed, split):
+    """The mixture of rows held in memory, as filter_and_mix writes it: the kept rows, then the copies."""
+    keep, extra = mix_plan([row_split(r, split) for r in rows], weight, seed)
+    return [rows[i] for i in keep] + list(copies(dict(enumerate(rows)), extra))
+
+
 def test_mixing_fraction_count_and_upsampling():
     split = SplitSettings(0.2, 0.2, 0)
     rows = [{"id": f"r{i}", "source_id": f"r{i}"} for i in range(20)]
@@ -210,6 +218,7 @@ def test_mixing_fraction_count_and_upsampling():
     assert len(mix(rows, 3, "0", split)) == 3
     up = mix(rows, 60, "0", split)
     assert len(up) == 60 and len({r["id"] for r in up}) == 60 and up[:20] == rows
+    assert all(r["id"].startswith(f"{r['source_id']}#copy") for r in up[20:])
     # Copies come from training rows only: a held-out row counted twice would skew exact match.
     train = {r["id"] for r in rows if row_split(r, split) == "train"}
     assert 0 < len(train) < 20

@@ -14,7 +14,8 @@ import torch
 from conftest import REPO, job
 from safetensors.torch import load_file
 
-from sftpipe.launch import STRATEGY_VARIABLE, Execution, launch
+from sftpipe.execution import STRATEGY_VARIABLE, Execution
+from sftpipe.launch import launch
 from sftpipe.train import TrainSettings
 
 STEPS = 24
@@ -112,7 +113,7 @@ def test_fsdp_trains_as_ddp_does_and_saves_the_whole_adapter(tmp_path, tiny_mode
 def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint(tmp_path, tiny_model, tokenized, ddp_run):
     run = job(tiny_model, tokenized, tmp_path, SETTINGS)
     call = (
-        "from sftpipe.launch import Execution, launch\nfrom sftpipe.train import TrainJob\n"
+        "from sftpipe.execution import Execution\nfrom sftpipe.launch import launch\nfrom sftpipe.train import TrainJob\n"
         f"launch(TrainJob.from_json({run.to_json()!r}), Execution(processes=2, allocator='system', strategy='fsdp'), threads=2)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", call], start_new_session=True)

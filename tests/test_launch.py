@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
+from sftpipe.execution import Execution
 from sftpipe.io import PipelineError
-from sftpipe.launch import RENDEZVOUS_PORT, Execution, launcher_command
+from sftpipe.launch import RENDEZVOUS_PORT, launcher_command
 
 
 def test_one_process_needs_no_launcher():

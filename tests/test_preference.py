@@ -16,14 +16,15 @@ from conftest import write_jsonl
 from workflow import planned_jobs, snakemake
 
 from sftpipe.data import DatasetSpec, download_dataset, hydrate_dataset
-from sftpipe.dpo import PreferenceJob, PreferenceRecipe, completion_positions_only
 from sftpipe.filters import FilterSettings, filter_and_mix
 from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_tokenizer
-from sftpipe.preference import PreferenceSettings
+from sftpipe.preference_settings import PreferenceSettings
+from sftpipe.preference_train import PreferenceJob, PreferenceRecipe, completion_positions_only
 from sftpipe.reference import evaluate_preference, precompute_reference_logps
-from sftpipe.tokenization import SPLITS, LengthSettings, SplitSettings, assign_split, row_split, tokenize_and_split
+from sftpipe.splits import SplitSettings, assign_split, row_split
+from sftpipe.tokenization import SPLITS, LengthSettings, tokenize_and_split
 from sftpipe.train import TrainSettings
 
 BETA = 0.1
@@ -207,7 +208,7 @@ def test_a_pair_the_reference_lacks_is_an_error(tmp_path, tiny_model, pairs, ref
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, tiny_model, pairs, reference):
     """A preference run of 16 steps, its merged model and its held-out rewards."""
-    from sftpipe.dpo import train_preference
+    from sftpipe.preference_train import train_preference
 
     out = tmp_path_factory.mktemp("tuned")
     summary = train_preference(_job(tiny_model, pairs, reference, out, max_steps=16, logging_steps=4, eval_steps=8))

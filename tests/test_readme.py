@@ -87,6 +87,7 @@ SMALL_BENCH = {
     "bench/train_throughput.py": ["--rows", "8", "--steps", "1", "--variants", "sftpipe"],
     "bench/mutations.py": ["--only", "amx-not-native"],
     "bench/data_scaling.py": ["--rows", "300", "600"],
+    "bench/results_page.py": [],
 }
 
 

@@ -9,7 +9,8 @@ from conftest import write_jsonl
 
 from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.model import load_tokenizer
-from sftpipe.tokenization import IGNORE_INDEX, SPLITS, LengthSettings, SplitSettings, assign_split, tokenize_and_split
+from sftpipe.splits import SplitSettings, assign_split
+from sftpipe.tokenization import IGNORE_INDEX, SPLITS, LengthSettings, tokenize_and_split
 
 
 def _rows(n, start=0):

@@ -8,8 +8,9 @@ import torch
 from conftest import job, unavailable
 
 from sftpipe.attention import flash_attention_available
+from sftpipe.execution import Execution, planned_allocator
 from sftpipe.io import PipelineError
-from sftpipe.launch import Execution, launch, planned_allocator
+from sftpipe.launch import launch
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.precision import cpu_has_native_bf16, resolve_precision
@@ -417,9 +418,9 @@ def test_training_runs_on_the_configured_allocator(tmp_path, tiny_model, tokeniz
 
 
 def test_an_allocator_that_is_not_installed_names_the_key(monkeypatch):
-    import sftpipe.launch
+    import sftpipe.execution
 
-    monkeypatch.setitem(sftpipe.launch.ALLOCATOR_LIBRARIES, "jemalloc", ("sftpipe-no-such-allocator",))
+    monkeypatch.setitem(sftpipe.execution.ALLOCATOR_LIBRARIES, "jemalloc", ("sftpipe-no-such-allocator",))
     with pytest.raises(PipelineError, match=r"config key 'train.allocator': jemalloc is not installed"):
         planned_allocator("jemalloc")
 
@@ -528,7 +529,7 @@ def _allocated_bytes() -> int:
 
 
 def test_lean_swiglu_gives_the_stock_gradients_and_keeps_two_activations_less_per_layer(tiny_model):
-    from sftpipe.launch import current_allocator
+    from sftpipe.execution import current_allocator
     from sftpipe.swiglu import use_lean_swiglu
 
     if current_allocator() != "system" or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):

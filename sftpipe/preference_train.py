@@ -1,7 +1,8 @@
-"""Preference stage: a fresh LoRA on the merged SFT model trained with TRL's DPOTrainer (DPO, or
-another of its pairwise losses) on tokenized preference pairs, against the reference log-probs the
-reference stage computed once with that same model (`sftpipe.reference`). The trainer reads them
-from the data and never runs a reference model.
+"""Preference stage: a LoRA trained with TRL's DPOTrainer (DPO, or another of its pairwise losses) on
+tokenized preference pairs, against the reference log-probs the reference stage computed once with
+the merged SFT model (`sftpipe.reference`): a fresh LoRA on that merged model, or, with
+`preference.start: adapter`, the SFT adapter itself trained further over the base model. The
+trainer reads the reference log-probs from the data and never runs a reference model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .artifacts import TrainSummary
 from .io import PipelineError, read_jsonl
-from .preference import PreferenceSettings
+from .preference_settings import PreferenceSettings
 from .reference import read_reference, reference_precision
 from .train import LoraRecipe, TrainSettings
 

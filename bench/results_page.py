@@ -1,0 +1,193 @@
+"""bench/RESULTS.md, written from the benchmarks' JSON under bench/results/: every figure on the page
+comes from a file a benchmark wrote (or, for the GPU memory estimates, from sftpipe.plan), none is
+typed by hand. tests/test_results_page.py checks the committed page is this script's output.
+
+    .venv/bin/python bench/results_page.py [--out bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def _table(headers: list[str], rows: list[list[object]]) -> list[str]:
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(map(str, r)) + " |" for r in rows),
+    ]
+
+
+def _host(info: dict) -> str:
+    versions = ", ".join(f"{name} {v}" for name, v in info["versions"].items())
+    return f"{info['cores']}-core {info['cpu']} ({', '.join(info['cpu_flags']) or 'no relevant flags'}); {versions}"
+
+
+def training(data: dict) -> list[str]:
+    """bench/train_throughput.py: LoRA training of every variant, the two baselines first."""
+    peak = data["gemm_peak_gflops"]["fp32"]
+    rows = [
+        [
+            name,
+            v["setup"].get("undoes", "baseline"),
+            f"{v['real_tokens_per_s']:.1f}",
+            f"{data['speedup_real_tokens_per_s']['vs notebooks'][name]:.2f}x",
+            f"{v['computed_gflops']:.1f} ({v['fraction_of_gemm_peak']:.0%})",
+            f"{v['peak_rss_mb'] / 1024:.1f} GB",
+            f"{v['heldout_completion_loss']:.4f}",
+        ]
+        for name, v in data["variants"].items()
+    ]
+    h = data["hyperparameters"]
+    return [
+        "## LoRA training (`bench/train_throughput.py`)",
+        "",
+        f"{data['date']}, {_host(data)}; native bf16: {data['native_bf16']}. SmolLM2-135M-Instruct, {data['rows']} Alpaca "
+        f"rows, {data['steps']} steps of {h['batch_size']}, LoRA r {h['lora_r']} / alpha {h['lora_alpha']}, learning rate "
+        f"{h['learning_rate']}, held-out loss on {data['heldout_rows']} rows. FLOPs: {data['flop_counting']}.",
+        "",
+        *_table(
+            [
+                "variant",
+                "what it changes",
+                "real tokens/s",
+                "vs notebooks",
+                f"GFLOP/s as computed (share of the fp32 GEMM peak, {peak:.0f})",
+                "peak RSS",
+                "held-out loss",
+            ],
+            rows,
+        ),
+    ]
+
+
+def data_throughput(data: dict) -> list[str]:
+    """bench/data_throughput.py: hydrate + tokenize against the raw tokenizer and the notebooks' map."""
+    raw, seeds = data["raw_batched_tokenizer_rows_per_s"], data["seeds_map_batch_size_1_rows_per_s"]
+    ours = data["sftpipe_hydrate_and_tokenize_rows_per_s"]
+    return [
+        "## Hydrate and tokenize (`bench/data_throughput.py`)",
+        "",
+        f"{data['benchmark']}, max_length {data['max_length']}, medians of {data['repeats']} interleaved repeats:",
+        "",
+        *_table(
+            ["pipeline", "rows/s"],
+            [
+                ["raw batched tokenizer call (no templating, masking, split, stats or writing)", f"{raw:,.0f}"],
+                ["the reference notebooks' `datasets.map`, batch size 1", f"{seeds:,.0f}"],
+                ["sftpipe hydrate + tokenize", f"{ours:,.0f}"],
+            ],
+        ),
+        "",
+        f"sftpipe runs at {data['sftpipe_fraction_of_raw_tokenizer']:.0%} of the raw call and "
+        f"{data['sftpipe_speedup_over_seeds']:.1f}x the notebooks' map.",
+    ]
+
+
+def generation(data: dict) -> list[str]:
+    """bench/generation_throughput.py: batched exact-match generation against one prompt at a time."""
+    single, batched = data["seeds_one_by_one"], data["sftpipe_batched"]
+    return [
+        "## Exact-match generation (`bench/generation_throughput.py`)",
+        "",
+        f"{data['benchmark']}, {data['rows']} rows, {data['max_new_tokens']} new tokens, {data['threads']} threads "
+        f"({data['machine']}):",
+        "",
+        *_table(
+            ["decoding", "rows/s", "new tokens/s"],
+            [
+                ["one prompt at a time", f"{single['rows_per_s']:.2f}", f"{single['new_tokens_per_s']:.1f}"],
+                [f"batched ({data['batch_size']})", f"{batched['rows_per_s']:.2f}", f"{batched['new_tokens_per_s']:.1f}"],
+            ],
+        ),
+        "",
+        f"{data['speedup_rows_per_s']:.1f}x; identical outputs: {data['same_outputs']} ({data['outputs_differing']} differing).",
+    ]
+
+
+def scaling(data: dict) -> list[str]:
+    """bench/data_scaling.py: every data stage's cost per 1k rows and peak RSS, and dedup's recall."""
+    stages = ("download", "hydrate", "filter_and_mix", "tokenize_and_split")
+    rows = []
+    for result in data["results"]:
+        cells = []
+        for stage in stages:
+            s = result["stages"][stage]
+            worker = f" (+{s['worker_peak_rss_mb']:.0f} MB a worker)" if s.get("worker_peak_rss_mb") else ""
+            cells.append(f"{s['seconds_per_1k_rows']:.3f} s, {s['peak_rss_mb']:.0f} MB{worker}")
+        dedup = result["dedup"]
+        quality = f"{dedup['recall']:.3f} ({dedup['false_positives']}), {dedup['contamination_recall']:.3f}"
+        rows.append([f"{result['rows']:,}", *cells, quality])
+    return [
+        "## Data stages at scale (`bench/data_scaling.py`)",
+        "",
+        f"{_host(data['host'])}; {data['threads']} MinHash workers; {data['settings']}. Seconds per 1k rows and peak "
+        "RSS of each stage's own process; planted exact and near duplicates and ARC-Easy questions measure recall "
+        "(`bench/results/data_scaling.png`).",
+        "",
+        *_table(["rows", *stages, "dedup recall (false positives), contamination recall"], rows),
+    ]
+
+
+def gpu_memory() -> list[str]:
+    """sftpipe.plan's estimates for the known model sizes: computed from the shapes, not measured."""
+    from sftpipe.plan import rows
+    from sftpipe.resources import KNOWN_SHAPES
+
+    return [
+        "## GPU memory estimates (`python -m sftpipe.plan`)",
+        "",
+        "What `sftpipe.resources` asks for a training job on a GPU, from the model's shape: 512 tokens a step, LoRA "
+        "rank 16 on every linear layer, AdamW. Estimates, not measurements.",
+        "",
+        *_table(["model", "parameters", "method", "with checkpointing", "without"], rows(KNOWN_SHAPES, 512, 16)),
+    ]
+
+
+def mutations(data: dict) -> list[str]:
+    """bench/mutations.py: which tests failed when the code they guard was broken."""
+    rows = [[m["name"], m["breaks"], "killed" if m["killed"] else "SURVIVED", f"{m['seconds']} s"] for m in data["mutations"]]
+    return [
+        "## Mutations (`bench/mutations.py`)",
+        "",
+        f"Run {data['date']}: {sum(m['killed'] for m in data['mutations'])} of {len(data['mutations'])} killed.",
+        "",
+        *_table(["mutation", "what it breaks", "result", "time"], rows),
+    ]
+
+
+def page(results: Path = RESULTS) -> str:
+    def read(name: str) -> dict:
+        return json.loads((results / name).read_text())
+
+    sections = [
+        training(read("train_throughput.json")),
+        data_throughput(read("data_throughput.json")),
+        generation(read("generation_throughput.json")),
+        scaling(read("data_scaling.json")),
+        gpu_memory(),
+        mutations(read("mutations.json")),
+    ]
+    intro = [
+        "# Measured results",
+        "",
+        "Written by `bench/results_page.py` from `bench/results/*.json`; rerun a benchmark, then the script. Figures "
+        "from different hosts, or from runs on a loaded host, are not comparable.",
+    ]
+    return "\n".join(intro + [line for section in sections for line in ["", *section]]) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    args = parser.parse_args()
+    Path(args.out).write_text(page())
+
+
+if __name__ == "__main__":
+    main()
