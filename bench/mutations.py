@@ -279,6 +279,14 @@ MUTATIONS = [
         "the whole adapter gathered from every FSDP process",
     ),
     Mutation(
+        "fsdp-resumes-ddp-checkpoints",
+        "sftpipe/train.py",
+        'layout = {"checkpoints": "sharded"} if self.fsdp else {}',
+        "layout = {}",
+        ("tests/test_fsdp.py::test_fsdp_and_ddp_never_resume_each_others_checkpoints",),
+        "a run under one strategy never resumes another strategy's checkpoint",
+    ),
+    Mutation(
         "fsdp-arguments-dropped",
         "sftpipe/train.py",
         "return fsdp_arguments(self.model) if self.fsdp else {}",

@@ -149,6 +149,25 @@ def gpu_memory() -> list[str]:
     ]
 
 
+def fsdp_memory(data: dict) -> list[str]:
+    """bench/fsdp_memory.py: what each of two processes holds under DDP and under FSDP."""
+    keys = ("parameters", "gradients", "optimizer_state", "peak_rss_mb")
+    rows = [
+        [strategy, rank, *(f"{held[key]:.1f}" for key in keys)]
+        for strategy, ranks in data["per_rank_mb"].items()
+        for rank, held in enumerate(ranks)
+    ]
+    ratios = ", ".join(f"{key} {ratio:.2f}x" for key, ratio in data["fsdp_over_ddp"].items())
+    return [
+        "## Per-rank memory, DDP vs FSDP (`bench/fsdp_memory.py`)",
+        "",
+        f"{data['date']}, {_host(data)}. {data['benchmark']}, precision {data['precision']}: {data['what']}. "
+        f"FSDP over DDP, rank 0: {ratios}.",
+        "",
+        *_table(["strategy", "rank", "parameters (MB)", "gradients (MB)", "optimizer state (MB)", "peak RSS (MB)"], rows),
+    ]
+
+
 def mutations(data: dict) -> list[str]:
     """bench/mutations.py: which tests failed when the code they guard was broken."""
     rows = [[m["name"], m["breaks"], "killed" if m["killed"] else "SURVIVED", f"{m['seconds']} s"] for m in data["mutations"]]
@@ -170,6 +189,7 @@ def page(results: Path = RESULTS) -> str:
         data_throughput(read("data_throughput.json")),
         generation(read("generation_throughput.json")),
         scaling(read("data_scaling.json")),
+        fsdp_memory(read("fsdp_memory.json")),
         gpu_memory(),
         mutations(read("mutations.json")),
     ]

@@ -86,3 +86,18 @@ def gathered_state(model) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def holdings(model, optimizer) -> dict[str, int]:
+    """Bytes this process holds of the model's parameters, their gradients and the optimizer's state
+    (a DTensor counts its local shard): what FSDP divides over the processes and DDP replicates."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def size(tensors) -> int:
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if t is not None]
+        return sum(t.numel() * t.element_size() for t in local)
+
+    parameters = list(model.parameters())
+    moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"parameters": size(parameters), "gradients": size(p.grad for p in parameters), "optimizer_state": size(moments)}

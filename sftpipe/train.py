@@ -228,7 +228,9 @@ class LoraRecipe:
         self.tracking = Tracking(job.report_to, job.name)
         # Checkpoints live outside the rule's outputs, keyed by what they belong to, so a rerun after
         # a kill resumes while a changed config starts afresh.
-        self.checkpoints = Path(job.work_dir) / run_fingerprint(self.learned_settings(), self.fingerprinted_files())
+        # FSDP's checkpoints are sharded, which a DDP run cannot resume (nor FSDP a DDP one).
+        layout = {"checkpoints": "sharded"} if self.fsdp else {}
+        self.checkpoints = Path(job.work_dir) / run_fingerprint({**self.learned_settings(), **layout}, self.fingerprinted_files())
 
     def learned_settings(self) -> dict:
         """The settings that decide what the run learns, as its history records them."""

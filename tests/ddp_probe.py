@@ -15,15 +15,12 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 from transformers import TrainerCallback
 
+from sftpipe.fsdp import holdings
 from sftpipe.train import LoraRecipe, TrainJob
 
 
 def _local(tensor):
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _bytes(tensors) -> int:
-    return sum(_local(t).numel() * _local(t).element_size() for t in tensors if t is not None)
 
 
 class Holdings(TrainerCallback):
@@ -36,7 +33,6 @@ class Holdings(TrainerCallback):
         if self.seen is not None:
             return
         parameters = dict(model.named_parameters())
-        moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
         self.seen = {
             "distributed_type": str(recipe.trainer.accelerator.distributed_type),
             "parameters": {
@@ -49,19 +45,15 @@ class Holdings(TrainerCallback):
                 }
                 for name, p in parameters.items()
             },
-            "bytes": {
-                "parameters": _bytes(parameters.values()),
-                "gradients": _bytes(p.grad for p in parameters.values()),
-                "optimizer_state": _bytes(moments),
-            },
+            "bytes": holdings(model, optimizer),
         }
 
 
 job, out = TrainJob.from_json(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 recipe = LoraRecipe(job)
-holdings = Holdings()
+probe = Holdings()
 callbacks = recipe.callbacks
-recipe.callbacks = lambda: [*callbacks(), holdings]
+recipe.callbacks = lambda: [*callbacks(), probe]
 recipe.setup()
 seen = []
 collate = recipe.trainer.data_collator
@@ -81,5 +73,5 @@ trainable = {
     for name, p in recipe.trainer.model.named_parameters()
     if p.requires_grad
 }
-record = {"batches": seen, "trainable": trainable, "world_size": summary.world_size, "holdings": holdings.seen}
+record = {"batches": seen, "trainable": trainable, "world_size": summary.world_size, "holdings": probe.seen}
 torch.save(record, out / f"rank{os.environ['RANK']}.pt")

@@ -98,6 +98,17 @@ def test_a_run_asked_to_shard_fails_where_nothing_shards(tiny_model):
         )
 
 
+def test_fsdp_and_ddp_never_resume_each_others_checkpoints(tmp_path, tiny_model, tokenized, monkeypatch):
+    from sftpipe.train import LoraRecipe
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    places = {}
+    for strategy in ("ddp", "fsdp"):
+        monkeypatch.setenv(STRATEGY_VARIABLE, strategy)
+        places[strategy] = LoraRecipe(job(tiny_model, tokenized, tmp_path, SETTINGS)).checkpoints
+    assert places["ddp"] != places["fsdp"] and places["ddp"].parent == places["fsdp"].parent
+
+
 def test_fsdp_trains_as_ddp_does_and_saves_the_whole_adapter(tmp_path, tiny_model, tokenized, ddp_run):
     fsdp = launch(job(tiny_model, tokenized, tmp_path, SETTINGS), FSDP, threads=2)
     assert fsdp.world_size == 2 and fsdp.steps == STEPS
