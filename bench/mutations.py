@@ -806,6 +806,46 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     return result.returncode, "\n".join(failures[:3] + failures[-1:]) or result.stdout[-400:]
 
 
+def run_mutation(mutation: Mutation, clean_runs: dict[tuple[str, ...], tuple[int, str]]) -> dict:
+    """Mutate a scratch copy, run the mutation's tests on it (unmutated first, once per set of tests)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = scratch_copy(Path(tmp))
+        target = copy / mutation.file
+        text = target.read_text()
+        assert text.count(mutation.old) == 1, f"{mutation.name}: the snippet must occur once in {mutation.file}"
+        start = time.monotonic()
+        if mutation.tests not in clean_runs:
+            clean_runs[mutation.tests] = run_tests(copy, mutation.tests)
+        clean, clean_output = clean_runs[mutation.tests]
+        target.write_text(text.replace(mutation.old, mutation.new))
+        mutated, output = run_tests(copy, mutation.tests)
+    return {
+        **asdict(mutation),
+        "date": time.strftime("%Y-%m-%d"),
+        "passes_unmutated": clean == 0,
+        "killed": clean == 0 and mutated != 0,
+        "failure": output if clean == 0 else clean_output,
+        "seconds": round(time.monotonic() - start),
+    }
+
+
+def write(out: Path, recorded: dict[str, dict]) -> None:
+    """The results of the mutations still listed, in their order, each dated by its own run."""
+    listed = [recorded[m.name] for m in MUTATIONS if m.name in recorded]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "mutations": listed}, indent=2) + "\n")
+
+
+def current(mutation: Mutation, recorded: dict[str, dict]) -> bool:
+    """Whether `recorded` holds this mutation, as it is defined now, killed."""
+    result = recorded.get(mutation.name)
+    return (
+        result is not None
+        and result["killed"]
+        and all(result[k] == list(v) if isinstance(v, tuple) else result[k] == v for k, v in asdict(mutation).items())
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=[m.name for m in MUTATIONS])
@@ -813,39 +853,21 @@ def main() -> None:
     parser.add_argument(
         "--update", action="store_true", help="keep the other mutations' results already in --out (each run on its own code)"
     )
+    parser.add_argument(
+        "--missing", action="store_true", help="with --update: run only the mutations --out does not hold, as defined now, killed"
+    )
     args = parser.parse_args()
-    results = []
+    out = Path(args.out)
+    recorded = {r["name"]: r for r in json.loads(out.read_text())["mutations"]} if args.update and out.exists() else {}
+    chosen = [m for m in MUTATIONS if (not args.only or m.name in args.only) and not (args.missing and current(m, recorded))]
     clean_runs: dict[tuple[str, ...], tuple[int, str]] = {}  # the unmutated tree passes or fails alike for each
-    for mutation in MUTATIONS:
-        if args.only and mutation.name not in args.only:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            copy = scratch_copy(Path(tmp))
-            target = copy / mutation.file
-            text = target.read_text()
-            assert text.count(mutation.old) == 1, f"{mutation.name}: the snippet must occur once in {mutation.file}"
-            start = time.monotonic()
-            if mutation.tests not in clean_runs:
-                clean_runs[mutation.tests] = run_tests(copy, mutation.tests)
-            clean, clean_output = clean_runs[mutation.tests]
-            target.write_text(text.replace(mutation.old, mutation.new))
-            mutated, output = run_tests(copy, mutation.tests)
-        result = {
-            **asdict(mutation),
-            "passes_unmutated": clean == 0,
-            "killed": clean == 0 and mutated != 0,
-            "failure": output if clean == 0 else clean_output,
-            "seconds": round(time.monotonic() - start),
-        }
-        results.append(result)
+    killed = []
+    for mutation in chosen:
+        recorded[mutation.name] = result = run_mutation(mutation, clean_runs)
+        killed.append(result["killed"])
+        write(out, recorded)  # after each: a long run interrupted keeps what it found
         print(f"{mutation.name}: {'killed' if result['killed'] else 'SURVIVED'} ({result['seconds']} s)", file=sys.stderr)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    recorded = {r["name"]: r for r in results}
-    if args.update and Path(args.out).exists():
-        recorded = {r["name"]: r for r in json.loads(Path(args.out).read_text())["mutations"]} | recorded
-    listed = [recorded[m.name] for m in MUTATIONS if m.name in recorded]
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "mutations": listed}, indent=2) + "\n")
-    if not all(r["killed"] for r in results):
+    if not all(killed):
         sys.exit(1)
 
 
