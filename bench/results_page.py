@@ -28,6 +28,12 @@ def _host(info: dict) -> str:
     return f"{info['cores']}-core {info['cpu']} ({', '.join(info['cpu_flags']) or 'no relevant flags'}); {versions}"
 
 
+def _load(data: dict) -> str:
+    """The 1-minute load average around the run, where the benchmark recorded it."""
+    load = data.get("load_average_1min")
+    return f"; load average {load['before']:.1f} before, {load['after']:.1f} after (other work on the cores)" if load else ""
+
+
 def training(data: dict) -> list[str]:
     """bench/train_throughput.py: LoRA training of every variant, the two baselines first."""
     peak = data["gemm_peak_gflops"]["fp32"]
@@ -45,10 +51,10 @@ def training(data: dict) -> list[str]:
     ]
     h = data["hyperparameters"]
     return [
-        "## LoRA training (`bench/train_throughput.py`)",
+        f"## LoRA training (`bench/train_throughput.py`), {'native-bf16' if data['native_bf16'] else 'fp32-only'} host",
         "",
-        f"{data['date']}, {_host(data)}; native bf16: {data['native_bf16']}. SmolLM2-135M-Instruct, {data['rows']} Alpaca "
-        f"rows, {data['steps']} steps of {h['batch_size']}, LoRA r {h['lora_r']} / alpha {h['lora_alpha']}, learning rate "
+        f"{data['date']}, {_host(data)}; native bf16: {data['native_bf16']}{_load(data)}. SmolLM2-135M-Instruct, "
+        f"{data['rows']} Alpaca rows, {data['steps']} steps of {h['batch_size']}, LoRA r {h['lora_r']} / alpha {h['lora_alpha']}, learning rate "
         f"{h['learning_rate']}, held-out loss on {data['heldout_rows']} rows. FLOPs: {data['flop_counting']}.",
         "",
         *_table(
@@ -185,7 +191,8 @@ def page(results: Path = RESULTS) -> str:
         return json.loads((results / name).read_text())
 
     sections = [
-        training(read("train_throughput.json")),
+        # One training run per kind of host measured on (bf16 native or not).
+        *(training(json.loads(path.read_text())) for path in sorted(results.glob("train_throughput*.json"))),
         data_throughput(read("data_throughput.json")),
         generation(read("generation_throughput.json")),
         scaling(read("data_scaling.json")),

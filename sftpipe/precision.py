@@ -34,12 +34,14 @@ def resolve_precision(precision: str) -> str:
     return host_precision()
 
 
-def host_precision() -> str:
-    """What `auto` resolves to on this host (see resolve_precision)."""
+def host_precision(cpuinfo: str | None = None) -> str:
+    """What `auto` resolves to on this host (see resolve_precision); on a CPU, from `cpuinfo` (this
+    host's /proc/cpuinfo unless given)."""
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "fp32"
     return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"

@@ -13,7 +13,7 @@ from sftpipe.io import PipelineError
 from sftpipe.launch import launch
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
-from sftpipe.precision import cpu_has_native_bf16, resolve_precision
+from sftpipe.precision import cpu_has_native_bf16, host_precision, resolve_precision
 from sftpipe.train import TrainSettings, train_lora
 
 
@@ -87,6 +87,9 @@ def test_auto_precision_follows_the_hardware():
     if not torch.cuda.is_available():
         with pytest.raises(PipelineError, match="train.precision"):
             resolve_precision("fp16")
+        # Both kinds of CPU, whichever this host is.
+        assert host_precision("flags\t\t: sse2 avx2 fma\n") == "fp32"
+        assert host_precision("flags\t\t: avx2 avx512f avx512_bf16\n") == "bf16"
 
 
 def test_the_test_suite_pins_precision():
