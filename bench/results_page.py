@@ -54,8 +54,9 @@ def training(data: dict) -> list[str]:
         f"## LoRA training (`bench/train_throughput.py`), {'native-bf16' if data['native_bf16'] else 'fp32-only'} host",
         "",
         f"{data['date']}, {_host(data)}; native bf16: {data['native_bf16']}{_load(data)}. SmolLM2-135M-Instruct, "
-        f"{data['rows']} Alpaca rows, {data['steps']} steps of {h['batch_size']}, LoRA r {h['lora_r']} / alpha {h['lora_alpha']}, learning rate "
-        f"{h['learning_rate']}, held-out loss on {data['heldout_rows']} rows. FLOPs: {data['flop_counting']}.",
+        f"{data['rows']} Alpaca rows, {data['steps']} steps of {h['batch_size']}, LoRA r {h['lora_r']} / alpha "
+        f"{h['lora_alpha']}, learning rate {h['learning_rate']}, held-out loss on {data['heldout_rows']} rows. "
+        f"FLOPs: {data['flop_counting']}.",
         "",
         *_table(
             [
