@@ -111,9 +111,9 @@ MUTATIONS = [
     ),
     Mutation(
         "normalized-is-strict",
-        "sftpipe/evaluate.py",
-        '"normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference)',
-        '"normalized_exact_match": prediction.strip() == reference.strip()',
+        "sftpipe/metrics.py",
+        "return normalize_answer(prediction) == normalize_answer(reference)",
+        "return prediction.strip() == reference.strip()",
         ("tests/test_evaluate.py::test_exact_match_scores_predictions_against_references",),
         "normalized exact match",
     ),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .io import PipelineError, Progress, read_json, read_jsonl, write_json, write_jsonl
-from .metrics import EXACT_MATCH_METRICS, normalize_answer, token_f1
+from .metrics import EXACT_MATCH_METRICS, exact_match, normalized_exact_match, token_f1
 from .model import load_model, load_tokenizer
 from .tasks import MANIFEST, TaskSpec, task_config, task_manager
 from .tokenization import IGNORE_INDEX, prompt_token_ids
@@ -89,8 +89,8 @@ def evaluate_exact_match(
                 "prompt": row["prompt"],
                 "reference": reference,
                 "prediction": prediction,
-                "exact_match": prediction.strip() == reference.strip(),
-                "normalized_exact_match": normalize_answer(prediction) == normalize_answer(reference),
+                "exact_match": exact_match(prediction, reference),
+                "normalized_exact_match": normalized_exact_match(prediction, reference),
                 "token_f1": token_f1(prediction, reference),
             }
         )
