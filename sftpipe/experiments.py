@@ -128,8 +128,8 @@ def expand_experiments(config: dict[str, Any]) -> dict[str, Experiment]:
         )
         if experiments[name].rl is not None and experiments[name].preference is not None:
             raise PipelineError(
-                f"config key '{key}': RL after preference tuning is not supported yet; tune one experiment with "
-                "'preference' and another with 'rl' (a sweep shares their SFT)"
+                f"config key '{key if 'rl' in override else 'rl'}': RL after preference tuning is not supported yet; "
+                "tune one experiment with 'preference' and another with 'rl' (a sweep shares their SFT)"
             )
     return _shared(experiments)
 
