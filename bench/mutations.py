@@ -743,6 +743,14 @@ MUTATIONS = [
         "sampling from the policy (its adapter folded in), not from the start model",
     ),
     Mutation(
+        "rl-prefill-wrong-mask",
+        "sftpipe/grpo.py",
+        "firsts = torch.cumsum(counts, 0) - counts",
+        "firsts = torch.arange(len(counts))",
+        (R + "test_the_folded_generation_model_is_the_policy",),
+        "each group's prompt prefilled once under its own attention mask",
+    ),
+    Mutation(
         "rl-resume-from-scratch",
         "sftpipe/train.py",
         "trainer.train(resume_from_checkpoint=str(resume) if resume else None)",

@@ -4,10 +4,11 @@ training-split prompt, the rewards (`sftpipe.rewards`) score them against the ro
 and TRL's loss learns from the advantages within each group. LoraRecipe's model, schedule, precision,
 checkpoints (a killed run resumes) and summary; prompts for data, GRPOTrainer for trainer.
 
-Generation, most of a step, runs on a plain copy of the model whose weights are the policy's with
-the adapter folded in, refreshed before each generation: the decoding loop then pays for one matmul
-per linear layer and token, not three and the adapter's own modules. TRL's own generation (or vLLM)
-runs where that copy cannot stand for the policy (DoRA, modules_to_save, a 4-bit base).
+Generation runs on a plain copy of the model whose weights are the policy's with the adapter folded
+in, refreshed before each generation: the decoding loop then pays for one matmul per linear layer
+and token, not three and the adapter's own modules; and each prompt's KV cache is computed once for
+its group of completions, not once per completion. TRL's own generation (or vLLM) runs where that
+copy cannot stand for the policy (DoRA, modules_to_save, a 4-bit base).
 """
 
 from __future__ import annotations
@@ -79,12 +80,36 @@ class FoldedGenerator:
         if not folded:
             raise RuntimeError("the policy has no LoRA layer to fold into the generation model")
 
-    def generate(self, policy, **kwargs):
+    def generate(self, policy, input_ids, attention_mask, **kwargs):
         start = time.perf_counter()
         self.refresh(policy)
-        output = self.model.generate(**kwargs)
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=self.shared_prefill(input_ids, attention_mask),
+            **kwargs,
+        )
         self.seconds += time.perf_counter() - start
         return output
+
+    @torch.no_grad()
+    def shared_prefill(self, input_ids, attention_mask):
+        """The KV cache of every prompt but its last token, computed once per group: GRPO samples each
+        prompt `num_generations` times in consecutive rows, and the prompt is most of what a row's
+        generation computes. None where the rows are not groups of one size."""
+        from transformers import DynamicCache
+
+        unique, counts = torch.unique_consecutive(input_ids, dim=0, return_counts=True)
+        if len(unique) == len(input_ids) or len(set(counts.tolist())) != 1 or input_ids.shape[1] < 2:
+            return None
+        firsts = torch.cumsum(counts, 0) - counts
+        mask = attention_mask[firsts, :-1]
+        # Left padding: positions count real tokens only, as generate's own prefill counts them.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=unique[:, :-1], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(int(counts[0]))
+        return cache
 
 
 def _rl_trainer():

@@ -24,6 +24,7 @@ from sftpipe.io import PipelineError, read_jsonl
 from sftpipe.rewards import trl_reward_functions
 from sftpipe.rl_prompts import write_rl_prompts
 from sftpipe.rl_settings import RewardSpec, RLSettings
+from sftpipe.tokenization import prompt_token_ids
 from sftpipe.train import TrainSettings
 
 # Sampled from a random model, completions differ in how many distinct characters they hold: a reward
@@ -188,6 +189,22 @@ def test_the_folded_generation_model_is_the_policy(tmp_path, tiny_model, prompts
             untrained = policy(input_ids=ids).logits
     assert (trained - untrained).abs().max() > 1e-4  # the adapter moved
     assert torch.allclose(folded, trained, atol=1e-5)
+    # Groups of one prompt each, of different lengths (left-padded), their prompts prefilled once per group.
+    rows = list(read_jsonl(prompts))
+    ids = prompt_token_ids(recipe.tokenizer, [r["prompt"] for r in (rows[0], rows[-1]) for _ in range(3)])
+    assert len({len(i) for i in ids}) == 2
+    width = max(map(len, ids))
+    batch = {
+        "input_ids": torch.tensor([[recipe.tokenizer.pad_token_id] * (width - len(i)) + i for i in ids]),
+        "attention_mask": torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]),
+    }
+    greedy = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": recipe.tokenizer.pad_token_id}
+    greedy |= {"output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        assert recipe.generator.shared_prefill(**batch) is not None
+        shared, own = recipe.generator.generate(policy, **batch, **greedy), policy.generate(**batch, **greedy)
+    assert torch.equal(shared.sequences, own.sequences)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(shared.logits, own.logits, strict=True))
 
 
 def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_model, prompts, spread):
