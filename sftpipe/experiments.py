@@ -137,15 +137,23 @@ def expand_experiments(config: dict[str, Any]) -> dict[str, Experiment]:
 PREFERENCE_KEYS = tuple(f.name for f in fields(PreferenceSettings))
 
 
-def _preference(config: dict[str, Any], override: dict[str, Any], key: str, pairs: list[str]) -> dict[str, Any] | None:
-    """An experiment's preference settings: the top-level `preference` section with its own
-    `preference` keys (and `preference.train` keys) over it; None if neither is given."""
-    top, own = config.get("preference"), override.get("preference")
+def _stage_section(config: dict[str, Any], override: dict[str, Any], key: str, stage: str) -> tuple[dict, str] | None:
+    """A stage after SFT's section for one experiment: the top-level `stage` section with the
+    experiment's own `stage` keys (and `stage.train` keys) over it, and the key it is reported under;
+    None if neither is given."""
+    top, own = config.get(stage), override.get(stage)
     if top is None and own is None:
         return None
     top, own = top or {}, own or {}
-    where = f"{key}.preference" if own else "preference"
     merged = {**top, **own, "train": {**top.get("train", {}), **own.get("train", {})}}
+    return merged, f"{key}.{stage}" if own else stage
+
+
+def _preference(config: dict[str, Any], override: dict[str, Any], key: str, pairs: list[str]) -> dict[str, Any] | None:
+    """An experiment's preference settings (see `_stage_section`); None if it has none."""
+    if (section := _stage_section(config, override, key, "preference")) is None:
+        return None
+    merged, where = section
     datasets = tuple(merged.get("datasets") or pairs)
     if not datasets:
         kinds = ", ".join(name for name, fmt in FORMATS.items() if fmt.preference)
@@ -165,14 +173,11 @@ RL_KEYS = tuple(f.name for f in fields(RLSettings))
 
 
 def _rl(config: dict[str, Any], override: dict[str, Any], key: str, sft_datasets: tuple[str, ...]) -> dict[str, Any] | None:
-    """An experiment's RL settings: the top-level `rl` section with its own `rl` keys (and `rl.train`
-    keys) over it; None if neither is given. Its prompts come from the SFT datasets it names."""
-    top, own = config.get("rl"), override.get("rl")
-    if top is None and own is None:
+    """An experiment's RL settings (see `_stage_section`); None if it has none. Its prompts come from
+    the SFT datasets it names."""
+    if (section := _stage_section(config, override, key, "rl")) is None:
         return None
-    top, own = top or {}, own or {}
-    where = f"{key}.rl" if own else "rl"
-    merged = {**top, **own, "train": {**top.get("train", {}), **own.get("train", {})}}
+    merged, where = section
     datasets = tuple(merged.get("datasets") or sft_datasets)
     wrong = sorted(set(datasets) - set(sft_datasets))
     if wrong:

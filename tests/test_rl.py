@@ -5,17 +5,13 @@ the user's reward file changes and shares one SFT over a sweep of rl keys."""
 
 import dataclasses
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import killed_after_first_checkpoint
 from workflow import planned_jobs, snakemake
 
 from sftpipe.config import load_schema
@@ -219,16 +215,8 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
         "RLSettings(num_generations=4, prompts_per_step=2, max_completion_length=6, "
         f"rewards=(RewardSpec('function', function={spread.function!r}),))))\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", call], env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "work").glob("*/checkpoint-*/trainer_state.json")):
-        assert process.poll() is None, "training ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    saved = killed_after_first_checkpoint(call, tmp_path / "work")
     assert not (tmp_path / "adapter").exists()
-    saved = max(int(p.parent.name.split("-")[1]) for p in (tmp_path / "work").glob("*/checkpoint-*/trainer_state.json"))
     rl = small(rewards=(spread,))
     summary = train_rl(rl_job(tiny_model, prompts, tmp_path, rl, max_steps=12, save_steps=3))
     assert 3 <= summary.resumed_from_step == saved < 12
