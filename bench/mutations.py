@@ -751,6 +751,14 @@ MUTATIONS = [
         "each group's prompt prefilled once under its own attention mask",
     ),
     Mutation(
+        "rl-report-without-significance",
+        "sftpipe/report.py",
+        'paired += significance(predictions, harness, "tuned", "rl")',
+        "paired += []",
+        (R + "test_the_report_sets_sft_and_rl_side_by_side",),
+        "the report's paired significance of RL against the SFT model it started from",
+    ),
+    Mutation(
         "rl-resume-from-scratch",
         "sftpipe/train.py",
         "trainer.train(resume_from_checkpoint=str(resume) if resume else None)",

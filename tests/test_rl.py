@@ -284,3 +284,55 @@ def test_rl_after_preference_tuning_is_refused_naming_the_key(tmp_path):
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(tmp_path, "-n", "--configfile", "rl.yaml", check=False)
     assert result.returncode == 1 and "config key 'rl': RL after preference tuning" in result.stderr
+
+
+def test_the_report_sets_sft_and_rl_side_by_side(tmp_path, tiny_model, tokenized, prompts, spread):
+    from sftpipe.report import ReportInputs, ReportOutputs, RLInputs, comparison_rows, write_report
+
+    train_rl(rl_job(tiny_model, prompts, tmp_path, small(rewards=(RewardSpec("exact"), spread)), max_steps=2))
+    rows = list(read_jsonl(tokenized["test"]))[:4]
+    right = {"base": 0, "tuned": 2, "rl": 4}  # rows answered right, of 4
+    paths = {}
+    for variant, n in right.items():
+        scored = [
+            {"id": r["id"], "prompt": r["prompt"], "reference": r["completion"], "prediction": f"{variant} says"}
+            | dict.fromkeys(("exact_match", "normalized_exact_match", "token_f1"), float(i < n))
+            for i, r in enumerate(rows)
+        ]
+        rate = n / len(rows)
+        metrics = dict.fromkeys(("exact_match", "normalized_exact_match", "token_f1"), rate)
+        metrics |= {
+            "rows": len(rows),
+            "settings": {"max_new_tokens": 8},
+            "per_dataset": {"t": {"rows": 4, "normalized_exact_match": rate}},
+        }
+        task = {"metrics": {"acc,none": rate, "acc_stderr,none": 0.01}, "n_samples": {"effective": 4}}
+        task |= {"settings": {"num_fewshot": 0}, "data": {"test": "local"}, "per_document": {"doc_id": [0], "acc": [rate]}}
+        for name, content in (("em.json", metrics), ("lm.json", {"tasks": {"mc": task}})):
+            (tmp_path / f"{variant}.{name}").write_text(json.dumps(content))
+        (tmp_path / f"{variant}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scored))
+        paths[variant] = {kind: tmp_path / f"{variant}.{kind}" for kind in ("em.json", "lm.json", "jsonl")}
+    counts = dict.fromkeys(("rows_in", "rows_after_filters", "rows_out"), 4)
+    filters = {"datasets": {"t": {**counts, **dict.fromkeys(("exact_duplicate", "near_duplicate"), 0), "weight": None}}}
+    filters["datasets"]["t"] |= {"eval_contamination": 0, "test_overlap": 0}
+    (tmp_path / "filters.json").write_text(json.dumps(filters))
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "t", "source": {"kind": "path"}, "rows": 48, "sha256": "0" * 64}))
+    inputs = ReportInputs(
+        lm_eval={v: p["lm.json"] for v, p in paths.items()},
+        exact_match={v: p["em.json"] for v, p in paths.items()},
+        predictions={v: p["jsonl"] for v, p in paths.items()},
+        history=tmp_path / "history.json",
+        data_stats=tokenized["train"].parent / "stats.json",
+        filters=tmp_path / "filters.json",
+        manifests=[tmp_path / "manifest.json"],
+        rl=RLInputs(history=tmp_path / "history.json", prompts=prompts.with_suffix(".json")),
+    )
+    outputs = ReportOutputs(**{name: tmp_path / "report" / f"{name}.out" for name in ReportOutputs.__dataclass_fields__})
+    summary = write_report("rl", inputs, outputs, {"train": {}, "rl": {"beta": 0.0}})
+    markdown = outputs.markdown.read_text()
+    assert "| exact_match | 0.0000 | 0.5000 | +0.5000 | 1.0000 | +0.5000 |" in markdown
+    assert "## Online RL (GRPO)" in markdown and "| rewards/exact/mean |" in markdown and "| frac_reward_zero_std |" in markdown
+    compared = {(r["task"], r["metric"], r.get("compared")) for r in summary["significance"]}
+    assert ("exact match", "exact_match", "rl vs tuned") in compared and ("mc", "acc", "rl vs tuned") in compared
+    assert summary["rl"]["prompts"]["rows"] == len(list(read_jsonl(prompts)))
+    assert comparison_rows([summary])[0]["exact_match"] == {"base": 0.0, "tuned": 0.5, "rl": 1.0}
