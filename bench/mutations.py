@@ -759,6 +759,14 @@ MUTATIONS = [
         "the report's paired significance of RL against the SFT model it started from",
     ),
     Mutation(
+        "rl-vllm-unchecked",
+        "sftpipe/grpo.py",
+        'if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:',
+        "if False:",
+        (R + "test_vllm_generation_without_cuda_is_an_error_naming_the_key",),
+        "vLLM generation refused, naming rl.use_vllm, where CUDA or vllm is missing",
+    ),
+    Mutation(
         "rl-resume-from-scratch",
         "sftpipe/train.py",
         "trainer.train(resume_from_checkpoint=str(resume) if resume else None)",

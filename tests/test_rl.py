@@ -336,3 +336,10 @@ def test_the_report_sets_sft_and_rl_side_by_side(tmp_path, tiny_model, tokenized
     assert ("exact match", "exact_match", "rl vs tuned") in compared and ("mc", "acc", "rl vs tuned") in compared
     assert summary["rl"]["prompts"]["rows"] == len(list(read_jsonl(prompts)))
     assert comparison_rows([summary])[0]["exact_match"] == {"base": 0.0, "tuned": 0.5, "rl": 1.0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="where CUDA is, vLLM may be too")
+def test_vllm_generation_without_cuda_is_an_error_naming_the_key(tmp_path, tiny_model, prompts):
+    with pytest.raises(PipelineError, match=re.escape("config key 'rl.use_vllm': vLLM generation needs CUDA and vllm")):
+        RLRecipe(rl_job(tiny_model, prompts, tmp_path, small(use_vllm=True)))
+    assert not (tmp_path / "adapter").exists()
