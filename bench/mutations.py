@@ -767,6 +767,14 @@ MUTATIONS = [
         "vLLM generation refused, naming rl.use_vllm, where CUDA or vllm is missing",
     ),
     Mutation(
+        "rl-sft-adapter-frozen",
+        "sftpipe/grpo.py",
+        "is_trainable=True",
+        "is_trainable=False",
+        (R + "test_rl_keeps_training_the_sft_adapter_and_samples_from_it",),
+        "rl.start: adapter keeps training the SFT adapter (and samples from it)",
+    ),
+    Mutation(
         "rl-resume-from-scratch",
         "sftpipe/train.py",
         "trainer.train(resume_from_checkpoint=str(resume) if resume else None)",

@@ -343,3 +343,30 @@ def test_vllm_generation_without_cuda_is_an_error_naming_the_key(tmp_path, tiny_
     with pytest.raises(PipelineError, match=re.escape("config key 'rl.use_vllm': vLLM generation needs CUDA and vllm")):
         RLRecipe(rl_job(tiny_model, prompts, tmp_path, small(use_vllm=True)))
     assert not (tmp_path / "adapter").exists()
+
+
+def test_rl_keeps_training_the_sft_adapter_and_samples_from_it(tmp_path, tiny_model, prompts, spread):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from sftpipe.model import load_model
+
+    # An SFT adapter that changes the model (random factors on both sides).
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(load_model(tiny_model), config).save_pretrained(tmp_path / "sft")
+    job = dataclasses.replace(
+        rl_job(tiny_model, prompts, tmp_path, small(start="adapter", rewards=(spread,)), max_steps=2),
+        sft_adapter_dir=tmp_path / "sft",
+    )
+    recipe = RLRecipe(job)
+    recipe.setup()
+    policy = recipe.trainer.model.eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    recipe.generator.refresh(policy)
+    with torch.no_grad():
+        assert torch.allclose(recipe.generator.model(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5)
+    recipe.save(recipe.train())
+    sft, tuned = load_file(tmp_path / "sft/adapter_model.safetensors"), load_file(tmp_path / "adapter/adapter_model.safetensors")
+    assert sft.keys() == tuned.keys() and all(sft[k].shape == tuned[k].shape for k in sft)  # the SFT adapter's rank 4
+    assert any(not torch.equal(sft[k], tuned[k]) for k in sft)
