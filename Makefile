@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CORES ?= 2
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo demo-dpo test gpu-check lint clean
+.PHONY: install demo demo-dpo demo-rl test gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: install
 # `make demo`, only the preference stages run.
 demo-dpo: install
 	$(OFFLINE) $(VENV)/bin/snakemake --profile profiles/local --cores $(CORES) --configfile config/demo.yaml config/demo-dpo.yaml
+
+# The demo with online RL (GRPO) after its SFT (config/demo-rl.yaml over config/demo.yaml): after
+# `make demo`, only the RL stages run.
+demo-rl: install
+	$(OFFLINE) $(VENV)/bin/snakemake --profile profiles/local --cores $(CORES) --configfile config/demo.yaml config/demo-rl.yaml
 
 test: install
 	$(OFFLINE) $(PY) -m pytest

@@ -33,7 +33,7 @@ wildcard_constraints:
     experiment=one_of(EXPERIMENTS),
     model=one_of(BASE_MODELS),
     renderer=one_of(RENDERERS),
-    variant="base|tuned|exported|preference",
+    variant="base|tuned|exported|preference|rl",
     task=one_of(EVAL_TASKS),
 
 
@@ -43,6 +43,7 @@ include: "rules/train.smk"
 include: "rules/export.smk"
 include: "rules/eval.smk"
 include: "rules/preference.smk"
+include: "rules/rl.smk"
 include: "rules/report.smk"
 
 

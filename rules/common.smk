@@ -7,12 +7,13 @@ from pathlib import Path
 
 from sftpipe.data import check_local_path
 from sftpipe.entry import checked
-from sftpipe.experiments import PREFERENCE_KEYS, expand_experiments
+from sftpipe.experiments import PREFERENCE_KEYS, RL_KEYS, expand_experiments
 from sftpipe.export import ExportSettings
 from sftpipe.execution import EXECUTION_KEYS, planned_allocator
 from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec, check_task_names
 from sftpipe.preference_settings import NOT_FOR_PAIRS
+from sftpipe.rl_settings import NOT_FOR_RL
 
 # ---------------------------------------------------------------------------------------------
 # Experiments, datasets and base models
@@ -104,6 +105,8 @@ CODE = {
     "tokenize_and_split": code("tokenization.py", "splits.py", "model.py"),
     "train_lora": code(*TRAIN_MODULES),
     "train_preference": code("preference_train.py", "preference_settings.py", *REFERENCE_MODULES, *TRAIN_MODULES),
+    "select_rl_prompts": code("rl_prompts.py"),
+    "train_rl": code("grpo.py", "rewards.py", "rl_settings.py", "metrics.py", "tokenization.py", *TRAIN_MODULES),
     "merge_adapter": code("merge.py", "model.py", "artifacts.py"),
     "export_gguf": code("export.py", "model.py"),
     "evaluate": code(*EVALUATE_MODULES),
@@ -184,8 +187,8 @@ def of_preference_data(path):
 
 def of_variant(path, variant):
     """An evaluation output path for one variant: base (the experiment's data owner's), tuned or
-    exported (its SFT owner's), or preference (its own)."""
-    owners = {"base": lambda e: e.data_owner, "preference": lambda e: e.name}
+    exported (its SFT owner's), or preference and rl (its own)."""
+    owners = {"base": lambda e: e.data_owner, "preference": lambda e: e.name, "rl": lambda e: e.name}
     return of_owner(path.replace("{variant}", variant), owners.get(variant, lambda e: e.sft_owner))
 
 
@@ -202,6 +205,26 @@ def preference_sft_adapter(wildcards):
     if experiment_of(wildcards).preference["start"] != "adapter":
         return {}
     return {"sft_adapter": of_sft(rules.train_lora.output.adapter)(wildcards)}
+
+
+def rl_start(wildcards):
+    """The model the RL adapter trains on and is merged into: the merged SFT model, or, when it keeps
+    training the SFT adapter (rl.start: adapter), the base model under it."""
+    if experiment_of(wildcards).rl["start"] == "adapter":
+        return experiment_base_model(wildcards)
+    return of_sft(rules.merge_adapter.output[0])(wildcards)
+
+
+def rl_sft_adapter(wildcards):
+    """The SFT adapter an RL run keeps training (rl.start: adapter), as an input."""
+    if experiment_of(wildcards).rl["start"] != "adapter":
+        return {}
+    return {"sft_adapter": of_sft(rules.train_lora.output.adapter)(wildcards)}
+
+
+def rl_reward_files(wildcards):
+    """The files of the user's reward functions (`path/file.py:name`)."""
+    return [r["function"].rpartition(":")[0] for r in experiment_of(wildcards).rl["rewards"] if r["kind"] == "function"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +263,16 @@ def preference_settings(wildcards):
     return {
         "preference": {key: experiment.preference[key] for key in PREFERENCE_KEYS},
         "train": {k: v for k, v in experiment.preference_train.items() if k not in (*EXECUTION_KEYS, *NOT_FOR_PAIRS)},
+    }
+
+
+def rl_settings(wildcards):
+    """What the RL adapter learns: the RL settings and the training keys that apply to it; how the job
+    runs is not among them."""
+    experiment = experiment_of(wildcards)
+    return {
+        "rl": {key: experiment.rl[key] for key in RL_KEYS},
+        "train": {k: v for k, v in experiment.rl_train.items() if k not in (*EXECUTION_KEYS, *NOT_FOR_RL)},
     }
 
 
@@ -356,6 +389,8 @@ def evaluated_model(wildcards):
         return experiment_base_model(wildcards)
     if wildcards.variant == "preference":
         return rules.merge_preference_adapter.output[0].format(experiment=wildcards.experiment)
+    if wildcards.variant == "rl":
+        return rules.merge_rl_adapter.output[0].format(experiment=wildcards.experiment)
     if wildcards.variant == "exported":
         return rules.export_gguf.output[0].format(experiment=wildcards.experiment)
     return rules.merge_adapter.output[0].format(experiment=wildcards.experiment)
@@ -398,4 +433,17 @@ def preference_report_inputs(wildcards):
         "preference_rewards": rules.evaluate_preference.output.metrics.format(**wildcards),
         "preference_history": rules.train_preference.output.history.format(**wildcards),
         "preference_stats": of_preference_data(rules.tokenize_preference_data.output.stats)(wildcards),
+    }
+
+
+def rl_report_inputs(wildcards):
+    """The RL stage's results, for the report of an experiment tuned with RL."""
+    if experiment_of(wildcards).rl is None:
+        return {}
+    return {
+        "lm_eval_rl": rules.evaluate_rl_lm_harness.output[0].format(**wildcards),
+        "exact_match_rl": of_variant(rules.evaluate_exact_match.output.metrics, "rl")(wildcards),
+        "predictions_rl": of_variant(rules.evaluate_exact_match.output.predictions, "rl")(wildcards),
+        "rl_history": rules.train_rl.output.history.format(**wildcards),
+        "rl_prompts": rules.select_rl_prompts.output.stats.format(**wildcards),
     }

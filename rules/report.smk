@@ -7,6 +7,7 @@ rule report:
     input:
         unpack(exported_exact_match),
         unpack(preference_report_inputs),
+        unpack(rl_report_inputs),
         # An experiment may share its data and SFT stages with another (Experiment.data_owner, .sft_owner).
         lm_eval_base=lambda wildcards: rules.evaluate_base_lm_harness.output[0].format(model=experiment_of(wildcards).model),
         lm_eval_tuned=of_sft(rules.evaluate_lm_harness.output[0]),

@@ -1,5 +1,5 @@
 from sftpipe.entry import run_stage
-from sftpipe.report import EXPORTED, VARIANTS, PreferenceInputs, ReportInputs, ReportOutputs, write_report
+from sftpipe.report import EXPORTED, VARIANTS, PreferenceInputs, ReportInputs, ReportOutputs, RLInputs, write_report
 
 # The preference model's scores are inputs where the experiment tunes on preferences, the exported
 # model's exact match where the config exports one.
@@ -24,6 +24,7 @@ run_stage(
             )
             if "preference" in variants
             else None,
+            rl=RLInputs(history=snakemake.input.rl_history, prompts=snakemake.input.rl_prompts) if "rl" in variants else None,
         ),
         outputs=ReportOutputs(**{name: snakemake.output[name] for name in ReportOutputs.__dataclass_fields__}),
         setup=snakemake.params.setup,

@@ -109,16 +109,17 @@ def config_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     from jsonschema import Draft202012Validator
 
     messages = [m for e in Draft202012Validator(schema).iter_errors(config) for m in _messages(e)]
-    # Overrides are keys of the top-level section they override: an experiment's `train:` and
-    # `preference:` keys, and the `train:` keys of a `preference:` section.
-    sections = {name: Draft202012Validator(schema["properties"][name]) for name in ("train", "preference")}
-    overrides = [(("preference", "train"), (config.get("preference") or {}).get("train"), "train")]
+    # Overrides are keys of the top-level section they override: an experiment's `train:`,
+    # `preference:` and `rl:` keys, and the `train:` keys of a `preference:` or `rl:` section.
+    tuned = ("preference", "rl")
+    sections = {name: Draft202012Validator(schema["properties"][name]) for name in ("train", *tuned)}
+    overrides = [((stage, "train"), (config.get(stage) or {}).get("train"), "train") for stage in tuned]
     for name, override in (config.get("experiments") or {}).items():
         if isinstance(override, dict):
             overrides += [(("experiments", name, section), override.get(section), section) for section in sections]
-            preference = override.get("preference")
-            if isinstance(preference, dict):
-                overrides.append((("experiments", name, "preference", "train"), preference.get("train"), "train"))
+            for stage in tuned:
+                if isinstance(override.get(stage), dict):
+                    overrides.append((("experiments", name, stage, "train"), override[stage].get("train"), "train"))
     for path, values, section in overrides:
         if isinstance(values, dict):
             messages += [m for e in sections[section].iter_errors(values) for m in _messages(e, path)]

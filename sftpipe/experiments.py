@@ -9,7 +9,8 @@ and base model share the mix, the tokenized splits and the base model's exact ma
 over training keys prepares and scores its data once; those tuned on preferences whose SFT is the
 same (datasets, base model, training settings) share its stages, and those that also tune on the
 same preference data share that data and its reference log-probs, so that a sweep over `beta` or
-`loss_type` computes them once.
+`loss_type` computes them once. Experiments tuned with online RL share their SFT the same way, so
+that a sweep over `rl` keys trains one SFT.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .execution import EXECUTION_KEYS
 from .formats import FORMATS, is_preference_dataset
 from .io import PipelineError
 from .preference_settings import PreferenceSettings
+from .rl_settings import RLSettings
 
 # Path segments that are not experiment names (results/eval/<experiment>/ shares a level with them).
 RESERVED_NAMES = {"base_model"}
@@ -36,6 +38,9 @@ class Experiment:
     # Preference tuning after SFT, or None: its `datasets` (a tuple), the PreferenceSettings keys, and
     # `train`, the keys of `train` it overrides.
     preference: dict[str, Any] | None = None
+    # Online RL after SFT, or None: its `datasets` (a tuple), the RLSettings keys (rewards as a list of
+    # mappings), and `train`, the keys of `train` it overrides.
+    rl: dict[str, Any] | None = None
     # The experiments whose stages this one's are (itself unless it shares another's): the SFT data
     # and the base model's exact match; training, merge and its evaluation; the preference pairs and
     # their reference log-probs.
@@ -52,6 +57,16 @@ class Experiment:
         """The training settings of the preference stage: the experiment's, with the preference overrides."""
         return {**self.train, **self.preference["train"]}
 
+    @property
+    def rl_train(self) -> dict[str, Any]:
+        """The training settings of the RL stage: the experiment's, with the RL overrides."""
+        return {**self.train, **self.rl["train"]}
+
+    @property
+    def tuned_after_sft(self) -> bool:
+        """Whether a stage after SFT tunes the SFT model further, so that its SFT may be another's."""
+        return self.preference is not None or self.rl is not None
+
     def describe(self) -> dict[str, Any]:
         """What the report and summary record about how this experiment differs from the others: its
         data, base model and what its training learns from (not how the job ran)."""
@@ -59,6 +74,8 @@ class Experiment:
         described = {"datasets": list(self.datasets), "base_model": self.base_model, "train": train}
         if self.preference is not None:
             described["preference"] = {**self.preference, "datasets": list(self.preference["datasets"])}
+        if self.rl is not None:
+            described["rl"] = {**self.rl, "datasets": list(self.rl["datasets"])}
         return described
 
 
@@ -105,22 +122,36 @@ def expand_experiments(config: dict[str, Any]) -> dict[str, Experiment]:
             base_model=base_model,
             train={**config.get("train", {}), **override.get("train", {})},
             preference=_preference(config, override, key, pairs),
+            rl=_rl(config, override, key, datasets),
         )
+        if experiments[name].rl is not None and experiments[name].preference is not None:
+            raise PipelineError(
+                f"config key '{key if 'rl' in override else 'rl'}': RL after preference tuning is not supported yet; "
+                "tune one experiment with 'preference' and another with 'rl' (a sweep shares their SFT)"
+            )
     return _shared(experiments)
 
 
 PREFERENCE_KEYS = tuple(f.name for f in fields(PreferenceSettings))
 
 
-def _preference(config: dict[str, Any], override: dict[str, Any], key: str, pairs: list[str]) -> dict[str, Any] | None:
-    """An experiment's preference settings: the top-level `preference` section with its own
-    `preference` keys (and `preference.train` keys) over it; None if neither is given."""
-    top, own = config.get("preference"), override.get("preference")
+def _stage_section(config: dict[str, Any], override: dict[str, Any], key: str, stage: str) -> tuple[dict, str] | None:
+    """A stage after SFT's section for one experiment: the top-level `stage` section with the
+    experiment's own `stage` keys (and `stage.train` keys) over it, and the key it is reported under;
+    None if neither is given."""
+    top, own = config.get(stage), override.get(stage)
     if top is None and own is None:
         return None
     top, own = top or {}, own or {}
-    where = f"{key}.preference" if own else "preference"
     merged = {**top, **own, "train": {**top.get("train", {}), **own.get("train", {})}}
+    return merged, f"{key}.{stage}" if own else stage
+
+
+def _preference(config: dict[str, Any], override: dict[str, Any], key: str, pairs: list[str]) -> dict[str, Any] | None:
+    """An experiment's preference settings (see `_stage_section`); None if it has none."""
+    if (section := _stage_section(config, override, key, "preference")) is None:
+        return None
+    merged, where = section
     datasets = tuple(merged.get("datasets") or pairs)
     if not datasets:
         kinds = ", ".join(name for name, fmt in FORMATS.items() if fmt.preference)
@@ -136,13 +167,36 @@ def _preference(config: dict[str, Any], override: dict[str, Any], key: str, pair
     return {"datasets": datasets, **asdict(settings), "train": merged["train"]}
 
 
+RL_KEYS = tuple(f.name for f in fields(RLSettings))
+
+
+def _rl(config: dict[str, Any], override: dict[str, Any], key: str, sft_datasets: tuple[str, ...]) -> dict[str, Any] | None:
+    """An experiment's RL settings (see `_stage_section`); None if it has none. Its prompts come from
+    the SFT datasets it names."""
+    if (section := _stage_section(config, override, key, "rl")) is None:
+        return None
+    merged, where = section
+    datasets = tuple(merged.get("datasets") or sft_datasets)
+    wrong = sorted(set(datasets) - set(sft_datasets))
+    if wrong:
+        raise PipelineError(
+            f"config key '{where}.datasets': {', '.join(wrong)} {'is not a dataset' if len(wrong) == 1 else 'are not datasets'} "
+            f"this experiment's SFT trains on (those: {', '.join(sft_datasets)}); RL prompts are SFT training rows"
+        )
+    settings = RLSettings.from_config(merged)
+    settings.check(where)
+    as_config = {k: getattr(settings, k) for k in RL_KEYS if k != "rewards"}
+    rewards = [{k: v for k, v in asdict(r).items() if v is not None} for r in settings.rewards]
+    return {"datasets": datasets, **as_config, "rewards": rewards, "train": merged["train"]}
+
+
 def _shared(experiments: dict[str, Experiment]) -> dict[str, Experiment]:
     """Each experiment with the experiments whose stages it shares named. Its data is the first one's
     (by name) with the same datasets and base model. The SFT of an experiment tuned on preferences is
     the first one's with the same datasets, base model and training settings, one without preference
     tuning if there is one; its preference data and reference log-probs are the first one's with that
-    SFT, the same preference datasets, start and training precision. An experiment without preference
-    tuning trains its own SFT."""
+    SFT, the same preference datasets, start and training precision. RL shares SFT the same way. An
+    experiment tuned neither on preferences nor with RL trains its own SFT."""
 
     def data_key(e: Experiment) -> str:
         return json.dumps([e.datasets, e.base_model], sort_keys=True)
@@ -152,11 +206,11 @@ def _shared(experiments: dict[str, Experiment]) -> dict[str, Experiment]:
         return json.dumps([e.datasets, e.base_model, learned], sort_keys=True)
 
     by_name = sorted(experiments.values(), key=lambda e: e.name)
-    ordered = sorted(by_name, key=lambda e: e.preference is not None)
+    ordered = sorted(by_name, key=lambda e: e.tuned_after_sft)
     resolved = {}
     for e in experiments.values():
         data = next(o.name for o in by_name if data_key(o) == data_key(e))
-        sft = e.name if e.preference is None else next(o.name for o in ordered if sft_key(o) == sft_key(e))
+        sft = e.name if not e.tuned_after_sft else next(o.name for o in ordered if sft_key(o) == sft_key(e))
         resolved[e.name] = replace(e, data_owner=data, sft_owner=sft)
     for e in resolved.values():
         if e.preference is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
 
 
 def normalize_answer(text: str) -> str:
@@ -40,6 +41,18 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def first_number(text: str) -> float | None:
+    """The first number written in `text` (thousands separators allowed), or None."""
+    match = _NUMBER.search(text)
+    return float(match[0].replace(",", "")) if match else None
+
+
+def numeric_match(prediction: str, reference: str) -> bool:
+    """The first number of the prediction equals the reference's (12.0 is 12); no number is no match."""
+    expected, given = first_number(reference), first_number(prediction)
+    return expected is not None and given == expected
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,19 @@ from .significance import BOOTSTRAP_SAMPLES, mcnemar_exact, paired_bootstrap
 from .tracking import log_evaluation
 
 # The models an experiment evaluates: the base model, after SFT (tuned), and after SFT and
-# preference tuning (preference), for experiments that have it.
-VARIANTS = ("base", "tuned", "preference")
+# preference tuning (preference) or online RL (rl), for experiments that have it.
+VARIANTS = ("base", "tuned", "preference", "rl")
 # The exported GGUF model (the SFT model as served), scored by exact match only, where the config exports one.
 EXPORTED = "exported"
 # Each variant's delta is over the model it came from: (that model, the delta's key).
-DELTAS = {"tuned": ("base", "delta"), "preference": ("tuned", "preference_delta"), EXPORTED: ("tuned", "exported_delta")}
+DELTAS = {
+    "tuned": ("base", "delta"),
+    "preference": ("tuned", "preference_delta"),
+    "rl": ("tuned", "rl_delta"),
+    EXPORTED: ("tuned", "exported_delta"),
+}
+# The RL curves the report summarizes, as TRL logs them (besides each reward's mean and std).
+RL_CURVES = ("reward", "reward_std", "kl", "completions/mean_length", "frac_reward_zero_std", "clip_ratio/region_mean")
 SAMPLE_GENERATIONS = 25
 
 
@@ -34,6 +41,12 @@ class PreferenceInputs:
     rewards: str | Path  # the held-out pairs' rewards (sftpipe.reference.evaluate_preference)
     history: str | Path  # the preference run's history.json
     stats: str | Path  # the tokenized pairs' stats.json
+
+
+@dataclass(frozen=True)
+class RLInputs:
+    history: str | Path  # the RL run's history.json
+    prompts: str | Path  # the prompts' counts (sftpipe.rl_prompts)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class ReportInputs:
     filters: str | Path
     manifests: list[str | Path]
     preference: PreferenceInputs | None = None
+    rl: RLInputs | None = None
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -294,6 +308,7 @@ class Report:
     round_trip: dict[str, Any] | None  # see exported_round_trip, where the config exports
     preference: dict[str, Any] | None  # see preference_summary, where the experiment tunes on preferences
     preference_history: list[dict[str, Any]] | None
+    rl: dict[str, Any] | None  # see rl_summary, where the experiment tunes with online RL
 
 
 def exact_match_rows(em: dict[str, dict[str, Any]], scored: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -313,6 +328,8 @@ def read_report(experiment: str, inputs: ReportInputs) -> Report:
     paired = significance(predictions, harness)
     if "preference" in variants:
         paired += significance(predictions, harness, "tuned", "preference")
+    if "rl" in variants:
+        paired += significance(predictions, harness, "tuned", "rl")
     training, log_history = read_history(inputs.history)
     return Report(
         experiment=experiment,
@@ -331,6 +348,7 @@ def read_report(experiment: str, inputs: ReportInputs) -> Report:
         round_trip=exported_round_trip(em[EXPORTED], predictions) if EXPORTED in em else None,
         preference=preference_summary(inputs.preference) if inputs.preference else None,
         preference_history=read_history(inputs.preference.history)[1] if inputs.preference else None,
+        rl=rl_summary(inputs.rl) if inputs.rl else None,
     )
 
 
@@ -360,6 +378,7 @@ def report_summary(report: Report, setup: dict[str, Any] | None) -> dict[str, An
         **({EXPORTED: report.round_trip} if report.round_trip else {}),
         "training": report.training.to_json(),
         **({"preference": report.preference} if report.preference else {}),
+        **({"rl": report.rl} if report.rl else {}),
     }
 
 
@@ -393,6 +412,8 @@ def markdown_report(report: Report) -> str:
         lines += section(report)
     if report.preference:
         lines += ["", *preference_lines(report.preference)]
+    if report.rl:
+        lines += ["", *rl_lines(report.rl)]
     lines += _data_lines(report)
     return "\n".join(lines) + "\n"
 
@@ -404,6 +425,7 @@ def _exact_match_lines(report: Report) -> list[str]:
     lines += [
         "base: the base model; tuned: after SFT"
         + ("; preference: after SFT and then preference tuning" if "preference" in report.variants else "")
+        + ("; rl: after SFT and then online RL (GRPO) on training prompts" if "rl" in report.variants else "")
         + ".",
         "",
     ]
@@ -659,6 +681,38 @@ def preference_lines(preference: dict[str, Any]) -> list[str]:
         lines.append(
             f"- validation reward accuracy {validation['rewards/accuracies']:.4f}, margin {validation['rewards/margins']:+.4f}"
         )
+    return lines
+
+
+def rl_summary(inputs: RLInputs) -> dict[str, Any]:
+    """The RL stage's figures: the run's summary, and each curve's first and last logged value (TRL's
+    mean and std of each reward, KL, completion length, share of groups whose rewards do not spread,
+    clip ratio)."""
+    training, log_history = read_history(inputs.history)
+    logged = [h for h in log_history if "reward" in h]
+    keys = [*RL_CURVES, *sorted({k for h in logged for k in h if k.startswith("rewards/")})]
+    curves = {k: {"first": logged[0][k], "last": logged[-1][k]} for k in keys if logged and k in logged[-1]}
+    return {"training": training.to_json(), "curves": curves, "prompts": read_json(inputs.prompts)}
+
+
+def rl_lines(rl: dict[str, Any]) -> list[str]:
+    """The report's RL section, in markdown."""
+    training, settings = rl["training"], rl["training"]["settings"]
+    lines = [
+        "## Online RL (GRPO)",
+        "",
+        ("The SFT adapter trained on" if settings.get("start") == "adapter" else "A fresh LoRA on the merged SFT model")
+        + f"; loss {settings['loss_type']}, {settings['num_generations']} completions per prompt of up to "
+        f"{settings['max_completion_length']} tokens, beta {settings['beta']}, learning rate {settings['learning_rate']}; "
+        f"rewards {', '.join(r['function'] if r['kind'] == 'function' else r['kind'] for r in settings['rewards'])}. "
+        f"Prompts: {rl['prompts']['rows']} training rows.",
+        "",
+        f"- steps: {training['steps']}, precision: {training['precision']}, runtime: {training['train_runtime_s']:.0f} s",
+        "",
+        "| curve | first step | last step |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {key} | {_fmt(v['first'])} | {_fmt(v['last'])} |" for key, v in rl["curves"].items()]
     return lines
 
 

@@ -170,3 +170,23 @@ def tokenized(tmp_path_factory, tiny_model):
     paths = {s: out / f"{s}.jsonl" for s in SPLITS}
     tokenize_and_split([hydrated], tiny_model, paths, out / "stats.json", LengthSettings(32), SplitSettings(0.2, 0.1, 0))
     return paths
+
+
+def killed_after_first_checkpoint(call: str, work: Path) -> int:
+    """Run Python `call` in a process of its own, SIGKILL it once a checkpoint under `work` is complete,
+    and return the newest complete checkpoint's step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", call], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while not list(work.glob("*/checkpoint-*/trainer_state.json")):
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return max(int(p.parent.name.split("-")[1]) for p in work.glob("*/checkpoint-*/trainer_state.json"))

@@ -96,9 +96,9 @@ def closure(script: Path) -> tuple[set[str], set[str]]:
 
 def planned_code_inputs() -> dict[str, set[str]]:
     """rule -> the sftpipe modules among its jobs' inputs, as Snakemake plans them (dry runs of the
-    default and demo configs, and of the demo with preference tuning, cover every rule)."""
+    default and demo configs, and of the demo with preference tuning or RL, cover every rule)."""
     found: dict[str, set[str]] = {}
-    for configs in (["config.yaml"], ["demo.yaml"], ["demo.yaml", "demo-dpo.yaml"]):
+    for configs in (["config.yaml"], ["demo.yaml"], ["demo.yaml", "demo-dpo.yaml"], ["demo.yaml", "demo-rl.yaml"]):
         plan = subprocess.run(
             [
                 sys.executable,

@@ -96,7 +96,7 @@ def check(command: list[str], workspace: Path, sweep: Path, tmp_path: Path) -> s
     head = command[0]
     if head == "make":
         printed = run(["make", "-n", *command[1:]], workspace).stdout
-        if command[1:] in (["demo"], ["demo-dpo"]):
+        if command[1:] in (["demo"], ["demo-dpo"], ["demo-rl"]):
             [line] = [line for line in printed.splitlines() if "bin/snakemake" in line]
             tokens = shlex.split(line)
             while "=" in tokens[0]:  # the HF_*_OFFLINE=1 assignments before the command

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import job, unavailable
+from conftest import job, killed_after_first_checkpoint, unavailable
 
 from sftpipe.attention import flash_attention_available
 from sftpipe.execution import Execution, planned_allocator
@@ -147,12 +147,7 @@ def _losses(history_path) -> dict[int, float]:
 
 
 def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_model, tokenized, caplog):
-    import os
     import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
 
     settings = TrainSettings(
         max_steps=80, batch_size=4, learning_rate=1e-3, eval_steps=80, logging_steps=5, save_steps=10, precision="fp32"
@@ -160,16 +155,8 @@ def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_mode
     uninterrupted = train_lora(job(tiny_model, tokenized, tmp_path / "uninterrupted", settings))
     run = job(tiny_model, tokenized, tmp_path, settings)
     call = f"from sftpipe.train import TrainJob, train_lora\ntrain_lora(TrainJob.from_json({run.to_json()!r}))\n"
-    process = subprocess.Popen([sys.executable, "-c", call], env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "work").glob("*/checkpoint-*/trainer_state.json")):
-        assert process.poll() is None, "training ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    saved = killed_after_first_checkpoint(call, tmp_path / "work")
     assert not (tmp_path / "adapter").exists()
-    saved = max(int(p.parent.name.split("-")[1]) for p in (tmp_path / "work").glob("*/checkpoint-*/trainer_state.json"))
     # What a kill while saving leaves behind: newer checkpoints without their trainer state, or with it cut short.
     last = next((tmp_path / "work").glob(f"*/checkpoint-{saved}"))
     for step, state in ((saved + 5, None), (saved + 7, b'{"global_step": ')):

@@ -1,0 +1,22 @@
+from sftpipe.entry import run_stage
+from sftpipe.grpo import RLJob, train_rl
+from sftpipe.rl_settings import RLSettings
+from sftpipe.train import TrainSettings
+
+run_stage(
+    snakemake,
+    lambda: train_rl(
+        RLJob(
+            base_dir=snakemake.input.base,
+            train_path=snakemake.input.prompts,
+            adapter_dir=snakemake.output.adapter,
+            history_path=snakemake.output.history,
+            work_dir=snakemake.params.work_dir,
+            settings=TrainSettings(**snakemake.params.settings["train"]),
+            rl=RLSettings.from_config(snakemake.params.settings["rl"]),
+            trust_remote_code=snakemake.params.trust_remote_code,
+            sft_adapter_dir=snakemake.input.get("sft_adapter"),
+            name=snakemake.wildcards.experiment,
+        )
+    ),
+)

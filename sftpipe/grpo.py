@@ -1,0 +1,256 @@
+"""RL stage: online RL with verifiable rewards (GRPO) after SFT, on TRL's GRPOTrainer. A fresh LoRA on
+the merged SFT model (or the SFT adapter, trained on) samples `num_generations` completions per
+training-split prompt, the rewards (`sftpipe.rewards`) score them against the rows' reference answers,
+and TRL's loss learns from the advantages within each group. LoraRecipe's model, schedule, precision,
+checkpoints (a killed run resumes) and summary; prompts for data, GRPOTrainer for trainer.
+
+Generation runs on a plain copy of the model whose weights are the policy's with the adapter folded
+in, refreshed before each generation: the decoding loop then pays for one matmul per linear layer
+and token, not three and the adapter's own modules; and each prompt's KV cache is computed once for
+its group of completions, not once per completion. TRL's own generation (or vLLM) runs where that
+copy cannot stand for the policy (DoRA, modules_to_save, a 4-bit base).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .artifacts import TrainSummary
+from .io import PipelineError, read_jsonl
+from .rewards import ROW_FIELDS, trl_reward_functions
+from .rl_settings import RLSettings
+from .tokenization import prompt_token_ids
+from .train import LoraRecipe, TrainSettings
+
+log = logging.getLogger("sftpipe")
+
+
+@dataclass(frozen=True)
+class RLJob:
+    """One RL run: what it reads, what it writes, and what it learns."""
+
+    base_dir: str | Path  # the merged SFT model (start: merged), or the base model under the SFT adapter (start: adapter)
+    train_path: str | Path  # the prompts: training-split rows with their reference answers
+    adapter_dir: str | Path
+    history_path: str | Path
+    work_dir: str | Path  # checkpoints, outside the stage's outputs so that a rerun finds them
+    settings: TrainSettings
+    rl: RLSettings
+    trust_remote_code: bool = False
+    sft_adapter_dir: str | Path | None = None  # the SFT adapter trained on (start: adapter); None: a fresh LoRA
+    name: str = "rl"  # the experiment: the tracked run's name
+    report_to: tuple[str, ...] = ()  # the RL run is not tracked (LoraRecipe reads the field)
+    validation_path: None = None  # RL has no validation loss (LoraRecipe reads the field)
+
+
+class FoldedGenerator:
+    """A copy of the policy's model without adapter modules, for sampling: before each generation its
+    linear layers take the base weight plus the adapter's current delta (peft's own `get_delta_weight`),
+    computed afresh, so no rounding accumulates in the policy's weights as merging in place would."""
+
+    def __init__(self, plain_model) -> None:
+        self.model = copy.deepcopy(plain_model).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.seconds = 0.0  # spent generating, for the stage's generation share
+
+    @staticmethod
+    def usable(settings: TrainSettings) -> bool:
+        """Whether folding the adapter reproduces the policy: a plain LoRA on a full-precision base."""
+        return not settings.use_dora and not settings.modules_to_save and settings.quantization == "none"
+
+    @torch.no_grad()
+    def refresh(self, policy) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        folded = 0
+        for name, module in policy.named_modules():
+            if isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight"):
+                adapter = module.active_adapters[0]
+                target = self.model.get_submodule(name.removeprefix("base_model.model."))
+                delta = module.get_delta_weight(adapter)
+                target.weight.copy_((module.base_layer.weight.float() + delta.float()).to(target.weight.dtype))
+                folded += 1
+        if not folded:
+            raise RuntimeError("the policy has no LoRA layer to fold into the generation model")
+
+    def generate(self, policy, input_ids, attention_mask, **kwargs):
+        start = time.perf_counter()
+        self.refresh(policy)
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=self.shared_prefill(input_ids, attention_mask),
+            **kwargs,
+        )
+        self.seconds += time.perf_counter() - start
+        return output
+
+    @torch.no_grad()
+    def shared_prefill(self, input_ids, attention_mask):
+        """The KV cache of every prompt but its last token, computed once per group: GRPO samples each
+        prompt `num_generations` times in consecutive rows, and the prompt is most of what a row's
+        generation computes. None where the rows are not groups of one size."""
+        from transformers import DynamicCache
+
+        unique, counts = torch.unique_consecutive(input_ids, dim=0, return_counts=True)
+        if len(unique) == len(input_ids) or len(set(counts.tolist())) != 1 or input_ids.shape[1] < 2:
+            return None
+        firsts = torch.cumsum(counts, 0) - counts
+        mask = attention_mask[firsts, :-1]
+        # Left padding: positions count real tokens only, as generate's own prefill counts them.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=unique[:, :-1], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(int(counts[0]))
+        return cache
+
+
+def _rl_trainer():
+    from trl import GRPOTrainer
+
+    class PipelineGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer that tokenizes prompts as SFT did (`prompt_token_ids`: one BOS, never two) and
+        samples from a FoldedGenerator where one is set."""
+
+        tokens_seen = 0  # real (non-pad) tokens of the generated batches trained on
+        projected_positions = 0  # completion positions scored
+        generator: FoldedGenerator | None = None
+
+        def _tokenize_prompts(self, prompts: list):
+            return prompt_token_ids(self.processing_class, prompts), None, {}
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            if self.generator is None or self.use_vllm:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            policy = self.accelerator.unwrap_model(self.model)
+            # TRL's own decoding path, its EOS masking included, with generate answered by the folded copy.
+            policy.generate = lambda **kwargs: self.generator.generate(policy, **kwargs)
+            try:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            finally:
+                del policy.generate
+
+        def _generate_and_score_completions(self, inputs):
+            batch = super()._generate_and_score_completions(inputs)
+            self.tokens_seen += int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+            self.projected_positions += int(batch["completion_mask"].sum())
+            return batch
+
+    return PipelineGRPOTrainer
+
+
+class RLRecipe(LoraRecipe):
+    """One process's RL run: LoraRecipe's model, adapter, schedule, checkpoints and summary; prompts
+    for data, GRPOTrainer for trainer."""
+
+    loss_is_nll = False
+
+    def __init__(self, job: RLJob) -> None:
+        self.rl = job.rl
+        # TRL pads its generated batches, for the stock attention.
+        super().__init__(replace(job, settings=replace(job.settings, padding_free=False)))
+        if job.rl.use_vllm:
+            check_vllm()
+
+    def learned_settings(self) -> dict:
+        return {**super().learned_settings(), **asdict(self.rl)}
+
+    def fingerprinted_files(self) -> list[str | Path]:
+        adapter = [Path(self.job.sft_adapter_dir) / "adapter_model.safetensors"] if self.job.sft_adapter_dir else []
+        functions = [r.file for r in self.rl.rewards if r.file]
+        return [Path(self.job.base_dir) / "config.json", self.job.train_path, *functions, *adapter]
+
+    def setup_model(self) -> None:
+        """The model of `base_dir`, and the plain copy generation samples from; with `start: adapter`,
+        the SFT adapter on it, trainable, which the run keeps training."""
+        super().setup_model()
+        self.generator = FoldedGenerator(self.model) if FoldedGenerator.usable(self.settings) and not self.rl.use_vllm else None
+        if self.job.sft_adapter_dir is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(self.job.sft_adapter_dir), is_trainable=True)
+
+    def load_split(self, path: str | Path):
+        from datasets import Dataset
+
+        rows = [{field: row[field] for field in ROW_FIELDS} for row in read_jsonl(path)]
+        return Dataset.from_list(rows) if rows else None
+
+    def setup_data(self) -> None:
+        self.train_set, self.eval_set = self.load_split(self.job.train_path), None
+        if self.train_set is None:
+            raise PipelineError(f"{self.job.train_path}: no RL prompts (no training rows of the datasets rl.datasets names)")
+
+    def setup_trainer(self) -> None:
+        from trl import GRPOConfig
+
+        rl = self.rl
+        completions = rl.prompts_per_step * rl.num_generations
+        args = GRPOConfig(
+            **{**self.trainer_arguments(), "per_device_train_batch_size": completions, "per_device_eval_batch_size": completions},
+            num_generations=rl.num_generations,
+            max_completion_length=rl.max_completion_length,
+            temperature=rl.temperature,
+            top_p=1.0,
+            top_k=0,
+            beta=rl.beta,
+            epsilon=rl.epsilon,
+            scale_rewards=rl.scale_rewards,
+            loss_type=rl.loss_type,
+            num_iterations=rl.num_iterations,
+            reward_weights=[r.weight for r in rl.rewards],
+            use_vllm=rl.use_vllm,
+            vllm_mode="colocate",
+            disable_dropout=True,
+            remove_unused_columns=False,
+            shuffle_dataset=True,
+            log_completions=False,
+        )
+        self.trainer = _rl_trainer()(
+            model=self.model,
+            reward_funcs=trl_reward_functions(rl.rewards),
+            args=args,
+            train_dataset=self.train_set,
+            processing_class=self.tokenizer,
+            # A fresh LoRA, unless the model already carries the SFT adapter to keep training.
+            peft_config=self.lora_config() if self.job.sft_adapter_dir is None else None,
+            callbacks=self.callbacks(),
+        )
+        self.trainer.generator = self.generator
+        self.factors_in_fp32()
+
+    def train(self) -> TrainSummary:
+        summary = super().train()
+        generating = self.generator.seconds if self.generator else None
+        log.info(
+            "RL: %d steps, %s s generating of %.0f s",
+            summary.steps,
+            "n/a" if generating is None else f"{generating:.0f}",
+            summary.train_runtime_s,
+        )
+        return summary
+
+
+def check_vllm() -> None:
+    """vLLM generation needs CUDA and the vllm package; elsewhere the config asks the impossible."""
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
+        raise PipelineError("config key 'rl.use_vllm': vLLM generation needs CUDA and vllm installed; set it to false here")
+
+
+def train_rl(job: RLJob) -> TrainSummary:
+    """Train the RL adapter in this process; write it (safetensors) to `job.adapter_dir` and the log
+    history (TRL's rewards per reward function, KL, completion lengths, clip ratios) to `job.history_path`."""
+    recipe = RLRecipe(job)
+    recipe.setup()
+    summary = recipe.train()
+    recipe.save(summary)
+    return summary
