@@ -106,7 +106,7 @@ CODE = {
     "train_lora": code(*TRAIN_MODULES),
     "train_preference": code("preference_train.py", "preference_settings.py", *REFERENCE_MODULES, *TRAIN_MODULES),
     "select_rl_prompts": code("rl_prompts.py"),
-    "train_rl": code("grpo.py", "rewards.py", "rl_settings.py", "metrics.py", "tokenization.py", *TRAIN_MODULES),
+    "train_rl": code("grpo.py", "rewards.py", "rl_settings.py", "metrics.py", "tokenization.py", "splits.py", *TRAIN_MODULES),
     "merge_adapter": code("merge.py", "model.py", "artifacts.py"),
     "export_gguf": code("export.py", "model.py"),
     "evaluate": code(*EVALUATE_MODULES),
