@@ -155,6 +155,11 @@ def check(command: list[str], workspace: Path, sweep: Path, tmp_path: Path) -> s
     raise AssertionError(f"the README shows `{shlex.join(command)}`, which tests/test_readme.py does not know how to check")
 
 
+def test_the_readme_is_a_guide_under_15_kb():
+    # Figures live on bench/RESULTS.md; the README stays a user's guide.
+    assert (REPO / "README.md").stat().st_size < 15_000
+
+
 def test_the_readme_shows_the_two_commands():
     assert ["make", "demo"] in COMMANDS and ["make", "test"] in COMMANDS
 
