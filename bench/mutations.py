@@ -532,6 +532,8 @@ MUTATIONS = [
         "if false ||",
         ("tests/test_install.py",),
         "make install gives a root user tcmalloc",
+    ),
+    Mutation(
         "data-per-experiment",
         "sftpipe/experiments.py",
         "data = next(o.name for o in by_name if data_key(o) == data_key(e))",
