@@ -335,13 +335,23 @@ net_up() {
     log "nodes ${NODES[*]} at ${NODE_ADDRS[*]} on bridge $BRIDGE ($CTLD_ADDR)"
 }
 
-# Deleting a namespace deletes its end of the veth pair, and with it the other.
+# Deleting a namespace deletes its end of the veth pair, and with it the other,
+# once no process holds the namespace: a job's processes outlive a slurmstepd
+# killed under them (a job stuck when the rig stops), and nothing but this rig
+# runs in a node's namespace.
 net_down() {
-    local ns
+    local ns pids
     for ns in "${NETNS[@]}"; do
-        if ip netns list | grep -qw -- "$ns"; then
-            ip netns del "$ns"
+        ip netns list | grep -qw -- "$ns" || continue
+        pids=$(ip netns pids "$ns" | tr '\n' ' ')
+        if [[ -n ${pids// /} ]]; then
+            log "killing processes left in $ns: $pids"
+            # shellcheck disable=SC2086
+            kill -KILL $pids 2>/dev/null || true
+            # shellcheck disable=SC2086
+            wait_gone 5 $pids || true
         fi
+        ip netns del "$ns"
     done
     if ip link show "$BRIDGE" >/dev/null 2>&1; then
         ip link del "$BRIDGE"
