@@ -38,6 +38,9 @@ E = "tests/test_export.py::"
 P = "tests/test_preference.py::"
 R = "tests/test_report.py::"
 RL = "tests/test_rl.py::"
+L = "tests/test_launch.py::"
+# The real two-node SLURM (network namespaces; root): one job per node, rendezvous, gloo over the bridge.
+N = ("tests/test_slurm_nodes.py::test_a_two_node_job_ran_one_rank_on_each_node",)
 MUTATIONS = [
     Mutation(
         "resume-from-scratch",
@@ -918,6 +921,65 @@ MUTATIONS = [
         "if False:",
         (RL + "test_rl_after_preference_tuning_is_refused_naming_the_key",),
         "RL after preference tuning refused at planning, naming the key",
+    ),
+    Mutation(
+        "srun-without-overlap",
+        "sftpipe/launch.py",
+        '"srun", "--overlap", f"--nodes={execution.nodes}"',
+        '"srun", f"--nodes={execution.nodes}"',
+        N,
+        "the training step shares the first node with the plugin's one-task jobstep (else it waits forever)",
+    ),
+    Mutation(
+        "srun-one-task",
+        "sftpipe/launch.py",
+        'f"--ntasks={execution.nodes}", "--ntasks-per-node=1",',
+        '"--ntasks=1",',
+        N,
+        "one torchrun agent on each node of the allocation",
+    ),
+    Mutation(
+        "srun-under-the-jobsteps-limits",
+        "sftpipe/launch.py",
+        'return {k: v for k, v in env.items() if k in keep or not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}',
+        "return env",
+        N,
+        "the srun over the allocation free of the one-node jobstep's SLURM_* limits",
+    ),
+    Mutation(
+        "gpus-as-the-jobs-total",
+        "sftpipe/execution.py",
+        'return {"gpu": 0, "gres": f"gpu:{self.gpus}"}',
+        'return {"gpu": self.gpus * self.nodes, "gres": f"gpu:{self.gpus}"}',
+        N,
+        "a several-node job asks for its GPUs per node, not as a total the one-node jobstep cannot hold",
+    ),
+    Mutation(
+        "fixed-rendezvous-port",
+        "sftpipe/launch.py",
+        "return RENDEZVOUS_PORTS[int(job_id) % len(RENDEZVOUS_PORTS)]",
+        "return 29500",
+        (L + "test_each_job_meets_at_a_port_of_its_own",),
+        "a rendezvous port per job, so that jobs sharing a first node do not collide",
+    ),
+    Mutation(
+        "gpu-cap-unchecked",
+        "rules/common.smk",
+        "checked(workflow, check_execution_caps)",
+        "pass",
+        (L + "test_planning_a_job_over_the_slurm_profiles_gpu_cap_stops_in_one_line",),
+        "a training job the profile's gpu cap would silently shrink stops the plan, naming train.gpus",
+    ),
+    Mutation(
+        "namespaces-left-behind",
+        "cluster/local-slurm.sh",
+        """    remove_etc_link
+    namespaced && net_down
+""",
+        """    remove_etc_link
+""",
+        N,
+        "stopping the two-node SLURM removes its namespaces, veths and bridge",
     ),
 ]
 

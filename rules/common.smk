@@ -9,7 +9,7 @@ from sftpipe.data import check_local_path
 from sftpipe.entry import checked
 from sftpipe.experiments import PREFERENCE_KEYS, RL_KEYS, expand_experiments
 from sftpipe.export import ExportSettings
-from sftpipe.execution import EXECUTION_KEYS, planned_allocator
+from sftpipe.execution import EXECUTION_KEYS, Execution, planned_allocator
 from sftpipe.resources import host_has_nvidia_gpu
 from sftpipe.tasks import TaskSpec, check_task_names
 from sftpipe.preference_settings import NOT_FOR_PAIRS
@@ -240,6 +240,26 @@ def train_settings(wildcards):
 def execution_setting(key):
     """A `train` key that says how the job executes: a resource, so changing it reruns nothing."""
     return lambda wildcards: experiment_of(wildcards).train[key]
+
+
+def execution_of(experiment):
+    return Execution(**{key: experiment.train[key] for key in Execution.__dataclass_fields__})
+
+
+def gpu_request(key):
+    """The training job's `gpu` or `gres` resource: how the SLURM plugin is to ask for its GPUs."""
+    return lambda wildcards: execution_of(experiment_of(wildcards)).gpu_request()[key]
+
+
+def check_execution_caps():
+    """No training job asks for more than the profile's caps (--resources), which Snakemake would
+    lower it to without a word."""
+    caps = {name: workflow.global_resources.get(name).value for name in ("gpu", "nodes")}
+    for name, experiment in EXPERIMENTS.items():
+        execution_of(experiment).check_caps(caps, name)
+
+
+checked(workflow, check_execution_caps)
 
 
 def trust_remote_code(wildcards):

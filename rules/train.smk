@@ -19,7 +19,9 @@ rule train_lora:
     threads: 8
     # How the job executes, which reruns nothing: more than one GPU launches one DDP process per GPU.
     resources:
-        gpu=lambda wildcards: experiment_of(wildcards).train["gpus"] * experiment_of(wildcards).train["nodes"],
+        # On one node `gpu`, the job's total; over several `gres`, per node (execution.Execution.gpu_request).
+        gpu=gpu_request("gpu"),
+        gres=gpu_request("gres"),
         nodes=execution_setting("nodes"),
         processes=execution_setting("processes"),
         allocator=execution_setting("allocator"),

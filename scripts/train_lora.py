@@ -19,13 +19,7 @@ run_stage(
             name=snakemake.wildcards.experiment,
             report_to=parse_report_to(snakemake.resources.report_to),
         ),
-        Execution(
-            processes=snakemake.resources.processes,
-            allocator=snakemake.resources.allocator,
-            gpus=snakemake.resources.gpu // snakemake.resources.nodes,
-            nodes=snakemake.resources.nodes,
-            strategy=snakemake.resources.strategy,
-        ),
+        Execution.of_job(snakemake.resources),
         threads=snakemake.threads,
     ),
 )

@@ -31,6 +31,42 @@ class Execution:
     strategy: str = "ddp"  # one of STRATEGIES; with a single process, nothing to share
     nodes: int = 1  # nodes of the job's SLURM allocation, each running its share of the processes
 
+    @classmethod
+    def of_job(cls, resources) -> Execution:
+        """A training job's execution from its Snakemake resources (rules/train.smk), which hold its
+        GPUs as the SLURM plugin asks for them: `gpu` on one node, `gres` (gpu:N, per node) over several."""
+        nodes = resources.nodes
+        gpus = resources.gpu if nodes == 1 else int(resources.gres.rpartition(":")[2])
+        return cls(
+            processes=resources.processes, allocator=resources.allocator, gpus=gpus, strategy=resources.strategy, nodes=nodes
+        )
+
+    def gpu_request(self) -> dict[str, int | str | None]:
+        """The training job's `gpu` and `gres` resources. snakemake-executor-plugin-slurm turns `gpu`
+        into `--gpus`, the job's total, both for sbatch and for the one-task, one-node jobstep it runs
+        the job in, which cannot hold a total spread over several nodes ("Invalid generic resource
+        (gres) specification"). Over several nodes the GPUs are asked per node instead, as `--gres`."""
+        if self.nodes <= 1:
+            return {"gpu": self.gpus, "gres": None}
+        return {"gpu": 0, "gres": f"gpu:{self.gpus}"}
+
+    def check_caps(self, caps: dict[str, int | None], experiment: str) -> None:
+        """Refuse a job that the profile's resource caps (Snakemake's `--resources`) would change:
+        Snakemake lowers a job's resource to its cap without a word, which would run fewer processes
+        (gpu) or fewer nodes than the config asks for."""
+        gpus = self.gpus * self.nodes
+        if (cap := caps.get("gpu")) is not None and gpus > cap:
+            asked = f"{self.gpus} x train.nodes {self.nodes}" if self.nodes > 1 else str(self.gpus)
+            raise PipelineError(
+                f"config key 'train.gpus': experiment '{experiment}' asks for {gpus} GPUs (train.gpus {asked}), "
+                f"more than the profile's cap of {cap} (resources: gpu={cap}); raise the cap or ask for fewer"
+            )
+        if (cap := caps.get("nodes")) is not None and self.nodes > cap:
+            raise PipelineError(
+                f"config key 'train.nodes': experiment '{experiment}' asks for {self.nodes} nodes, more than "
+                f"the profile's cap of {cap} (resources: nodes={cap}); raise the cap or ask for fewer"
+            )
+
     @property
     def per_node(self) -> int:
         return self.gpus if self.gpus > 1 else self.processes

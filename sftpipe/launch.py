@@ -28,36 +28,61 @@ def _fd(stream) -> int | None:
         return None
 
 
-RENDEZVOUS_PORT = 29500
+# The rendezvous port of a job is drawn from its SLURM job id, so that two jobs whose first node is
+# the same meet at different ports; below Linux's ephemeral ports (32768 on), which the kernel hands
+# to outgoing connections.
+RENDEZVOUS_PORTS = range(20000, 30000)
 
 
-def launcher_command(execution: Execution, hostnames: Callable[[str], list[str]] = lambda nodelist: []) -> list[str]:
+def rendezvous_port(job_id: str) -> int:
+    return RENDEZVOUS_PORTS[int(job_id) % len(RENDEZVOUS_PORTS)]
+
+
+def launcher_command(
+    execution: Execution, threads: int = 1, allocation: Callable[[str], tuple[int, list[str]]] = lambda job_id: (0, [])
+) -> list[str]:
     """What starts the training processes: this Python alone, torchrun on this node, or, over several
     nodes, one srun task per node each running torchrun, meeting at a c10d rendezvous on the
-    allocation's first node. `hostnames` expands SLURM's node list."""
+    allocation's first node. `allocation` gives a SLURM job's node count and host names.
+
+    snakemake-executor-plugin-slurm runs the job inside a one-task step (`srun -n1`) on the first
+    node, which holds the CPUs and GPUs the job has there: a step beside it must share them
+    (`--overlap`), else it waits for them forever."""
     if execution.world_size <= 1:
         return [sys.executable]
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={execution.per_node}"]
     if execution.nodes <= 1:
         return [*torchrun, "--standalone"]
-    job_id, nodelist = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_JOB_NODELIST")
-    if not job_id or not nodelist or int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) < execution.nodes:
+    job_id = os.environ.get("SLURM_JOB_ID")
+    nodes, hosts = allocation(job_id) if job_id else (0, [])
+    if nodes < execution.nodes:
         raise PipelineError(
             f"config key 'train.nodes': {execution.nodes} nodes need a SLURM allocation of as many "
-            "(run with --profile profiles/slurm)"
+            f"({f'job {job_id} has {nodes}' if job_id else 'not in a SLURM job'}; run with --profile profiles/slurm)"
         )
-    head = hostnames(nodelist)[0]
     return [
-        "srun", f"--nodes={execution.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "srun", "--overlap", f"--nodes={execution.nodes}", f"--ntasks={execution.nodes}", "--ntasks-per-node=1",
+        f"--cpus-per-task={threads}", "--kill-on-bad-exit=1",
         *torchrun, f"--nnodes={execution.nodes}", "--rdzv_backend=c10d", f"--rdzv_id={job_id}",
-        f"--rdzv_endpoint={head}:{RENDEZVOUS_PORT}",
+        f"--rdzv_endpoint={hosts[0]}:{rendezvous_port(job_id)}",
     ]  # fmt: skip
 
 
-def slurm_hostnames(nodelist: str) -> list[str]:
-    """The host names of a SLURM node list (`node[1-2]`), as scontrol expands them."""
-    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return result.stdout.split()
+def slurm_allocation(job_id: str) -> tuple[int, list[str]]:
+    """A SLURM job's node count and host names, from slurmctld: inside the plugin's jobstep the
+    environment describes that one-node step (SLURM_JOB_NODELIST names its node alone)."""
+    record = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    fields = dict(field.split("=", 1) for field in record.split() if "=" in field)
+    hosts = subprocess.run(["scontrol", "show", "hostnames", fields["NodeList"]], capture_output=True, text=True, check=True)
+    return int(fields["NumNodes"]), hosts.stdout.split()
+
+
+def step_environment(env: dict[str, str]) -> dict[str, str]:
+    """`env` for an srun over the whole allocation: without the variables of the step this process
+    runs in (SLURM_NNODES=1, SLURM_NTASKS=1, ...), which srun would take as its own limits ("Only
+    allocated 1 nodes asked for 2"). The job's id stays, so that srun finds the allocation."""
+    keep = {"SLURM_JOB_ID", "SLURM_CONF"}
+    return {k: v for k, v in env.items() if k in keep or not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
 
 
 def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
@@ -73,7 +98,7 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     log.info("allocator %s: %s", allocator, why)
     if processes <= 1 and preload is None:
         return train_lora(job)
-    launcher = launcher_command(execution, slurm_hostnames)
+    launcher = launcher_command(execution, threads, slurm_allocation)
     # The job's description where every node reads it: beside the checkpoints, on the shared filesystem.
     Path(job.work_dir).mkdir(parents=True, exist_ok=True)
     # The main process removes the work directory when it is done: this one goes with it.
@@ -82,6 +107,8 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
         call.write_text(job.to_json())
         threads_each = str(max(1, threads // execution.per_node))
         env = {**os.environ, "OMP_NUM_THREADS": threads_each, STRATEGY_VARIABLE: execution.strategy}
+        if execution.nodes > 1:
+            env = step_environment(env)
         if preload:
             env["LD_PRELOAD"] = " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))
             # tcmalloc reports every allocation over 1 GB on stderr: loading a large base model is not news.

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -485,4 +486,7 @@ if __name__ == "__main__":
     silence_library_noise()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if "RANK" in os.environ:
+        # Where each rank runs: over several nodes, the log shows that every host took part.
+        log.info("rank %s of %s on host %s", os.environ["RANK"], os.environ["WORLD_SIZE"], socket.gethostname())
     train_lora(TrainJob.from_json(Path(sys.argv[1]).read_text()))

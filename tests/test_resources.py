@@ -121,7 +121,7 @@ def test_the_estimate_holds_on_the_allocator_the_job_gets(tmp_path):
 
 def test_the_planned_allocator_says_why(monkeypatch):
     import sftpipe.launch
-    from sftpipe.launch import planned_allocator
+    from sftpipe.execution import planned_allocator
 
     monkeypatch.setattr(sftpipe.launch, "current_allocator", lambda: "system")
     monkeypatch.setattr(sftpipe.launch, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("sftpipe-no-such-allocator",)})
