@@ -283,6 +283,14 @@ MUTATIONS = [
         "the whole adapter gathered from every FSDP process",
     ),
     Mutation(
+        "cpu-job-asks-for-the-bare-estimate",
+        "sftpipe/resources.py",
+        'HEADROOM = {"cpu": 1.4, "cuda": 1.2}',
+        'HEADROOM = {"cpu": 1.2, "cuda": 1.2}',
+        ("tests/test_resources.py::test_the_demo_training_job_asks_for_more_than_it_used",),
+        "a CPU training job asks for more memory than the demo's measured peak",
+    ),
+    Mutation(
         "fsdp-resumes-ddp-checkpoints",
         "sftpipe/train.py",
         'layout = {"checkpoints": "sharded"} if self.fsdp else {}',

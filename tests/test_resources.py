@@ -120,16 +120,16 @@ def test_the_estimate_holds_on_the_allocator_the_job_gets(tmp_path):
 
 
 def test_the_planned_allocator_says_why(monkeypatch):
-    import sftpipe.launch
+    import sftpipe.execution
     from sftpipe.execution import planned_allocator
 
-    monkeypatch.setattr(sftpipe.launch, "current_allocator", lambda: "system")
-    monkeypatch.setattr(sftpipe.launch, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("sftpipe-no-such-allocator",)})
+    monkeypatch.setattr(sftpipe.execution, "current_allocator", lambda: "system")
+    monkeypatch.setattr(sftpipe.execution, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("sftpipe-no-such-allocator",)})
     assert (
         planned_allocator("auto")[0] == "system" and "neither tcmalloc nor jemalloc is installed" in planned_allocator("auto")[1]
     )
     assert planned_allocator("system") == ("system", "train.allocator: system", None)
-    monkeypatch.setattr(sftpipe.launch, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("c",)})  # any library find_library finds
+    monkeypatch.setattr(sftpipe.execution, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("c",)})  # any library find_library finds
     name, why, library = planned_allocator("auto")
     assert name == "tcmalloc" and library and library in why
 
@@ -154,3 +154,17 @@ def test_the_plan_sizes_training_for_the_allocator_it_names(tmp_path, tiny_model
         plan = snakemake(tmp_path, "-n", "results/train/x/adapter", "--configfile", "my.yaml").stdout
         [asked[allocator]] = re.findall(r"^rule train_lora:\n(?:    .*\n)*?    resources: .*\bmem_mb=(\d+)", plan, re.M)
     assert int(asked["system"]) == pytest.approx(1.5 * int(asked["tcmalloc"]), rel=0.01)
+
+
+def test_the_demo_training_job_asks_for_more_than_it_used(tmp_path):
+    """The demo's training job as measured on a finished demo (bench/demo_train_job.py): recomputed
+    from the same inputs, the memory and time it asks for exceed its peak RSS and wall time."""
+    from sftpipe.resources import train_resources
+
+    job = json.loads((REPO / "bench" / "results" / "demo_train_job.json").read_text())
+    inputs = job["estimate_inputs"]
+    (tmp_path / "stats.json").write_text(json.dumps(inputs["stats"]))
+    asked = train_resources(
+        _smollm2(tmp_path), inputs["settings"], inputs["max_length"], tmp_path / "stats.json", 1, 1, 1, False, job["allocator"]
+    )
+    assert asked["mem_mb"] > job["measured"]["peak_rss_mb"] and asked["runtime"] > job["measured"]["minutes"]

@@ -555,11 +555,11 @@ def test_lean_swiglu_leaves_other_architectures_alone(tiny_model):
 
 
 def test_the_training_log_names_the_allocator_and_why(monkeypatch, caplog):
-    import sftpipe.launch
+    import sftpipe.execution
     import sftpipe.train
 
-    monkeypatch.setattr(sftpipe.launch, "current_allocator", lambda: "system")
-    monkeypatch.setattr(sftpipe.launch, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("sftpipe-no-such-allocator",)})
+    monkeypatch.setattr(sftpipe.execution, "current_allocator", lambda: "system")
+    monkeypatch.setattr(sftpipe.execution, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("sftpipe-no-such-allocator",)})
     monkeypatch.setattr(sftpipe.train, "train_lora", lambda job: "trained")
     with caplog.at_level(logging.INFO, logger="sftpipe"):
         assert launch(None, Execution(allocator="auto")) == "trained"
