@@ -156,12 +156,21 @@ def test_the_plan_sizes_training_for_the_allocator_it_names(tmp_path, tiny_model
     assert int(asked["system"]) == pytest.approx(1.5 * int(asked["tcmalloc"]), rel=0.01)
 
 
-def test_the_demo_training_job_asks_for_more_than_it_used(tmp_path):
-    """The demo's training job as measured on a finished demo (bench/demo_train_job.py): recomputed
-    from the same inputs, the memory and time it asks for exceed its peak RSS and wall time."""
+DEMO_TRAIN_JOBS = sorted((REPO / "bench" / "results").glob("demo_train_job*.json"))
+
+
+def test_the_demo_training_job_was_measured_on_each_allocator():
+    assert {json.loads(path.read_text())["allocator"] for path in DEMO_TRAIN_JOBS} == {"tcmalloc", "system"}
+
+
+@pytest.mark.parametrize("measured", DEMO_TRAIN_JOBS, ids=lambda path: path.stem)
+def test_the_demo_training_job_asks_for_more_than_it_used(tmp_path, measured):
+    """The demo's training job as measured on a finished demo (bench/demo_train_job.py), on tcmalloc and
+    on glibc's malloc: recomputed from the same inputs, for the allocator it ran on, the memory and time
+    it asks for exceed its peak RSS and wall time."""
     from sftpipe.resources import train_resources
 
-    job = json.loads((REPO / "bench" / "results" / "demo_train_job.json").read_text())
+    job = json.loads(measured.read_text())
     inputs = job["estimate_inputs"]
     (tmp_path / "stats.json").write_text(json.dumps(inputs["stats"]))
     asked = train_resources(
