@@ -50,21 +50,18 @@ def _varlen_sdpa(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    bounds = cu_seq_lens_q.tolist()
+    lengths = cu_seq_lens_q.diff().tolist()
     grouped = getattr(module, "num_key_value_groups", 1) > 1
+    # `split`, not slicing: the backward of a split is one concatenation, where each slice's backward
+    # writes its gradient into a zeroed tensor of the whole packed row.
+    parts = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
     out = torch.cat(
         [
             torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=True,
-                enable_gqa=grouped,
+                q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=grouped
             )
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-            if end > start
+            for q, k, v in parts
+            if q.shape[2]
         ],
         dim=2,
     )

@@ -31,8 +31,9 @@ LOSS_TYPES = (
 # trained on from the base model. Either way the reference is the SFT model.
 STARTS = ("merged", "adapter")
 
-# `train` keys that do not apply to pairs: TRL's DPO pads its batches and computes its own loss.
-NOT_FOR_PAIRS = ("padding_free", "attention", "fused_loss")
+# `train` keys that do not apply to pairs: TRL's DPO pads its batches and computes its own loss, and
+# `lean_lora` is the SFT trainer's alone (sftpipe.train).
+NOT_FOR_PAIRS = ("padding_free", "attention", "fused_loss", "lean_lora")
 
 
 @dataclass(frozen=True)

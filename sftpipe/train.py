@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import sys
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from .io import PipelineError, Progress, read_json, read_jsonl, sha256_file
 from .loss import completion_loss
 from .model import load_model, load_tokenizer, save_model_dir
 from .precision import COMPUTE_DTYPES, resolve_precision
+from .rmsnorm import use_fused_rmsnorm
+from .rotary import use_fused_rotary
 from .swiglu import use_lean_swiglu
 from .tracking import Tracking
 
@@ -64,6 +67,9 @@ class TrainSettings:
     padding_free: bool = True
     attention: str = "auto"  # see sftpipe.attention
     lean_swiglu: bool = True  # see sftpipe.swiglu; off under gradient checkpointing
+    fused_rmsnorm: bool = True  # see sftpipe.rmsnorm
+    lean_lora: bool = True  # see LoraRecipe.factors_take_autocast_inputs
+    fused_rope: bool = True  # see sftpipe.rotary
     fused_loss: bool = True  # see sftpipe.loss
     gradient_checkpointing: bool = False
     save_steps: int = 100  # checkpoint interval; a killed run resumes from the last one
@@ -208,6 +214,12 @@ def _progress_callback():
     return StepProgress()
 
 
+def _cast_outside_autocast(layer, x, dtype):
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(layer)._cast_input_dtype(layer, x, dtype)
+
+
 class LoraRecipe:
     """One process's share of a LoRA run, step by step."""
 
@@ -271,6 +283,9 @@ class LoraRecipe:
         self.attention = use_attention(model, settings.attention) if settings.padding_free else "sdpa"
         if settings.lean_swiglu and not settings.gradient_checkpointing:
             use_lean_swiglu(model)
+        if settings.fused_rmsnorm:
+            use_fused_rmsnorm(model)
+        use_fused_rotary(model, settings.fused_rope)
         self.model = model
 
     def load_split(self, path: str | Path):
@@ -387,6 +402,8 @@ class LoraRecipe:
         # The fused loss reads the output projection's weight outside the forward, where FSDP has it sharded.
         self.trainer.fused_loss = settings.fused_loss and not self.fsdp
         self.factors_in_fp32()
+        if settings.lean_lora and self.precision in ("bf16", "fp16"):
+            self.factors_take_autocast_inputs()
 
     def factors_in_fp32(self) -> None:
         """TRL casts the LoRA factors of a quantized model to bf16; they train in fp32 here, like the
@@ -394,6 +411,18 @@ class LoraRecipe:
         for parameter in self.trainer.model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
+
+    def factors_take_autocast_inputs(self) -> None:
+        """peft casts each LoRA layer's input to its factors' fp32, and autocast casts it back to bf16
+        for the product: two copies of the input per layer, and the one kept for backward is that
+        layer's own, where the layers reading one input (q, k, v; gate, up) could share it. Under
+        autocast (the Trainer's forward) the input is left as it is and autocast casts the factors:
+        the same values, without the copies. Outside autocast peft casts as before."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.trainer.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module._cast_input_dtype = types.MethodType(_cast_outside_autocast, module)
 
     def _fsdp_arguments(self) -> dict[str, Any]:
         """FSDP2 over the data-parallel processes (sftpipe.fsdp), or nothing."""

@@ -1,0 +1,141 @@
+"""The pieces of a training step that replace transformers' own (sftpipe.rmsnorm, sftpipe.rotary,
+sftpipe.attention's per-example split): the stock outputs and gradients, less kept for backward, and
+in the graph of the training stage's own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import job
+
+from sftpipe.model import load_model
+from sftpipe.rmsnorm import use_fused_rmsnorm
+from sftpipe.rotary import use_fused_rotary
+from sftpipe.train import LoraRecipe, TrainSettings
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _body(model_dir, precision: str, fused: bool):
+    model = load_model(model_dir, dtype=DTYPES[precision])
+    if fused:
+        assert use_fused_rmsnorm(model) == 2 * model.config.num_hidden_layers + 1
+    use_fused_rotary(model, fused)
+    return model
+
+
+def _run(model, ids, precision: str):
+    """Output and input-embedding gradient of the decoder stack, as training runs it (autocast in bf16)."""
+    embeds = model.model.embed_tokens(ids).detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        hidden = model.model(inputs_embeds=embeds).last_hidden_state
+    # A fixed random projection of the output: it keeps nothing of the model's for backward.
+    projection = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1)).to(hidden.dtype)
+    (hidden * projection).float().sum().backward()
+    return hidden.detach(), embeds.grad
+
+
+def test_fused_rmsnorm_and_rope_give_the_stock_outputs_and_gradients(tiny_model, precision):
+    ids = torch.randint(0, 1000, (1, 96), generator=torch.Generator().manual_seed(0))
+    stock = _run(_body(tiny_model, precision, False), ids, precision)
+    fused = _run(_body(tiny_model, precision, True), ids, precision)
+    assert torch.equal(fused[0], stock[0])
+    if precision == "bf16":
+        assert torch.equal(fused[1], stock[1])
+    else:  # autograd groups the norm's two paths into its input's gradient differently
+        scale = stock[1].abs().max().item()
+        assert (fused[1] - stock[1]).abs().max().item() <= 1e-6 * scale, scale
+    assert stock[1].abs().max() > 0
+
+
+def _kept_for_backward(model, ids) -> list[torch.Tensor]:
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run(model, ids, "bf16")
+    return kept
+
+
+def test_the_fused_rmsnorm_keeps_no_fp32_copy_of_the_hidden_states(tiny_model):
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    width = load_model(tiny_model).config.hidden_size
+
+    def fp32_hidden(kept):
+        return [t for t in kept if t.dtype == torch.float32 and t.shape[-2:] == (ids.shape[1], width)]
+
+    assert fp32_hidden(_kept_for_backward(_body(tiny_model, "bf16", False), ids))  # the control sees the copies
+    assert not fp32_hidden(_kept_for_backward(_body(tiny_model, "bf16", True), ids))
+
+
+def _graph_nodes(tensor: torch.Tensor) -> set[str]:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_training_loss_runs_through_the_fused_pieces(tiny_model, tokenized, tmp_path, fused):
+    """The graph of the loss the training stage computes holds the fused norm and rotation (and the
+    stock ones when they are switched off), and per-example attention splits the packed row."""
+    settings = TrainSettings(max_steps=1, batch_size=4, precision="fp32", fused_rmsnorm=fused, fused_rope=fused)
+    recipe = LoraRecipe(job(tiny_model, tokenized, tmp_path, settings))
+    recipe.setup()
+    trainer = recipe.trainer
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    nodes = _graph_nodes(trainer.compute_loss(trainer.model, batch))
+    assert ("RMSNormBackward" in nodes) is fused and ("RotaryBackward" in nodes) is fused
+    assert ("PowBackward0" in nodes) is not fused and ("NegBackward0" in nodes) is not fused
+    # Stock RoPE slices; with it fused nothing does, per-example attention included.
+    assert "SplitWithSizesBackward0" in nodes and ("SliceBackward0" in nodes) is not fused
+
+
+def _weight(tensor: torch.Tensor) -> bool:
+    """A parameter, or autocast's bf16 copy of one."""
+    node = tensor.grad_fn
+    if node is None:  # a leaf: a parameter, or an activation that needs no gradient (the first layer's input)
+        return isinstance(tensor, torch.nn.Parameter)
+    return type(node).__name__ == "ToCopyBackward0" and type(node.next_functions[0][0]).__name__ == "AccumulateGrad"
+
+
+def _bf16_step(tiny_model, tokenized, tmp_path, lean_lora: bool):
+    """Loss, LoRA factors after it and how many hidden-width bf16 activations (not weights) it kept for
+    backward, in one bf16 step of the training stage's own trainer."""
+    settings = TrainSettings(max_steps=1, batch_size=4, logging_steps=1, precision="bf16", lean_lora=lean_lora)
+    recipe = LoraRecipe(job(tiny_model, tokenized, tmp_path / str(lean_lora), settings))
+    recipe.setup()
+    width = recipe.model.config.hidden_size
+    kept = set()
+
+    def pack(tensor):
+        if tensor.dtype == torch.bfloat16 and tensor.shape[-1] == width and not _weight(tensor):
+            kept.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        recipe.trainer.train()
+    factors = {n: p.detach().clone() for n, p in recipe.trainer.model.named_parameters() if p.requires_grad}
+    return recipe.trainer.state.log_history[0]["loss"], factors, len(kept)
+
+
+def test_lora_layers_share_their_input_under_autocast(tiny_model, tokenized, tmp_path):
+    """With `lean_lora`, the LoRA layers that read one input (q, k, v; gate, up) keep that input once
+    for backward instead of a bf16 copy each (peft's fp32 cast, autocast's cast back), and learn the same."""
+    loss, factors, kept = _bf16_step(tiny_model, tokenized, tmp_path, True)
+    stock_loss, stock_factors, stock_kept = _bf16_step(tiny_model, tokenized, tmp_path, False)
+    assert loss == stock_loss
+    assert factors.keys() == stock_factors.keys()
+    for name, factor in stock_factors.items():
+        assert torch.equal(factors[name], factor), name
+    layers = load_model(tiny_model).config.num_hidden_layers
+    assert kept <= stock_kept - 3 * layers, (kept, stock_kept)
