@@ -39,6 +39,7 @@ P = "tests/test_preference.py::"
 R = "tests/test_report.py::"
 RL = "tests/test_rl.py::"
 L = "tests/test_launch.py::"
+S = "tests/test_step_pieces.py::"
 # The real two-node SLURM (network namespaces; root): one job per node, rendezvous, gloo over the bridge.
 N = ("tests/test_slurm_nodes.py::test_a_two_node_job_ran_one_rank_on_each_node",)
 MUTATIONS = [
@@ -988,6 +989,63 @@ MUTATIONS = [
 """,
         N,
         "stopping the two-node SLURM removes its namespaces, veths and bridge",
+    ),
+    Mutation(
+        "glibc-sized-as-tcmalloc",
+        "sftpipe/resources.py",
+        'ALLOCATOR_OVERHEAD = {"tcmalloc": 1.0, "jemalloc": 1.5, "system": 1.5}',
+        'ALLOCATOR_OVERHEAD = {"tcmalloc": 1.0, "jemalloc": 1.0, "system": 1.0}',
+        ("tests/test_resources.py::test_the_demo_training_job_asks_for_more_than_it_used",),
+        "a job on glibc's malloc asks for the memory glibc's holes add",
+    ),
+    Mutation(
+        "rmsnorm-keeps-fp32-copy",
+        "sftpipe/rmsnorm.py",
+        "        ctx.save_for_backward(x, weight, scale)",
+        "        ctx.save_for_backward(upcast, weight, scale)",
+        (S + "test_the_fused_rmsnorm_keeps_no_fp32_copy_of_the_hidden_states",),
+        "the fused RMSNorm keeps its input in the training precision, not an fp32 copy",
+    ),
+    Mutation(
+        "rmsnorm-backward-wrong",
+        "sftpipe/rmsnorm.py",
+        "        grad_mean = -0.5 * grad_scale * scale.pow(3)",
+        "        grad_mean = -0.5 * grad_scale * scale.pow(2)",
+        (S + "test_fused_rmsnorm_and_rope_give_the_stock_outputs_and_gradients",),
+        "the fused RMSNorm's gradient is the stock one",
+    ),
+    Mutation(
+        "rope-backward-unrotated-the-wrong-way",
+        "sftpipe/rotary.py",
+        "        return grad * cos + _unrotate_half(grad * sin), None, None",
+        "        return grad * cos + _rotate_half(grad * sin), None, None",
+        (S + "test_fused_rmsnorm_and_rope_give_the_stock_outputs_and_gradients",),
+        "the fused RoPE's gradient is the stock one",
+    ),
+    Mutation(
+        "rope-not-patched",
+        "sftpipe/rotary.py",
+        "    modeling.apply_rotary_pos_emb = fused_rotary if fused else stock",
+        "    modeling.apply_rotary_pos_emb = stock",
+        (S + "test_the_training_loss_runs_through_the_fused_pieces",),
+        "the training stage's loss runs through the fused RoPE",
+    ),
+    Mutation(
+        "attention-sliced",
+        "sftpipe/attention.py",
+        "    parts = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)",
+        "    ends = cu_seq_lens_q.tolist()\n"
+        "    parts = [tuple(t[:, :, a:b] for t in (query, key, value)) for a, b in zip(ends[:-1], ends[1:])]",
+        (S + "test_the_training_loss_runs_through_the_fused_pieces",),
+        "per-example attention splits the packed row (one concatenation in backward, no zero-filled slices)",
+    ),
+    Mutation(
+        "lora-inputs-copied",
+        "sftpipe/train.py",
+        '        if settings.lean_lora and self.precision in ("bf16", "fp16"):',
+        "        if False:",
+        (S + "test_lora_layers_share_their_input_under_autocast",),
+        "LoRA layers reading one input keep it once under autocast",
     ),
 ]
 
