@@ -36,14 +36,17 @@ def _load(data: dict) -> str:
 
 def training(data: dict) -> list[str]:
     """bench/train_throughput.py: LoRA training of every variant, the two baselines first."""
-    peak = data["gemm_peak_gflops"]["fp32"]
+    peaks = data["gemm_peak_gflops"]
+    shapes = "model_gemm_rate" in data  # the GEMM rate at the model's own shapes, where the run measured it
     rows = [
         [
             name,
             v["setup"].get("undoes", "baseline"),
             f"{v['real_tokens_per_s']:.1f}",
             f"{data['speedup_real_tokens_per_s']['vs notebooks'][name]:.2f}x",
+            f"{data['speedup_real_tokens_per_s']['vs trl-defaults'][name]:.2f}x",
             f"{v['computed_gflops']:.1f} ({v['fraction_of_gemm_peak']:.0%})",
+            *([f"{v['model_gemm_gflops']:.0f} ({v['fraction_of_model_gemm_rate']:.0%})"] if shapes else []),
             f"{v['peak_rss_mb'] / 1024:.1f} GB",
             f"{v['heldout_completion_loss']:.4f}",
         ]
@@ -56,7 +59,8 @@ def training(data: dict) -> list[str]:
         f"{data['date']}, {_host(data)}; native bf16: {data['native_bf16']}{_load(data)}. SmolLM2-135M-Instruct, "
         f"{data['rows']} Alpaca rows, {data['steps']} steps of {h['batch_size']}, LoRA r {h['lora_r']} / alpha "
         f"{h['lora_alpha']}, learning rate {h['learning_rate']}, held-out loss on {data['heldout_rows']} rows. "
-        f"FLOPs: {data['flop_counting']}.",
+        f"FLOPs: {data['flop_counting']}. 2048³ GEMM peaks: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s"
+        + (f"; at the model's shapes: {data['model_gemm_rate']}." if shapes else "."),
         "",
         *_table(
             [
@@ -64,12 +68,36 @@ def training(data: dict) -> list[str]:
                 "what it changes",
                 "real tokens/s",
                 "vs notebooks",
-                f"GFLOP/s as computed (share of the fp32 GEMM peak, {peak:.0f})",
+                "vs TRL as shipped",
+                "GFLOP/s as computed (share of its precision's 2048³ GEMM peak)",
+                *(["GEMM GFLOP/s at its step's shapes (share of it computed)"] if shapes else []),
                 "peak RSS",
                 "held-out loss",
             ],
             rows,
         ),
+        *memory_profiles(data),
+    ]
+
+
+def memory_profiles(data: dict) -> list[str]:
+    """What each of our variants holds at its largest batch, where the run profiled it."""
+    profiled = {
+        name: v["memory_profile"]
+        for name, v in data["variants"].items()
+        # A profile taken without the checkpointing its run trained with says nothing of that run.
+        if v.get("memory_profile") and not v["setup"]["gradient_checkpointing"]
+    }
+    if not profiled:
+        return []
+    keys = [key for key in next(iter(profiled.values())) if key.endswith("_mb")]
+    rows = [[name, *(f"{p[key]:.0f}" for key in keys), p["largest_batch_tokens"]] for name, p in profiled.items()]
+    return [
+        "",
+        "Memory at the largest batch (MB; `memory_profile` in the JSON: what the peak RSS holds beyond the "
+        "components is the allocator's and the step's transient buffers):",
+        "",
+        *_table(["variant", *(key.removesuffix("_mb").replace("_", " ") for key in keys), "tokens"], rows),
     ]
 
 

@@ -6,8 +6,8 @@
   padded batches, the tokenizer's own pad token), with bf16 where this CPU runs it natively (TRL
   turns bf16 on everywhere; on a CPU without native bf16 it is an emulation, which no user keeps).
 - `sftpipe`: sftpipe's training stage with its defaults (padding-free batches with per-example
-  attention, loss on completion positions only, fused loss, lean SwiGLU, tcmalloc), in the
-  precision `auto` picks here.
+  attention, loss on completion positions only, fused loss, lean SwiGLU, fused RMSNorm and RoPE,
+  shared LoRA inputs, tcmalloc), in the precision `auto` picks here.
 - ablations of ours, each a setting of the training stage that undoes one of those choices.
 
 Every variant trains with the same LoRA (r 8, alpha 16, all linear layers, no dropout), batch size,
@@ -28,6 +28,7 @@ the completion loss of every adapter on the same held-out rows. Writes JSON.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -62,11 +63,19 @@ ABLATIONS = {
         "per-example attention: sdpa with a dense mask over the packed row",
     ),
     "sftpipe-stock-mlp": ({"lean_swiglu": False}, "auto", "the lean SwiGLU MLP"),
+    "sftpipe-stock-rmsnorm": ({"fused_rmsnorm": False}, "auto", "the RMSNorm that keeps its bf16 input, not an fp32 copy"),
+    "sftpipe-stock-rope": ({"fused_rope": False}, "auto", "the one-pass RoPE backward"),
+    "sftpipe-copied-lora-inputs": (
+        {"lean_lora": False},
+        "auto",
+        "shared LoRA inputs: peft's fp32 copy of each layer's input, cast back",
+    ),
     "sftpipe-logits-loss": ({"fused_loss": False}, "auto", "the fused loss: logits of the completion positions kept"),
     "sftpipe-system-allocator": ({}, "system", "tcmalloc: glibc's malloc"),
     "sftpipe-gradient-checkpointing": ({"gradient_checkpointing": True}, "auto", "no checkpointing: activations recomputed"),
 }
 VARIANTS = ("notebooks", "trl-defaults", *ABLATIONS)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def gemm_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
@@ -83,6 +92,48 @@ def gemm_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
         return 2 * size**3 * reps / (time.perf_counter() - start)
 
     return rate(2048 if rate(512, 0.0) > 20e9 else 512, seconds)
+
+
+def step_products(counts: dict, tokens: int, projected: int) -> dict[tuple[int, int, int], int]:
+    """The matrix products (m, k, n) one LoRA training step computes, at the model's own shapes, with
+    how often each occurs: for every decoder linear layer the forward and the input gradient of the
+    frozen weight, and the LoRA factors' forward, input and weight gradients; the output projection
+    of the projected positions, forward and input gradient, unchunked. The same products the FLOP
+    count counts, so their rate is the rate the step would reach if it did nothing else."""
+    products: dict[tuple[int, int, int], int] = {}
+    r = HYPERPARAMETERS["lora_r"]
+    for (fan_in, fan_out), layers in counts["linear_shapes"].items():
+        for shape in (
+            (tokens, fan_in, fan_out),
+            (tokens, fan_out, fan_in),
+            (tokens, fan_in, r),
+            (tokens, r, fan_out),
+            (tokens, fan_out, r),
+            (tokens, r, fan_in),
+            (fan_in, tokens, r),
+            (r, tokens, fan_out),
+        ):
+            products[shape] = products.get(shape, 0) + layers
+    hidden, vocabulary = counts["head_shape"]
+    for shape in ((projected, hidden, vocabulary), (projected, vocabulary, hidden)):
+        products[shape] = products.get(shape, 0) + 1
+    return products
+
+
+def model_gemm_rate(products: dict[tuple[int, int, int], int], dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """FLOP/s of `products` in `dtype`: each product timed alone for `seconds`, weighted by how often a
+    step computes it."""
+    flops = elapsed = 0.0
+    for (m, k, n), times in products.items():
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        torch.mm(a, b)
+        reps, start = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            reps += 1
+        elapsed += times * (time.perf_counter() - start) / reps
+        flops += times * 2 * m * k * n
+    return flops / elapsed
 
 
 def prepare(work: Path, model: Path, rows: int) -> None:
@@ -189,25 +240,76 @@ def run_trl(work: Path, model: Path, steps: int, variant: str, native_bf16: bool
     }
 
 
+def _mb(storages: dict[int, int]) -> float:
+    return sum(storages.values()) / 2**20
+
+
+def memory_profile(job, libraries_mb: float) -> dict[str, float]:
+    """MB each component holds at the run's largest batch: the process before the model loads
+    (interpreter and libraries), the frozen weights, the LoRA factors with their gradients and AdamW's
+    two moments, and the activations the loss's graph keeps for backward (distinct storages, weights
+    aside), from one forward as the Trainer runs it (autocast in its precision). What the peak RSS
+    holds beyond these is the allocator's (freed memory it keeps) and the step's transient buffers."""
+    from sftpipe.precision import COMPUTE_DTYPES
+    from sftpipe.train import LoraRecipe
+
+    recipe = LoraRecipe(job)
+    recipe.setup()
+    trainer, model = recipe.trainer, recipe.trainer.model
+    params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    factors = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters() if p.requires_grad}
+    largest = max(trainer.get_train_dataloader(), key=lambda batch: batch["input_ids"].numel())
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with (
+        torch.autocast("cpu", dtype=COMPUTE_DTYPES[recipe.precision], enabled=recipe.precision != "fp32"),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+    ):
+        trainer.compute_loss(model, largest)
+    return {
+        "libraries_mb": libraries_mb,
+        "frozen_weights_mb": _mb(params) - _mb(factors),
+        "lora_factors_mb": _mb(factors),
+        "gradients_mb": _mb(factors),
+        "optimizer_state_mb": 2 * _mb(factors),
+        "kept_for_backward_mb": _mb(kept),
+        "largest_batch_tokens": int(largest["input_ids"].numel()),
+    }
+
+
 def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
     from sftpipe.execution import current_allocator
     from sftpipe.train import TrainJob, TrainSettings, train_lora
 
+    for library in ("datasets", "peft", "transformers", "trl"):  # what the stage imports before it loads a model
+        importlib.import_module(library)
+    libraries_mb = rss_mb()
     overrides, _, _ = ABLATIONS[variant]
     settings = TrainSettings(
         **HYPERPARAMETERS, max_steps=steps, logging_steps=1, eval_steps=10_000, save_steps=10_000, **overrides
     )
-    summary = train_lora(
-        TrainJob(
-            model,
-            work / "train.jsonl",
-            work / "heldout.jsonl",
-            work / f"{variant}-adapter",
-            work / f"{variant}-history.json",
-            work / "ckpt",
-            settings,
-        )
+    job = TrainJob(
+        model,
+        work / "train.jsonl",
+        work / "heldout.jsonl",
+        work / f"{variant}-adapter",
+        work / f"{variant}-history.json",
+        work / "ckpt",
+        settings,
     )
+    summary = train_lora(job)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The profile's forward keeps what a step without checkpointing keeps (the Trainer switches it on).
+    profile = None if settings.gradient_checkpointing else memory_profile(job, libraries_mb)
+    if profile:
+        profile["beyond_these_at_the_peak_mb"] = peak_mb - sum(v for k, v in profile.items() if k.endswith("_mb"))
     history = json.loads((work / f"{variant}-history.json").read_text())["log_history"]
     return {
         "seconds": summary.train_runtime_s,
@@ -215,6 +317,8 @@ def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
         "computed_positions": summary.train_tokens,  # padding-free: no pad position is computed
         "projected_positions": summary.projected_positions,
         "final_train_loss": [h["loss"] for h in history if "loss" in h][-1],
+        "memory_profile": profile,
+        "peak_rss_mb": peak_mb,  # of the training, before the profile loads the model again
         "setup": {
             "precision": summary.precision,
             "gradient_checkpointing": settings.gradient_checkpointing,
@@ -230,19 +334,30 @@ def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
     }
 
 
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def parameter_counts(model_dir: Path) -> dict[str, int]:
     """N_body (the decoder's linear weights), N_head (the output projection) and N_lora (the LoRA
-    factors of every linear layer of the decoder, at the bench's rank)."""
+    factors of every linear layer of the decoder, at the bench's rank); the decoder's linear shapes
+    (fan in, fan out: how many layers) and the head's (hidden, vocabulary)."""
     from sftpipe.model import load_model
 
     model = load_model(model_dir)
     body = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
     r = HYPERPARAMETERS["lora_r"]
+    shapes: dict[tuple[int, int], int] = {}
+    for m in body:
+        shapes[(m.in_features, m.out_features)] = shapes.get((m.in_features, m.out_features), 0) + 1
+    head = model.get_output_embeddings().weight
     return {
         "total": sum(p.numel() for p in model.parameters()),
         "body_linear": sum(m.weight.numel() for m in body),
-        "head": model.get_output_embeddings().weight.numel(),
+        "head": head.numel(),
         "lora": sum(r * (m.in_features + m.out_features) for m in body),
+        "linear_shapes": shapes,
+        "head_shape": (head.shape[1], head.shape[0]),
     }
 
 
@@ -293,6 +408,10 @@ def run_variant(variant: str, work: Path, model: Path, steps: int, counts: dict[
     result["real_tokens_per_s"] = result["real_tokens"] / result["seconds"]
     result["computed_gflops"] = computed_flops(result, counts) / result["seconds"] / 1e9
     result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
+    per_step = [round(result[key] / steps) for key in ("computed_positions", "projected_positions")]
+    rate = model_gemm_rate(step_products(counts, *per_step), DTYPES[result["setup"]["precision"]])
+    result["model_gemm_gflops"] = rate / 1e9
+    result["fraction_of_model_gemm_rate"] = result["computed_gflops"] / result["model_gemm_gflops"]
     result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
     return result
 
@@ -321,7 +440,7 @@ def main() -> None:
             result = run_sftpipe(Path(args.work), Path(args.model), args.steps, args.variant)
         else:
             result = run_trl(Path(args.work), Path(args.model), args.steps, args.variant, native_bf16)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print("RESULT " + json.dumps(result))
         return
 
@@ -357,8 +476,11 @@ def main() -> None:
         "steps": args.steps,
         "heldout_rows": HELD_OUT,
         "hyperparameters": HYPERPARAMETERS,
-        "parameters": counts,
+        "parameters": {key: value for key, value in counts.items() if isinstance(value, int)},
+        "linear_shapes": [[*shape, layers] for shape, layers in counts["linear_shapes"].items()],
         "gemm_peak_gflops": peaks,
+        "model_gemm_rate": "each variant's `model_gemm_gflops`: the rate of the matrix products its mean step computes "
+        "(sequence positions x the model's linear shapes, LoRA factors, the head unchunked), each timed alone",
         "flop_counting": "4·N_body + 6·N_lora per computed position (+2·N_body + 2·N_lora under checkpointing), "
         "4·N_head per projected position; attention scores not counted",
         "variants": results,
