@@ -3,7 +3,7 @@ the job (peak RSS of its processes, wall time), the allocator it ran on and why,
 sftpipe.resources' estimate reads (training settings, the tokenized split's stats), so that
 tests/test_resources.py recomputes what the job asks for and holds it above what it used.
 
-    .venv/bin/python bench/demo_train_job.py [--results results] [--experiment demo]
+    .venv/bin/python bench/demo_train_job.py [--results results] [--experiment demo] [--job train_rl]
 """
 
 from __future__ import annotations
@@ -17,25 +17,31 @@ from pathlib import Path
 
 from common import host_info
 
+# Each training job's directory under results/.
+JOBS = {"train_lora": "train", "train_rl": "rl"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results")
     parser.add_argument("--experiment", default="demo")
+    parser.add_argument("--job", choices=tuple(JOBS), default="train_lora", help="SFT's training job or RL's")
     parser.add_argument("--out", default="bench/results/demo_train_job.json")
     args = parser.parse_args()
     results, name = Path(args.results), args.experiment
-    with open(results / "benchmarks" / "train_lora" / f"{name}.tsv") as f:
+    with open(results / "benchmarks" / args.job / f"{name}.tsv") as f:
         [measured] = list(csv.DictReader(f, delimiter="\t"))
-    history = json.loads((results / "train" / name / "history.json").read_text())["summary"]
+    history = json.loads((results / JOBS[args.job] / name / "history.json").read_text())["summary"]
     stats = json.loads((results / "data" / "tokenized" / name / "stats.json").read_text())
-    log = (results / "logs" / "train_lora" / f"{name}.log").read_text()
+    log = (results / "logs" / args.job / f"{name}.log").read_text()
     report = {
-        "benchmark": "the demo's training job: what it used beside what sftpipe.resources asks for it",
+        "benchmark": f"the demo's {args.job} job: what it used beside what sftpipe.resources asks for it",
+        "job": args.job,
         "date": time.strftime("%Y-%m-%d"),
         **host_info(),
         "allocator": history["allocator"],
-        "allocator_why": re.search(r"allocator \w+: (.*)", log)[1],
+        # RL trains in the job's own process, which logs no allocator choice: nothing preloads one.
+        "allocator_why": why[1] if (why := re.search(r"allocator \w+: (.*)", log)) else "the job's own process",
         "precision": history["precision"],
         "measured": {
             "peak_rss_mb": float(measured["max_rss"]),

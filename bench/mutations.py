@@ -1047,6 +1047,14 @@ MUTATIONS = [
         (S + "test_lora_layers_share_their_input_under_autocast",),
         "LoRA layers reading one input keep it once under autocast",
     ),
+    Mutation(
+        "rl-job-sized-per-prompt",
+        "sftpipe/resources.py",
+        '    settings = {**train, "batch_size": rl["prompts_per_step"] * rl["num_generations"], "fused_loss": True}',
+        '    settings = {**train, "batch_size": rl["prompts_per_step"], "fused_loss": True}',
+        ("tests/test_resources.py::test_the_demo_rl_job_asks_for_more_than_it_used",),
+        "an RL job asks for the memory of every completion of its step",
+    ),
 ]
 
 

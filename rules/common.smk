@@ -343,6 +343,20 @@ def _preference_estimate(experiment, base, stats, ready):
     return train_resources(base, train, 2 * config["data"]["max_length"], stats, 1, 1, 1, ON_GPU, "system")
 
 
+@functools.cache
+def _rl_estimate(experiment, base, ready):
+    """sftpipe.resources' estimate for an RL job (`ready`: its model exists)."""
+    from sftpipe.resources import rl_resources
+
+    experiment = EXPERIMENTS[experiment]
+    return rl_resources(base, experiment.rl_train, experiment.rl, config["data"]["max_length"], ON_GPU)
+
+
+def rl_estimate(key):
+    """An RL job's resource, from the model's shape and the section's settings."""
+    return lambda wildcards, input: _rl_estimate(wildcards.experiment, input.base, Path(input.base).exists())[key]
+
+
 def preference_estimate(key):
     """A preference job's resource, from the SFT model's shape, the settings and the tokenized pairs."""
     return lambda wildcards, input: _preference_estimate(

@@ -46,9 +46,8 @@ rule train_rl:
     threads: 8
     resources:
         gpu=1,
-        # The policy, the plain copy generation samples from, and the activations of a step.
-        mem_mb=model_memory(copies=4, default=8000),
-        runtime=240,
+        mem_mb=rl_estimate("mem_mb"),
+        runtime=rl_estimate("runtime"),
     params:
         settings=rl_settings,
         work_dir=lambda wildcards: f"results/rl/{wildcards.experiment}/work",
