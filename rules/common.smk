@@ -89,6 +89,8 @@ TRAIN_MODULES = (
     "loss.py",
     "attention.py",
     "swiglu.py",
+    "rmsnorm.py",
+    "rotary.py",
     "artifacts.py",
     "model.py",
     "tracking.py",
