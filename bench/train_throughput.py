@@ -78,18 +78,23 @@ VARIANTS = ("notebooks", "trl-defaults", *ABLATIONS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def seconds_per_product(m: int, k: int, n: int, dtype: torch.dtype, budget: float) -> float:
+    """Wall seconds of one [m, k] x [k, n] product in `dtype`, repeated for `budget` seconds (3 at least)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    torch.mm(a, b)
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < budget:
+        torch.mm(a, b)
+        reps += 1
+    return (time.perf_counter() - start) / reps
+
+
 def gemm_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
     """FLOP/s of square matrix products in `dtype`, repeated for `seconds`: 2048-wide, or 512-wide
     where the type runs 100x slower than fp32 (bf16 emulated on a CPU without native bf16)."""
 
     def rate(size: int, budget: float) -> float:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        torch.matmul(a, b)
-        reps, start = 0, time.perf_counter()
-        while reps < 3 or time.perf_counter() - start < budget:
-            torch.matmul(a, b)
-            reps += 1
-        return 2 * size**3 * reps / (time.perf_counter() - start)
+        return 2 * size**3 / seconds_per_product(size, size, size, dtype, budget)
 
     return rate(2048 if rate(512, 0.0) > 20e9 else 512, seconds)
 
@@ -125,13 +130,7 @@ def model_gemm_rate(products: dict[tuple[int, int, int], int], dtype: torch.dtyp
     step computes it."""
     flops = elapsed = 0.0
     for (m, k, n), times in products.items():
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        torch.mm(a, b)
-        reps, start = 0, time.perf_counter()
-        while reps < 3 or time.perf_counter() - start < seconds:
-            torch.mm(a, b)
-            reps += 1
-        elapsed += times * (time.perf_counter() - start) / reps
+        elapsed += times * seconds_per_product(m, k, n, dtype, seconds)
         flops += times * 2 * m * k * n
     return flops / elapsed
 

@@ -249,7 +249,7 @@ def rl_resources(
     settings = {**train, "batch_size": rl["prompts_per_step"] * rl["num_generations"], "fused_loss": True}
     length = max_length + rl["max_completion_length"]
     estimate = train_resources(base_dir, settings, length, None, 1, 1, 1, on_gpu, "system")
-    return {**{k: v for k, v in estimate.items() if k != "runtime"}, "runtime": 240}
+    return {**estimate, "runtime": 240}
 
 
 def model_memory_mb(model_dir: str | Path, copies: int, default: int) -> int:
