@@ -3,9 +3,9 @@ precision, in one run:
 
 - `trl-as-shipped`: TRL's GRPOTrainer with its own defaults for everything the comparison does not fix
   (activation checkpointing on, its own prompt tokenization, generation through the PEFT model).
-- `sftpipe`: sftpipe's RL stage (sftpipe.grpo): sampling from the folded copy of the policy,
+- `sftpipe`: sftpipe's RL stage (sftpipe.grpo): sampling from the plain copy of the policy (sftpipe.grpo.PolicySampler),
   no activation checkpointing, prompts tokenized as SFT tokenized them.
-- `sftpipe-trl-generation`: ours, sampling through the PEFT model as TRL does (the folded copy off).
+- `sftpipe-trl-generation`: ours, sampling through the PEFT model as TRL does (the plain copy off).
 
 Fixed for all: the model (the demo's merged SFT model where `make demo` made it), the first prompts
 of the demo's training split, `num_generations` completions for each of `prompts_per_step` prompts
@@ -122,7 +122,7 @@ def trl_as_shipped(model_dir: Path, prompts: Path, out: Path, steps: int, precis
     return {**figures(times, trainer), "activation_checkpointing": args.gradient_checkpointing}
 
 
-def sftpipe(model_dir: Path, prompts: Path, out: Path, steps: int, precision: str, fold: bool) -> dict:
+def sftpipe(model_dir: Path, prompts: Path, out: Path, steps: int, precision: str, plain_copy: bool) -> dict:
     from sftpipe.grpo import RLJob, RLRecipe
     from sftpipe.rl_settings import RewardSpec, RLSettings
     from sftpipe.train import TrainSettings
@@ -146,7 +146,7 @@ def sftpipe(model_dir: Path, prompts: Path, out: Path, steps: int, precision: st
     )
     recipe = RLRecipe(RLJob(model_dir, prompts, out / "adapter", out / "history.json", out / "work", settings, rl))
     recipe.setup()
-    if not fold:
+    if not plain_copy:
         recipe.trainer.generator = None
     times = timed(recipe.trainer)
     recipe.trainer.train()
@@ -178,8 +178,8 @@ def main() -> None:
         variants = {}
         for name, run in (
             ("trl-as-shipped", lambda out: trl_as_shipped(model, prompts, out, args.steps, args.precision)),
-            ("sftpipe", lambda out: sftpipe(model, prompts, out, args.steps, args.precision, fold=True)),
-            ("sftpipe-trl-generation", lambda out: sftpipe(model, prompts, out, args.steps, args.precision, fold=False)),
+            ("sftpipe", lambda out: sftpipe(model, prompts, out, args.steps, args.precision, plain_copy=True)),
+            ("sftpipe-trl-generation", lambda out: sftpipe(model, prompts, out, args.steps, args.precision, plain_copy=False)),
         ):
             variants[name] = run(scratch / name)
             print(name, json.dumps(variants[name]), file=sys.stderr)

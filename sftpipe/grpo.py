@@ -4,11 +4,13 @@ training-split prompt, the rewards (`sftpipe.rewards`) score them against the ro
 and TRL's loss learns from the advantages within each group. LoraRecipe's model, schedule, precision,
 checkpoints (a killed run resumes) and summary; prompts for data, GRPOTrainer for trainer.
 
-Generation runs on a plain copy of the model whose weights are the policy's with the adapter folded
-in, refreshed before each generation: the decoding loop then pays for one matmul per linear layer
-and token, not three and the adapter's own modules; and each prompt's KV cache is computed once for
-its group of completions, not once per completion. TRL's own generation (or vLLM) runs where that
-copy cannot stand for the policy (DoRA, modules_to_save, a 4-bit base).
+Generation runs on a plain copy of the model whose adapted linear layers compute the policy's frozen
+weight and its LoRA factors as three plain products, refreshed before each generation: the decoding
+loop pays none of peft's per-layer dispatch and casts; and each prompt's KV cache is computed once
+for its group of completions, not once per completion. The factors are not folded into the weight:
+in bf16 a LoRA update is mostly below the weight's rounding step, so a folded copy samples from the
+model RL started from, not from the policy. TRL's own generation (or vLLM) runs where that copy
+cannot stand for the policy (DoRA, modules_to_save, a 4-bit base).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.nn.functional import linear
 
 from .artifacts import TrainSummary
 from .io import PipelineError, read_jsonl
@@ -49,10 +52,27 @@ class RLJob:
     validation_path: None = None  # RL has no validation loss (LoraRecipe reads the field)
 
 
-class FoldedGenerator:
+class FactoredLinear(torch.nn.Module):
+    """A linear layer of the sampling copy: the policy's frozen weight (the same tensor, not a copy)
+    plus its adapter's two factor products, in the order and precision peft computes them under the
+    Trainer's autocast, so that the copy samples from the policy."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.down: torch.Tensor | None = None
+        self.up: torch.Tensor | None = None
+        self.scaling = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = linear(x, self.weight, self.bias)
+        return base + linear(linear(x, self.down), self.up) * self.scaling
+
+
+class PolicySampler:
     """A copy of the policy's model without adapter modules, for sampling: before each generation its
-    linear layers take the base weight plus the adapter's current delta (peft's own `get_delta_weight`),
-    computed afresh, so no rounding accumulates in the policy's weights as merging in place would."""
+    adapted linear layers take the policy's frozen weights and its adapter's current factors (cast to
+    the weights' dtype, as autocast casts them in the policy's forward)."""
 
     def __init__(self, plain_model) -> None:
         self.model = copy.deepcopy(plain_model).eval()
@@ -62,23 +82,28 @@ class FoldedGenerator:
 
     @staticmethod
     def usable(settings: TrainSettings) -> bool:
-        """Whether folding the adapter reproduces the policy: a plain LoRA on a full-precision base."""
+        """Whether the factored copy reproduces the policy: a plain LoRA on a full-precision base."""
         return not settings.use_dora and not settings.modules_to_save and settings.quantization == "none"
 
     @torch.no_grad()
     def refresh(self, policy) -> None:
         from peft.tuners.lora import LoraLayer
 
-        folded = 0
+        layers = 0
         for name, module in policy.named_modules():
             if isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight"):
-                adapter = module.active_adapters[0]
-                target = self.model.get_submodule(name.removeprefix("base_model.model."))
-                delta = module.get_delta_weight(adapter)
-                target.weight.copy_((module.base_layer.weight.float() + delta.float()).to(target.weight.dtype))
-                folded += 1
-        if not folded:
-            raise RuntimeError("the policy has no LoRA layer to fold into the generation model")
+                adapter, base = module.active_adapters[0], module.base_layer
+                path = name.removeprefix("base_model.model.")
+                layer = self.model.get_submodule(path)
+                if not isinstance(layer, FactoredLinear):
+                    layer = FactoredLinear(base.weight, base.bias)
+                    self.model.set_submodule(path, layer)
+                layer.down = module.lora_A[adapter].weight.to(base.weight.dtype)
+                layer.up = module.lora_B[adapter].weight.to(base.weight.dtype)
+                layer.scaling = module.scaling[adapter]
+                layers += 1
+        if not layers:
+            raise RuntimeError("the policy has no LoRA layer for the sampling copy to compute")
 
     def generate(self, policy, input_ids, attention_mask, **kwargs):
         start = time.perf_counter()
@@ -117,11 +142,11 @@ def _rl_trainer():
 
     class PipelineGRPOTrainer(GRPOTrainer):
         """GRPOTrainer that tokenizes prompts as SFT did (`prompt_token_ids`: one BOS, never two) and
-        samples from a FoldedGenerator where one is set."""
+        samples from a PolicySampler where one is set."""
 
         tokens_seen = 0  # real (non-pad) tokens of the generated batches trained on
         projected_positions = 0  # completion positions scored
-        generator: FoldedGenerator | None = None
+        generator: PolicySampler | None = None
 
         def _tokenize_prompts(self, prompts: list):
             return prompt_token_ids(self.processing_class, prompts), None, {}
@@ -130,7 +155,7 @@ def _rl_trainer():
             if self.generator is None or self.use_vllm:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
             policy = self.accelerator.unwrap_model(self.model)
-            # TRL's own decoding path, its EOS masking included, with generate answered by the folded copy.
+            # TRL's own decoding path, its EOS masking included, with generate answered by the sampling copy.
             policy.generate = lambda **kwargs: self.generator.generate(policy, **kwargs)
             try:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
@@ -171,7 +196,7 @@ class RLRecipe(LoraRecipe):
         """The model of `base_dir`, and the plain copy generation samples from; with `start: adapter`,
         the SFT adapter on it, trainable, which the run keeps training."""
         super().setup_model()
-        self.generator = FoldedGenerator(self.model) if FoldedGenerator.usable(self.settings) and not self.rl.use_vllm else None
+        self.generator = PolicySampler(self.model) if PolicySampler.usable(self.settings) and not self.rl.use_vllm else None
         if self.job.sft_adapter_dir is not None:
             from peft import PeftModel
 
