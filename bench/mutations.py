@@ -1063,6 +1063,22 @@ MUTATIONS = [
         ("tests/test_resources.py::test_the_demo_rl_job_asks_for_more_than_it_used",),
         "an RL job asks for the memory of every completion of its step",
     ),
+    Mutation(
+        "rl-stage-untracked",
+        "scripts/train_rl.py",
+        "            report_to=parse_report_to(snakemake.resources.report_to),\n",
+        "",
+        (RL + "test_the_rl_stage_tracks_its_curves_under_the_experiments_trackers",),
+        "the RL stage's curves go to the experiment's trackers (train.report_to)",
+    ),
+    Mutation(
+        "rl-curves-not-reported",
+        "sftpipe/train.py",
+        'report_to=list(self.job.report_to) or "none",',
+        'report_to="none",',
+        (RL + "test_the_rl_curves_reach_the_trackers",),
+        "the RL curves (each reward's mean, KL, lengths, zero-spread groups, clip ratios) reach the trackers",
+    ),
 ]
 
 

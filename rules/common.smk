@@ -244,6 +244,12 @@ def execution_setting(key):
     return lambda wildcards: experiment_of(wildcards).train[key]
 
 
+def report_to(wildcards):
+    """The trackers of the experiment's training runs (`train.report_to`, SFT's and RL's): a resource,
+    so changing them reruns nothing."""
+    return ",".join(experiment_of(wildcards).train["report_to"]) or "none"
+
+
 def execution_of(experiment):
     return Execution(**{key: experiment.train[key] for key in Execution.__dataclass_fields__})
 

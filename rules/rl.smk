@@ -48,6 +48,7 @@ rule train_rl:
         gpu=1,
         mem_mb=rl_estimate("mem_mb"),
         runtime=rl_estimate("runtime"),
+        report_to=report_to,
     params:
         settings=rl_settings,
         work_dir=lambda wildcards: f"results/rl/{wildcards.experiment}/work",

@@ -26,7 +26,7 @@ rule train_lora:
         processes=execution_setting("processes"),
         allocator=execution_setting("allocator"),
         strategy=execution_setting("strategy"),
-        report_to=lambda wildcards: ",".join(experiment_of(wildcards).train["report_to"]) or "none",
+        report_to=report_to,
         # Estimated from the base model, the settings and the data (sftpipe.resources).
         mem_mb=training_estimate("mem_mb"),
         runtime=training_estimate("runtime"),

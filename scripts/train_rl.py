@@ -1,6 +1,7 @@
 from sftpipe.entry import run_stage
 from sftpipe.grpo import RLJob, train_rl
 from sftpipe.rl_settings import RLSettings
+from sftpipe.tracking import parse_report_to
 from sftpipe.train import TrainSettings
 
 run_stage(
@@ -16,7 +17,8 @@ run_stage(
             rl=RLSettings.from_config(snakemake.params.settings["rl"]),
             trust_remote_code=snakemake.params.trust_remote_code,
             sft_adapter_dir=snakemake.input.get("sft_adapter"),
-            name=snakemake.wildcards.experiment,
+            name=f"{snakemake.wildcards.experiment}-rl",
+            report_to=parse_report_to(snakemake.resources.report_to),
         )
     ),
 )

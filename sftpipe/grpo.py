@@ -47,8 +47,8 @@ class RLJob:
     rl: RLSettings
     trust_remote_code: bool = False
     sft_adapter_dir: str | Path | None = None  # the SFT adapter trained on (start: adapter); None: a fresh LoRA
-    name: str = "rl"  # the experiment: the tracked run's name
-    report_to: tuple[str, ...] = ()  # the RL run is not tracked (LoraRecipe reads the field)
+    name: str = "rl"  # the tracked run's name
+    report_to: tuple[str, ...] = ()  # trackers of the RL curves (sftpipe.tracking)
     validation_path: None = None  # RL has no validation loss (LoraRecipe reads the field)
 
 

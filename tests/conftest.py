@@ -190,3 +190,12 @@ def killed_after_first_checkpoint(call: str, work: Path) -> int:
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     return max(int(p.parent.name.split("-")[1]) for p in work.glob("*/checkpoint-*/trainer_state.json"))
+
+
+def tensorboard_scalars(log_dir) -> dict[str, list[float]]:
+    """Each scalar's values in a TensorBoard log directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import killed_after_first_checkpoint
+from conftest import killed_after_first_checkpoint, tensorboard_scalars
 from workflow import planned_jobs, snakemake
 
 from sftpipe.config import load_schema
@@ -170,6 +170,32 @@ def test_the_kl_term_is_there_exactly_when_beta_is_positive(tmp_path, tiny_model
     else:
         # The first step's policy is the reference; once it moved, the KL is there.
         assert logged[0]["kl"] == pytest.approx(0, abs=1e-6) and logged[-1]["kl"] > 1e-6
+
+
+def test_the_rl_curves_reach_the_trackers(tmp_path, tiny_model, prompts, spread, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the tracking stores live under results/tracking of the working directory
+    job = rl_job(tiny_model, prompts, tmp_path, small(beta=0.5, rewards=(spread,)))
+    summary = train_rl(dataclasses.replace(job, name="t-rl", report_to=("tensorboard",)))
+    assert summary.tracking["tensorboard_dir"] == str(tmp_path / "results/tracking/tensorboard/t-rl")
+    curves = tensorboard_scalars(summary.tracking["tensorboard_dir"])
+    reward = f"train/rewards/{spread.function}/mean"
+    for name in (reward, "train/reward_std", "train/kl", "train/completions/mean_length", "train/frac_reward_zero_std"):
+        assert len(curves[name]) == 3, name
+    assert "train/clip_ratio/region_mean" in curves
+
+
+def test_the_rl_stage_tracks_its_curves_under_the_experiments_trackers(tmp_path):
+    rl = {"num_generations": 2, "prompts_per_step": 2, "max_completion_length": 4, "train": {"max_steps": 2, "logging_steps": 1}}
+    config = yaml.safe_load(rl_config(tmp_path, experiment="t", rl=rl).read_text())
+    config["train"]["report_to"] = ["tensorboard"]
+    # Decontamination reads the task's documents, which the demo builds itself; a test split to hold out.
+    config["eval"]["lm_eval"]["tasks"][0]["data_files"]["test"] = "results/data/lm_eval/sftpipe_demo_mc.jsonl"
+    config["data"] = {"split": {"validation_fraction": 0.1, "test_fraction": 0.2}}
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "--cores", "1", "results/rl/t/history.json", "--configfile", "rl.yaml")
+    summary = json.loads((tmp_path / "results/rl/t/history.json").read_text())["summary"]
+    assert summary["tracking"]["tensorboard_dir"] == str(tmp_path / "results/tracking/tensorboard/t-rl")
+    assert len(tensorboard_scalars(summary["tracking"]["tensorboard_dir"])["train/rewards/exact/mean"]) == 2
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

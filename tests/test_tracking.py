@@ -4,19 +4,11 @@ TensorBoard log and one MLflow run, and a tracker that is not installed names th
 import json
 
 import pytest
-from conftest import job
+from conftest import job, tensorboard_scalars
 
 from sftpipe.io import PipelineError
 from sftpipe.tracking import Tracking, log_evaluation, parse_report_to
 from sftpipe.train import TrainSettings, train_lora
-
-
-def _scalars(log_dir) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_training_and_evaluation_share_one_tracked_run(tmp_path, tiny_model, tokenized, monkeypatch):
@@ -30,10 +22,10 @@ def test_training_and_evaluation_share_one_tracked_run(tmp_path, tiny_model, tok
     tracking = summary.tracking
     assert tracking["report_to"] == ["tensorboard", "mlflow"]
     assert json.loads((tmp_path / "h.json").read_text())["summary"]["tracking"] == tracking
-    assert len(_scalars(tracking["tensorboard_dir"])["train/loss"]) == 4
+    assert len(tensorboard_scalars(tracking["tensorboard_dir"])["train/loss"]) == 4
 
     log_evaluation(tracking, summary.steps, {"eval/exact_match/normalized_exact_match/tuned": 0.75})
-    assert _scalars(tracking["tensorboard_dir"])["eval/exact_match/normalized_exact_match/tuned"] == [0.75]
+    assert tensorboard_scalars(tracking["tensorboard_dir"])["eval/exact_match/normalized_exact_match/tuned"] == [0.75]
     from sftpipe.tracking import _use_mlflow
 
     mlflow = _use_mlflow(tracking["mlflow_tracking_uri"])
