@@ -40,8 +40,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         **host_info(),
         "allocator": history["allocator"],
-        # RL trains in the job's own process, which logs no allocator choice: nothing preloads one.
-        "allocator_why": why[1] if (why := re.search(r"allocator \w+: (.*)", log)) else "the job's own process",
+        "allocator_why": re.search(r"allocator \w+: (.*)", log)[1],
         "precision": history["precision"],
         "measured": {
             "peak_rss_mb": float(measured["max_rss"]),

@@ -1079,6 +1079,22 @@ MUTATIONS = [
         (RL + "test_the_rl_curves_reach_the_trackers",),
         "the RL curves (each reward's mean, KL, lengths, zero-spread groups, clip ratios) reach the trackers",
     ),
+    Mutation(
+        "rl-job-in-the-stage-process",
+        "scripts/train_rl.py",
+        "Execution(allocator=snakemake.resources.allocator)",
+        'Execution(allocator="system")',
+        (RL + "test_the_rl_stage_runs_on_tcmalloc_and_tracks_its_curves",),
+        "the RL job runs on the allocator train.allocator gives (tcmalloc for auto, where installed)",
+    ),
+    Mutation(
+        "rl-launched-job-loses-rewards",
+        "sftpipe/grpo.py",
+        'RLSettings.from_config(fields["rl"])',
+        'RLSettings.from_config({**fields["rl"], "rewards": [{"kind": "exact"}]})',
+        (RL + "test_a_launched_rl_job_runs_as_given_on_the_allocator",),
+        "a launched RL process runs the job as given (its rewards, not the defaults)",
+    ),
 ]
 
 

@@ -85,6 +85,7 @@ TRAIN_MODULES = (
     "precision.py",
     "fsdp.py",
     "launch.py",
+    "worker.py",
     "execution.py",
     "loss.py",
     "attention.py",
@@ -357,7 +358,8 @@ def _rl_estimate(experiment, base, ready):
     from sftpipe.resources import rl_resources
 
     experiment = EXPERIMENTS[experiment]
-    return rl_resources(base, experiment.rl_train, experiment.rl, config["data"]["max_length"], ON_GPU)
+    allocator = job_allocator(experiment.train["allocator"])
+    return rl_resources(base, experiment.rl_train, experiment.rl, config["data"]["max_length"], ON_GPU, allocator)
 
 
 def rl_estimate(key):

@@ -49,6 +49,7 @@ rule train_rl:
         mem_mb=rl_estimate("mem_mb"),
         runtime=rl_estimate("runtime"),
         report_to=report_to,
+        allocator=execution_setting("allocator"),
     params:
         settings=rl_settings,
         work_dir=lambda wildcards: f"results/rl/{wildcards.experiment}/work",

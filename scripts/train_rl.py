@@ -1,12 +1,14 @@
 from sftpipe.entry import run_stage
-from sftpipe.grpo import RLJob, train_rl
+from sftpipe.execution import Execution
+from sftpipe.grpo import RLJob
+from sftpipe.launch import launch
 from sftpipe.rl_settings import RLSettings
 from sftpipe.tracking import parse_report_to
 from sftpipe.train import TrainSettings
 
 run_stage(
     snakemake,
-    lambda: train_rl(
+    lambda: launch(
         RLJob(
             base_dir=snakemake.input.base,
             train_path=snakemake.input.prompts,
@@ -19,6 +21,9 @@ run_stage(
             sft_adapter_dir=snakemake.input.get("sft_adapter"),
             name=f"{snakemake.wildcards.experiment}-rl",
             report_to=parse_report_to(snakemake.resources.report_to),
-        )
+        ),
+        # One process: the allocator is all of train's execution keys that applies to RL.
+        Execution(allocator=snakemake.resources.allocator),
+        threads=snakemake.threads,
     ),
 )

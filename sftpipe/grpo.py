@@ -16,6 +16,7 @@ cannot stand for the policy (DoRA, modules_to_save, a 4-bit base).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -50,6 +51,15 @@ class RLJob:
     name: str = "rl"  # the tracked run's name
     report_to: tuple[str, ...] = ()  # trackers of the RL curves (sftpipe.tracking)
     validation_path: None = None  # RL has no validation loss (LoraRecipe reads the field)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> RLJob:
+        fields = json.loads(text)
+        settings, rl = TrainSettings(**fields["settings"]), RLSettings.from_config(fields["rl"])
+        return cls(**{**fields, "settings": settings, "rl": rl, "report_to": tuple(fields["report_to"])})
 
 
 class FactoredLinear(torch.nn.Module):

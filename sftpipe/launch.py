@@ -86,10 +86,10 @@ def step_environment(env: dict[str, str]) -> dict[str, str]:
 
 
 def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
-    """`sftpipe.train.train_lora(job)` in this process, or in child processes: under torchrun with
-    `execution.world_size` data-parallel workers, each with its share of the threads, and/or with
-    `train.allocator`'s library preloaded. Returns the run's summary."""
-    from .train import train_lora
+    """The training run of `job` (SFT's TrainJob or RL's RLJob) in this process, or in child processes
+    (sftpipe.worker): under torchrun with `execution.world_size` data-parallel workers, each with its
+    share of the threads, and/or with `train.allocator`'s library preloaded. Returns the run's summary."""
+    from .worker import run_job
 
     if execution.strategy not in STRATEGIES:
         raise PipelineError(f"config key 'train.strategy': '{execution.strategy}' is not one of {', '.join(STRATEGIES)}")
@@ -97,7 +97,7 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     allocator, why, preload = planned_allocator(execution.allocator)
     log.info("allocator %s: %s", allocator, why)
     if processes <= 1 and preload is None:
-        return train_lora(job)
+        return run_job(job)
     launcher = launcher_command(execution, threads, slurm_allocation)
     # The job's description where every node reads it: beside the checkpoints, on the shared filesystem.
     Path(job.work_dir).mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
             env["LD_PRELOAD"] = " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))
             # tcmalloc reports every allocation over 1 GB on stderr: loading a large base model is not news.
             env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
-        command = [*launcher, "-m", "sftpipe.train", str(call)]
+        command = [*launcher, "-m", "sftpipe.worker", str(call)]
         log.info("launching %d training process(es)%s: %s", processes, f" on {preload}" if preload else "", " ".join(command))
         result = subprocess.run(command, env=env, stdout=_fd(sys.stdout), stderr=_fd(sys.stderr))
     if result.returncode != 0:

@@ -240,15 +240,15 @@ def train_resources(
 
 
 def rl_resources(
-    base_dir: str | Path, train: dict[str, Any], rl: dict[str, Any], max_length: int, on_gpu: bool
+    base_dir: str | Path, train: dict[str, Any], rl: dict[str, Any], max_length: int, on_gpu: bool, allocator: str
 ) -> dict[str, int]:
-    """`mem_mb` (and on GPU `gpu_mem_mb`) of an RL job, as `train_resources` estimates a training step
-    on `prompts_per_step` x `num_generations` sequences of a prompt (up to `max_length`) and its
-    completion. The job trains in its own process, which nothing preloads another allocator into.
-    Its time goes to generation, which the training estimate does not count: `runtime` is fixed."""
+    """`mem_mb` (and on GPU `gpu_mem_mb`) of an RL job on `allocator`, as `train_resources` estimates a
+    training step on `prompts_per_step` x `num_generations` sequences of a prompt (up to `max_length`)
+    and its completion. Its time goes to generation, which the training estimate does not count:
+    `runtime` is fixed."""
     settings = {**train, "batch_size": rl["prompts_per_step"] * rl["num_generations"], "fused_loss": True}
     length = max_length + rl["max_completion_length"]
-    estimate = train_resources(base_dir, settings, length, None, 1, 1, 1, on_gpu, "system")
+    estimate = train_resources(base_dir, settings, length, None, 1, 1, 1, on_gpu, allocator)
     return {**estimate, "runtime": 240}
 
 

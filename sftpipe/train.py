@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import sys
 import types
 from dataclasses import asdict, dataclass
@@ -506,16 +505,3 @@ def die_with_parent() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-if __name__ == "__main__":
-    from .entry import silence_library_noise
-
-    die_with_parent()
-    silence_library_noise()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if "RANK" in os.environ:
-        # Where each rank runs: over several nodes, the log shows that every host took part.
-        log.info("rank %s of %s on host %s", os.environ["RANK"], os.environ["WORLD_SIZE"], socket.gethostname())
-    train_lora(TrainJob.from_json(Path(sys.argv[1]).read_text()))

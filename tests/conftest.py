@@ -199,3 +199,29 @@ def tensorboard_scalars(log_dir) -> dict[str, list[float]]:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+ALLOCATOR_PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
+
+
+@pytest.fixture(scope="module")
+def allocators():
+    """tcmalloc and jemalloc, installed from Debian's packages where this machine can (root, apt)."""
+    import shutil
+    import subprocess
+
+    from sftpipe.execution import planned_allocator
+    from sftpipe.io import PipelineError
+
+    def installed():
+        try:
+            return all(planned_allocator(name)[2] for name in ALLOCATOR_PACKAGES)
+        except PipelineError:
+            return False
+
+    if not installed() and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *ALLOCATOR_PACKAGES.values()], env=env, check=False)
+    if not installed():
+        unavailable(f"needs {' and '.join(ALLOCATOR_PACKAGES.values())} (Debian), which cannot be installed here")

@@ -181,11 +181,12 @@ def test_the_demo_training_job_asks_for_more_than_it_used(tmp_path, measured):
 
 def test_the_demo_rl_job_asks_for_more_than_it_used(tmp_path):
     """The demo's RL job as measured on a finished `make demo-rl` (bench/demo_train_job.py --job
-    train_rl, 4 prompts x 8 completions a step): recomputed from its settings, it asks for more memory
-    and time than it used."""
+    train_rl): recomputed from its settings, for the allocator it ran on, it asks for more memory and
+    time than it used."""
     from sftpipe.resources import rl_resources
 
     job = json.loads((REPO / "bench" / "results" / "demo_rl_job.json").read_text())
     settings = job["estimate_inputs"]["settings"]
-    asked = rl_resources(_smollm2(tmp_path), settings, settings, job["estimate_inputs"]["max_length"], False)
+    max_length = job["estimate_inputs"]["max_length"]
+    asked = rl_resources(_smollm2(tmp_path), settings, settings, max_length, False, job["allocator"])
     assert asked["mem_mb"] > job["measured"]["peak_rss_mb"] and asked["runtime"] > job["measured"]["minutes"]

@@ -15,8 +15,10 @@ from conftest import killed_after_first_checkpoint, tensorboard_scalars
 from workflow import planned_jobs, snakemake
 
 from sftpipe.config import load_schema
+from sftpipe.execution import Execution
 from sftpipe.grpo import RLJob, RLRecipe, train_rl
 from sftpipe.io import PipelineError, read_jsonl
+from sftpipe.launch import launch
 from sftpipe.rewards import trl_reward_functions
 from sftpipe.rl_prompts import write_rl_prompts
 from sftpipe.rl_settings import RewardSpec, RLSettings
@@ -184,7 +186,15 @@ def test_the_rl_curves_reach_the_trackers(tmp_path, tiny_model, prompts, spread,
     assert "train/clip_ratio/region_mean" in curves
 
 
-def test_the_rl_stage_tracks_its_curves_under_the_experiments_trackers(tmp_path):
+@pytest.mark.parametrize(("allocator", "expected"), [("auto", "tcmalloc"), ("system", "system")])
+def test_a_launched_rl_job_runs_as_given_on_the_allocator(tmp_path, tiny_model, prompts, spread, allocators, allocator, expected):
+    summary = launch(rl_job(tiny_model, prompts, tmp_path, small(rewards=(spread,))), Execution(allocator=allocator))
+    # Read from the training process's own memory map; its rewards are the job's, not the defaults.
+    assert summary.allocator == expected and summary.steps == 3
+    assert all(f"rewards/{spread.function}/mean" in h for h in history(tmp_path) if "reward" in h)
+
+
+def test_the_rl_stage_runs_on_tcmalloc_and_tracks_its_curves(tmp_path, allocators):
     rl = {"num_generations": 2, "prompts_per_step": 2, "max_completion_length": 4, "train": {"max_steps": 2, "logging_steps": 1}}
     config = yaml.safe_load(rl_config(tmp_path, experiment="t", rl=rl).read_text())
     config["train"]["report_to"] = ["tensorboard"]
@@ -194,6 +204,7 @@ def test_the_rl_stage_tracks_its_curves_under_the_experiments_trackers(tmp_path)
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
     snakemake(tmp_path, "--cores", "1", "results/rl/t/history.json", "--configfile", "rl.yaml")
     summary = json.loads((tmp_path / "results/rl/t/history.json").read_text())["summary"]
+    assert summary["allocator"] == "tcmalloc"  # train.allocator: auto
     assert summary["tracking"]["tensorboard_dir"] == str(tmp_path / "results/tracking/tensorboard/t-rl")
     assert len(tensorboard_scalars(summary["tracking"]["tensorboard_dir"])["train/rewards/exact/mean"]) == 2
 

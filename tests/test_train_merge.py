@@ -373,30 +373,6 @@ def test_early_stopping_ends_training_when_validation_loss_stalls(tmp_path, tiny
     assert evals[:3] == [4, 8, 12]
 
 
-ALLOCATOR_PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
-
-
-@pytest.fixture(scope="module")
-def allocators():
-    """tcmalloc and jemalloc, installed from Debian's packages where this machine can (root, apt)."""
-    import os
-    import shutil
-    import subprocess
-
-    def installed():
-        try:
-            return all(planned_allocator(name)[2] for name in ALLOCATOR_PACKAGES)
-        except PipelineError:
-            return False
-
-    if not installed() and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *ALLOCATOR_PACKAGES.values()], env=env, check=False)
-    if not installed():
-        unavailable(f"needs {' and '.join(ALLOCATOR_PACKAGES.values())} (Debian), which cannot be installed here")
-
-
 @pytest.mark.parametrize("allocator, expected", [("auto", "tcmalloc"), ("jemalloc", "jemalloc"), ("system", "system")])
 def test_training_runs_on_the_configured_allocator(tmp_path, tiny_model, tokenized, allocators, allocator, expected):
     settings = TrainSettings(max_steps=2, batch_size=8, eval_steps=2, precision="fp32")
