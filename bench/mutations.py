@@ -1095,6 +1095,14 @@ MUTATIONS = [
         (RL + "test_a_launched_rl_job_runs_as_given_on_the_allocator",),
         "a launched RL process runs the job as given (its rewards, not the defaults)",
     ),
+    Mutation(
+        "stage-process-imports-torch",
+        "sftpipe/jobs.py",
+        "import json\n",
+        "import json\n\nimport torch  # noqa: F401\n",
+        ("tests/test_launch.py::test_a_training_stage_imports_no_torch_before_it_launches",),
+        "a training stage's own process holds no torch while the training process it launched runs",
+    ),
 ]
 
 

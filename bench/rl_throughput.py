@@ -11,10 +11,12 @@ Fixed for all: the model (the demo's merged SFT model where `make demo` made it)
 of the demo's training split, `num_generations` completions for each of `prompts_per_step` prompts
 per step, at most `max_completion_length` new tokens at temperature 1, exact-match reward, beta 0,
 loss dapo, LoRA r 16 / alpha 32 on all linear layers, learning rate 1e-5, constant schedule, the
-precision given (fp32 by default: this host has no native bf16). The first step is a warm-up, left
-out of the figures. Reported per variant: seconds per step, completions per second, the share of a
-step spent generating, the mean reward; and the host's load average before and after, since other
-jobs share these cores. Writes JSON.
+precision given (fp32 by default). Each variant runs in a process of its own, on its allocator
+(`ALLOCATORS`: TRL on glibc's malloc as its users run it, ours on what the RL job preloads, tcmalloc
+where installed). The first step is a warm-up, left out of the figures. Reported per variant:
+seconds per step, completions per second, the share of a step spent generating, the mean reward,
+the allocator; and the host's load average before and after, since other jobs share these cores.
+Writes JSON.
 
     .venv/bin/python bench/rl_throughput.py [--steps 5] [--model DIR] [--prompts train.jsonl]
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +37,8 @@ from common import host_info, smollm2
 
 DEMO = Path("results")
 SETUP = {"num_generations": 8, "prompts_per_step": 2, "max_completion_length": 16, "lora_r": 16, "learning_rate": 1e-5}
+# Each variant's allocator: TRL's as its users run it, ours as sftpipe.launch runs the RL job.
+ALLOCATORS = {"trl-as-shipped": "system", "sftpipe": "auto", "sftpipe-trl-generation": "auto"}
 
 
 def timed(trainer) -> dict:
@@ -153,6 +158,36 @@ def sftpipe(model_dir: Path, prompts: Path, out: Path, steps: int, precision: st
     return {**figures(times, recipe.trainer), "activation_checkpointing": recipe.trainer.args.gradient_checkpointing}
 
 
+def run_variant(name: str, model: Path, prompts: Path, out: Path, steps: int, precision: str) -> dict:
+    """One variant in a process of its own, on its allocator (ALLOCATORS) preloaded as sftpipe.launch
+    would preload it."""
+    from sftpipe.execution import planned_allocator
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if preload := planned_allocator(ALLOCATORS[name])[2]:
+        env["LD_PRELOAD"] = preload
+    command = [sys.executable, __file__, "--variant", name, "--model", str(model), "--prompts", str(prompts)]
+    command += ["--steps", str(steps), "--precision", precision, "--work", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        raise SystemExit(f"{name}: {(run.stderr.strip().splitlines() or [f'exit status {run.returncode}'])[-1]}")
+    return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def variant(args) -> None:
+    """The child's part: one variant on the prepared prompts, its figures printed as a RESULT line."""
+    from sftpipe.execution import current_allocator
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    run = (args.model, args.prompts, args.work, args.steps, args.precision)
+    runs = {
+        "trl-as-shipped": lambda: trl_as_shipped(*run),
+        "sftpipe": lambda: sftpipe(*run, plain_copy=True),
+        "sftpipe-trl-generation": lambda: sftpipe(*run, plain_copy=False),
+    }
+    print("RESULT " + json.dumps({**runs[args.variant](), "allocator": current_allocator()}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
@@ -161,10 +196,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=Path, default=DEMO / "data/tokenized/demo/train.jsonl")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", type=Path, default=Path("bench/results/rl_throughput.json"))
+    parser.add_argument("--variant", choices=tuple(ALLOCATORS), help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.variant:
+        return variant(args)
     from sftpipe.rl_prompts import write_rl_prompts
 
-    torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         model = args.model if args.model.exists() else smollm2(scratch)
@@ -176,12 +214,8 @@ def main() -> None:
         )
         load_before = os.getloadavg()
         variants = {}
-        for name, run in (
-            ("trl-as-shipped", lambda out: trl_as_shipped(model, prompts, out, args.steps, args.precision)),
-            ("sftpipe", lambda out: sftpipe(model, prompts, out, args.steps, args.precision, plain_copy=True)),
-            ("sftpipe-trl-generation", lambda out: sftpipe(model, prompts, out, args.steps, args.precision, plain_copy=False)),
-        ):
-            variants[name] = run(scratch / name)
+        for name in ALLOCATORS:
+            variants[name] = run_variant(name, model, prompts, scratch / name, args.steps, args.precision)
             print(name, json.dumps(variants[name]), file=sys.stderr)
         load_after = os.getloadavg()
     ours, theirs = variants["sftpipe"], variants["trl-as-shipped"]
@@ -194,7 +228,7 @@ def main() -> None:
             "precision": args.precision,
             "steps": args.steps,
             "prompts": args.rows,
-            "threads": torch.get_num_threads(),
+            "threads": os.cpu_count(),
         },
         "variants": variants,
         "speedup_over_trl": theirs["seconds_per_step"] / ours["seconds_per_step"],

@@ -86,6 +86,7 @@ TRAIN_MODULES = (
     "fsdp.py",
     "launch.py",
     "worker.py",
+    "jobs.py",
     "execution.py",
     "loss.py",
     "attention.py",

@@ -1,8 +1,8 @@
 from sftpipe.entry import run_stage
 from sftpipe.execution import Execution
+from sftpipe.jobs import TrainJob, TrainSettings
 from sftpipe.launch import launch
 from sftpipe.tracking import parse_report_to
-from sftpipe.train import TrainJob, TrainSettings
 
 run_stage(
     snakemake,

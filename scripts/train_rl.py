@@ -1,10 +1,9 @@
 from sftpipe.entry import run_stage
 from sftpipe.execution import Execution
-from sftpipe.grpo import RLJob
+from sftpipe.jobs import RLJob, TrainSettings
 from sftpipe.launch import launch
 from sftpipe.rl_settings import RLSettings
 from sftpipe.tracking import parse_report_to
-from sftpipe.train import TrainSettings
 
 run_stage(
     snakemake,

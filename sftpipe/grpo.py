@@ -16,10 +16,9 @@ cannot stand for the policy (DoRA, modules_to_save, a 4-bit base).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,39 +26,12 @@ from torch.nn.functional import linear
 
 from .artifacts import TrainSummary
 from .io import PipelineError, read_jsonl
+from .jobs import RLJob, TrainSettings
 from .rewards import ROW_FIELDS, trl_reward_functions
-from .rl_settings import RLSettings
 from .tokenization import prompt_token_ids
-from .train import LoraRecipe, TrainSettings
+from .train import LoraRecipe
 
 log = logging.getLogger("sftpipe")
-
-
-@dataclass(frozen=True)
-class RLJob:
-    """One RL run: what it reads, what it writes, and what it learns."""
-
-    base_dir: str | Path  # the merged SFT model (start: merged), or the base model under the SFT adapter (start: adapter)
-    train_path: str | Path  # the prompts: training-split rows with their reference answers
-    adapter_dir: str | Path
-    history_path: str | Path
-    work_dir: str | Path  # checkpoints, outside the stage's outputs so that a rerun finds them
-    settings: TrainSettings
-    rl: RLSettings
-    trust_remote_code: bool = False
-    sft_adapter_dir: str | Path | None = None  # the SFT adapter trained on (start: adapter); None: a fresh LoRA
-    name: str = "rl"  # the tracked run's name
-    report_to: tuple[str, ...] = ()  # trackers of the RL curves (sftpipe.tracking)
-    validation_path: None = None  # RL has no validation loss (LoraRecipe reads the field)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> RLJob:
-        fields = json.loads(text)
-        settings, rl = TrainSettings(**fields["settings"]), RLSettings.from_config(fields["rl"])
-        return cls(**{**fields, "settings": settings, "rl": rl, "report_to": tuple(fields["report_to"])})
 
 
 class FactoredLinear(torch.nn.Module):

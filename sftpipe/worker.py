@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .artifacts import TrainSummary
-from .grpo import RLJob, train_rl
-from .train import TrainJob, die_with_parent
+from .grpo import train_rl
+from .jobs import RLJob, TrainJob
+from .train import die_with_parent
 
 log = logging.getLogger("sftpipe")
 

@@ -2,6 +2,8 @@
 over the nodes of a SLURM allocation, meeting at a rendezvous on the first node; and what a training
 job asks the SLURM plugin for. tests/test_slurm_nodes.py runs it on a real two-node SLURM."""
 
+import ast
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -13,6 +15,17 @@ from workflow import smoke_config, snakemake
 from sftpipe.execution import Execution
 from sftpipe.io import PipelineError
 from sftpipe.launch import RENDEZVOUS_PORTS, launcher_command, rendezvous_port, step_environment
+
+
+@pytest.mark.parametrize("stage", ["train_lora", "train_rl"])
+def test_a_training_stage_imports_no_torch_before_it_launches(stage):
+    """The stage's own process waits for the training process it launches: what it imports stays in
+    the job's peak RSS (torch's libraries: about 200 MB), so its imports are torch-free."""
+    script = REPO / "scripts" / f"{stage}.py"
+    imports = [n for n in ast.parse(script.read_text()).body if isinstance(n, ast.Import | ast.ImportFrom)]
+    code = ast.unparse(ast.Module(body=imports, type_ignores=[])) + "\nimport sys; print(sorted(sys.modules))"
+    modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert "'sftpipe.launch'" in modules and "'torch'" not in modules
 
 
 def test_one_process_needs_no_launcher():
