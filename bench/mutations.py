@@ -1068,7 +1068,7 @@ MUTATIONS = [
         "scripts/train_rl.py",
         "            report_to=parse_report_to(snakemake.resources.report_to),\n",
         "",
-        (RL + "test_the_rl_stage_tracks_its_curves_under_the_experiments_trackers",),
+        (RL + "test_the_rl_stage_runs_on_tcmalloc_and_tracks_its_curves",),
         "the RL stage's curves go to the experiment's trackers (train.report_to)",
     ),
     Mutation(
@@ -1089,7 +1089,7 @@ MUTATIONS = [
     ),
     Mutation(
         "rl-launched-job-loses-rewards",
-        "sftpipe/grpo.py",
+        "sftpipe/jobs.py",
         'RLSettings.from_config(fields["rl"])',
         'RLSettings.from_config({**fields["rl"], "rewards": [{"kind": "exact"}]})',
         (RL + "test_a_launched_rl_job_runs_as_given_on_the_allocator",),
