@@ -1089,9 +1089,9 @@ MUTATIONS = [
     ),
     Mutation(
         "rl-launched-job-loses-rewards",
-        "sftpipe/jobs.py",
-        'RLSettings.from_config(fields["rl"])',
-        'RLSettings.from_config({**fields["rl"], "rewards": [{"kind": "exact"}]})',
+        "sftpipe/rl_settings.py",
+        '"rl": RLSettings.from_config(fields["rl"])',
+        '"rl": RLSettings.from_config({**fields["rl"], "rewards": [{"kind": "exact"}]})',
         (RL + "test_a_launched_rl_job_runs_as_given_on_the_allocator",),
         "a launched RL process runs the job as given (its rewards, not the defaults)",
     ),

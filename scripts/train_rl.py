@@ -1,8 +1,8 @@
 from sftpipe.entry import run_stage
 from sftpipe.execution import Execution
-from sftpipe.jobs import RLJob, TrainSettings
+from sftpipe.jobs import TrainSettings
 from sftpipe.launch import launch
-from sftpipe.rl_settings import RLSettings
+from sftpipe.rl_settings import RLJob, RLSettings
 from sftpipe.tracking import parse_report_to
 
 run_stage(

@@ -26,8 +26,9 @@ from torch.nn.functional import linear
 
 from .artifacts import TrainSummary
 from .io import PipelineError, read_jsonl
-from .jobs import RLJob, TrainSettings
+from .jobs import TrainSettings
 from .rewards import ROW_FIELDS, trl_reward_functions
+from .rl_settings import RLJob
 from .tokenization import prompt_token_ids
 from .train import LoraRecipe
 

@@ -1,15 +1,14 @@
 """What a training job is, without torch: the `train:` settings that decide what it learns
-(TrainSettings) and the jobs of SFT (TrainJob) and RL (RLJob), which sftpipe.launch hands to the
-processes it starts as JSON. A stage's own process imports this and not the trainers, so that it
-holds no copy of torch's libraries beside the training process it waits for."""
+(TrainSettings) and SFT's job (TrainJob; RL's is sftpipe.rl_settings.RLJob), which sftpipe.launch
+hands to the processes it starts as JSON. A stage's own process imports this and not the trainers,
+so that it holds no copy of torch's libraries beside the training process it waits for."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from .rl_settings import RLSettings
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,27 @@ class TrainSettings:
     early_stopping_patience: int | None = None  # stop after this many evaluations without a better eval loss
 
 
+class LaunchedJob:
+    """A job as sftpipe.launch hands it to the process it starts: JSON, read back field for field."""
+
+    runner: ClassVar[str]  # what trains it: `module:function` (sftpipe.worker.run_job)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str):
+        fields = json.loads(text)
+        return cls(**{**fields, **cls.typed_fields(fields)})
+
+    @classmethod
+    def typed_fields(cls, fields: dict) -> dict:
+        """The fields JSON does not give back as they were."""
+        return {"settings": TrainSettings(**fields["settings"]), "report_to": tuple(fields["report_to"])}
+
+
 @dataclass(frozen=True)
-class TrainJob:
+class TrainJob(LaunchedJob):
     """One training run: what it reads, what it writes, and what it learns."""
 
     base_dir: str | Path
@@ -63,38 +81,4 @@ class TrainJob:
     trust_remote_code: bool = False
     name: str = "train"  # the experiment: the tracked run's name
     report_to: tuple[str, ...] = ()  # trackers of the run (sftpipe.tracking); they change nothing learned
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainJob:
-        fields = json.loads(text)
-        return cls(**{**fields, "settings": TrainSettings(**fields["settings"]), "report_to": tuple(fields["report_to"])})
-
-
-@dataclass(frozen=True)
-class RLJob:
-    """One RL run: what it reads, what it writes, and what it learns."""
-
-    base_dir: str | Path  # the merged SFT model (start: merged), or the base model under the SFT adapter (start: adapter)
-    train_path: str | Path  # the prompts: training-split rows with their reference answers
-    adapter_dir: str | Path
-    history_path: str | Path
-    work_dir: str | Path  # checkpoints, outside the stage's outputs so that a rerun finds them
-    settings: TrainSettings
-    rl: RLSettings
-    trust_remote_code: bool = False
-    sft_adapter_dir: str | Path | None = None  # the SFT adapter trained on (start: adapter); None: a fresh LoRA
-    name: str = "rl"  # the tracked run's name
-    report_to: tuple[str, ...] = ()  # trackers of the RL curves (sftpipe.tracking)
-    validation_path: None = None  # RL has no validation loss (LoraRecipe reads the field)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> RLJob:
-        fields = json.loads(text)
-        settings, rl = TrainSettings(**fields["settings"]), RLSettings.from_config(fields["rl"])
-        return cls(**{**fields, "settings": settings, "rl": rl, "report_to": tuple(fields["report_to"])})
+    runner: ClassVar[str] = "sftpipe.train:train_lora"  # what trains it (sftpipe.worker.run_job)

@@ -89,7 +89,7 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     """The training run of `job` (SFT's TrainJob or RL's RLJob) in this process, or in child processes
     (sftpipe.worker): under torchrun with `execution.world_size` data-parallel workers, each with its
     share of the threads, and/or with `train.allocator`'s library preloaded. Returns the run's summary."""
-    from .worker import run_job
+    from .worker import job_file_text, run_job
 
     if execution.strategy not in STRATEGIES:
         raise PipelineError(f"config key 'train.strategy': '{execution.strategy}' is not one of {', '.join(STRATEGIES)}")
@@ -104,7 +104,7 @@ def launch(job, execution: Execution, threads: int = 1) -> TrainSummary:
     # The main process removes the work directory when it is done: this one goes with it.
     with tempfile.TemporaryDirectory(dir=job.work_dir, ignore_cleanup_errors=True) as scratch:
         call = Path(scratch) / "job.json"
-        call.write_text(job.to_json())
+        call.write_text(job_file_text(job))
         threads_each = str(max(1, threads // execution.per_node))
         env = {**os.environ, "OMP_NUM_THREADS": threads_each, STRATEGY_VARIABLE: execution.strategy}
         if execution.nodes > 1:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from .io import PipelineError
+from .jobs import LaunchedJob, TrainSettings
 
 # TRL 1.16's GRPO losses that need no other setting to be valid ("luspo" and "vespo" need a
 # sequence-level importance sampling this section does not expose).
@@ -105,3 +107,26 @@ class RLSettings:
             raise PipelineError(f"config key '{key}.rewards': give at least one reward")
         for i, reward in enumerate(self.rewards):
             reward.check(f"{key}.rewards[{i}]")
+
+
+@dataclass(frozen=True)
+class RLJob(LaunchedJob):
+    """One RL run: what it reads, what it writes, and what it learns."""
+
+    base_dir: str | Path  # the merged SFT model (start: merged), or the base model under the SFT adapter (start: adapter)
+    train_path: str | Path  # the prompts: training-split rows with their reference answers
+    adapter_dir: str | Path
+    history_path: str | Path
+    work_dir: str | Path  # checkpoints, outside the stage's outputs so that a rerun finds them
+    settings: TrainSettings
+    rl: RLSettings
+    trust_remote_code: bool = False
+    sft_adapter_dir: str | Path | None = None  # the SFT adapter trained on (start: adapter); None: a fresh LoRA
+    name: str = "rl"  # the tracked run's name
+    report_to: tuple[str, ...] = ()  # trackers of the RL curves (sftpipe.tracking)
+    validation_path: None = None  # RL has no validation loss (LoraRecipe reads the field)
+    runner: ClassVar[str] = "sftpipe.grpo:train_rl"  # what trains it (sftpipe.worker.run_job)
+
+    @classmethod
+    def typed_fields(cls, fields: dict) -> dict:
+        return {**super().typed_fields(fields), "rl": RLSettings.from_config(fields["rl"])}

@@ -1,40 +1,48 @@
 """A launched training process (sftpipe.launch): `python -m sftpipe.worker job.json` runs the job
-described there, SFT's (sftpipe.train) or RL's (sftpipe.grpo), in this process."""
+described there in this process. The file names the job's class; the job names its `runner`, the
+function that trains it (sftpipe.train's train_lora for SFT, sftpipe.grpo's train_rl for RL). Both
+are looked up by name, so that no stage's code holds another stage's trainer."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import socket
 import sys
 from pathlib import Path
-
-import torch
-
-from .artifacts import TrainSummary
-from .grpo import train_rl
-from .jobs import RLJob, TrainJob
-from .train import die_with_parent
+from typing import Any
 
 log = logging.getLogger("sftpipe")
 
 
-def run_job(job: TrainJob | RLJob) -> TrainSummary:
-    """The job's training run, in this process."""
-    from . import train
+def resolve(name: str) -> Any:
+    """`package.module:attribute`, imported."""
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
-    return train_rl(job) if isinstance(job, RLJob) else train.train_lora(job)
+
+def run_job(job):
+    """The job's training run, in this process; its summary."""
+    return resolve(job.runner)(job)
 
 
-def read_job(path: str | Path) -> TrainJob | RLJob:
-    """The job `launch` wrote: an RL job is the one with an `rl` section."""
-    text = Path(path).read_text()
-    return (RLJob if "rl" in json.loads(text) else TrainJob).from_json(text)
+def job_file_text(job) -> str:
+    """What `read_job` reads back: the job's class and its fields."""
+    return json.dumps({"job": f"{type(job).__module__}:{type(job).__qualname__}", "fields": json.loads(job.to_json())})
+
+
+def read_job(path: str | Path):
+    payload = json.loads(Path(path).read_text())
+    return resolve(payload["job"]).from_json(json.dumps(payload["fields"]))
 
 
 if __name__ == "__main__":
+    import torch
+
     from .entry import silence_library_noise
+    from .train import die_with_parent
 
     die_with_parent()
     silence_library_noise()

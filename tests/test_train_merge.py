@@ -14,7 +14,7 @@ from sftpipe.launch import launch
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.precision import cpu_has_native_bf16, host_precision, resolve_precision
-from sftpipe.train import TrainSettings, train_lora
+from sftpipe.train import TrainJob, TrainSettings, train_lora
 
 
 @pytest.fixture(scope="module")
@@ -538,7 +538,7 @@ def test_the_training_log_names_the_allocator_and_why(monkeypatch, caplog):
     monkeypatch.setattr(sftpipe.execution, "ALLOCATOR_LIBRARIES", {"tcmalloc": ("sftpipe-no-such-allocator",)})
     monkeypatch.setattr(sftpipe.train, "train_lora", lambda job: "trained")
     with caplog.at_level(logging.INFO, logger="sftpipe"):
-        assert launch(None, Execution(allocator="auto")) == "trained"
+        assert launch(TrainJob(*"abcdef", TrainSettings()), Execution(allocator="auto")) == "trained"
     assert "allocator system: train.allocator: auto, and neither tcmalloc nor jemalloc is installed" in caplog.text
 
 
