@@ -58,7 +58,9 @@ class PolicySampler:
     the weights' dtype, as autocast casts them in the policy's forward)."""
 
     def __init__(self, plain_model) -> None:
-        self.model = copy.deepcopy(plain_model).eval()
+        # The modules are copied and the parameters shared: every weight of the copy is the policy's
+        # frozen one, so no second model is allocated.
+        self.model = copy.deepcopy(plain_model, memo={id(p): p for p in plain_model.parameters()}).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.seconds = 0.0  # spent generating, for the stage's generation share
