@@ -6,6 +6,8 @@ precision, in one run:
 - `sftpipe`: sftpipe's RL stage (sftpipe.grpo): sampling from the plain copy of the policy (sftpipe.grpo.PolicySampler),
   no activation checkpointing, prompts tokenized as SFT tokenized them.
 - `sftpipe-trl-generation`: ours, sampling through the PEFT model as TRL does (the plain copy off).
+- `sftpipe-prompts-per-row`: ours, the loss computing every row's prompt again and projecting every
+  position, as TRL does off CUDA (each group's prompt computed once off).
 
 Fixed for all: the model (the demo's merged SFT model where `make demo` made it), the first prompts
 of the demo's training split, `num_generations` completions for each of `prompts_per_step` prompts
@@ -38,7 +40,7 @@ from common import host_info, smollm2
 DEMO = Path("results")
 SETUP = {"num_generations": 8, "prompts_per_step": 2, "max_completion_length": 16, "lora_r": 16, "learning_rate": 1e-5}
 # Each variant's allocator: TRL's as its users run it, ours as sftpipe.launch runs the RL job.
-ALLOCATORS = {"trl-as-shipped": "system", "sftpipe": "auto", "sftpipe-trl-generation": "auto"}
+ALLOCATORS = {"trl-as-shipped": "system", "sftpipe": "auto", "sftpipe-trl-generation": "auto", "sftpipe-prompts-per-row": "auto"}
 
 
 def timed(trainer) -> dict:
@@ -127,7 +129,7 @@ def trl_as_shipped(model_dir: Path, prompts: Path, out: Path, steps: int, precis
     return {**figures(times, trainer), "activation_checkpointing": args.gradient_checkpointing}
 
 
-def sftpipe(model_dir: Path, prompts: Path, out: Path, steps: int, precision: str, plain_copy: bool) -> dict:
+def sftpipe(model_dir: Path, prompts: Path, out: Path, steps: int, precision: str, plain_copy: bool, share_prompts: bool) -> dict:
     from sftpipe.grpo import RLJob, RLRecipe
     from sftpipe.rl_settings import RewardSpec, RLSettings
     from sftpipe.train import TrainSettings
@@ -153,6 +155,7 @@ def sftpipe(model_dir: Path, prompts: Path, out: Path, steps: int, precision: st
     recipe.setup()
     if not plain_copy:
         recipe.trainer.generator = None
+    recipe.trainer.share_prompts = share_prompts
     times = timed(recipe.trainer)
     recipe.trainer.train()
     return {**figures(times, recipe.trainer), "activation_checkpointing": recipe.trainer.args.gradient_checkpointing}
@@ -182,8 +185,9 @@ def variant(args) -> None:
     run = (args.model, args.prompts, args.work, args.steps, args.precision)
     runs = {
         "trl-as-shipped": lambda: trl_as_shipped(*run),
-        "sftpipe": lambda: sftpipe(*run, plain_copy=True),
-        "sftpipe-trl-generation": lambda: sftpipe(*run, plain_copy=False),
+        "sftpipe": lambda: sftpipe(*run, plain_copy=True, share_prompts=True),
+        "sftpipe-trl-generation": lambda: sftpipe(*run, plain_copy=False, share_prompts=True),
+        "sftpipe-prompts-per-row": lambda: sftpipe(*run, plain_copy=True, share_prompts=False),
     }
     print("RESULT " + json.dumps({**runs[args.variant](), "allocator": current_allocator()}))
 

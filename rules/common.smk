@@ -189,10 +189,15 @@ def of_preference_data(path):
     return of_owner(path, lambda e: e.preference_data_owner)
 
 
+def of_preference(path):
+    """Preference tuning, its merge and its evaluation: shared by a sweep over what follows them (rl keys)."""
+    return of_owner(path, lambda e: e.preference_owner)
+
+
 def of_variant(path, variant):
     """An evaluation output path for one variant: base (the experiment's data owner's), tuned or
-    exported (its SFT owner's), or preference and rl (its own)."""
-    owners = {"base": lambda e: e.data_owner, "preference": lambda e: e.name, "rl": lambda e: e.name}
+    exported (its SFT owner's), preference (its preference owner's), or rl (its own)."""
+    owners = {"base": lambda e: e.data_owner, "preference": lambda e: e.preference_owner, "rl": lambda e: e.name}
     return of_owner(path.replace("{variant}", variant), owners.get(variant, lambda e: e.sft_owner))
 
 
@@ -212,18 +217,25 @@ def preference_sft_adapter(wildcards):
 
 
 def rl_start(wildcards):
-    """The model the RL adapter trains on and is merged into: the merged SFT model, or, when it keeps
-    training the SFT adapter (rl.start: adapter), the base model under it."""
-    if experiment_of(wildcards).rl["start"] == "adapter":
-        return experiment_base_model(wildcards)
-    return of_sft(rules.merge_adapter.output[0])(wildcards)
+    """The model the RL adapter trains on and is merged into: the merged model before RL (SFT's, or
+    preference tuning's where the experiment has it), or, when RL keeps training that model's adapter
+    (rl.start: adapter), the model under that adapter."""
+    experiment = experiment_of(wildcards)
+    adapter = experiment.rl["start"] == "adapter"
+    if experiment.preference is None:
+        return experiment_base_model(wildcards) if adapter else of_sft(rules.merge_adapter.output[0])(wildcards)
+    return preference_start(wildcards) if adapter else of_preference(rules.merge_preference_adapter.output[0])(wildcards)
 
 
-def rl_sft_adapter(wildcards):
-    """The SFT adapter an RL run keeps training (rl.start: adapter), as an input."""
-    if experiment_of(wildcards).rl["start"] != "adapter":
+def rl_start_adapter(wildcards):
+    """The adapter an RL run keeps training (rl.start: adapter), as an input: SFT's, or preference
+    tuning's where the experiment has it."""
+    experiment = experiment_of(wildcards)
+    if experiment.rl["start"] != "adapter":
         return {}
-    return {"sft_adapter": of_sft(rules.train_lora.output.adapter)(wildcards)}
+    before = rules.train_lora if experiment.preference is None else rules.train_preference
+    owner = of_sft if experiment.preference is None else of_preference
+    return {"sft_adapter": owner(before.output.adapter)(wildcards)}
 
 
 def rl_reward_files(wildcards):
@@ -472,11 +484,11 @@ def preference_report_inputs(wildcards):
     if experiment_of(wildcards).preference is None:
         return {}
     return {
-        "lm_eval_preference": rules.evaluate_preference_lm_harness.output[0].format(**wildcards),
+        "lm_eval_preference": of_preference(rules.evaluate_preference_lm_harness.output[0])(wildcards),
         "exact_match_preference": of_variant(rules.evaluate_exact_match.output.metrics, "preference")(wildcards),
         "predictions_preference": of_variant(rules.evaluate_exact_match.output.predictions, "preference")(wildcards),
-        "preference_rewards": rules.evaluate_preference.output.metrics.format(**wildcards),
-        "preference_history": rules.train_preference.output.history.format(**wildcards),
+        "preference_rewards": of_preference(rules.evaluate_preference.output.metrics)(wildcards),
+        "preference_history": of_preference(rules.train_preference.output.history)(wildcards),
         "preference_stats": of_preference_data(rules.tokenize_preference_data.output.stats)(wildcards),
     }
 

@@ -1,8 +1,9 @@
-# Online RL with verifiable rewards after SFT (GRPO), for experiments with an `rl:` section: the
-# prompts are the SFT training split's rows of the datasets it names, a fresh LoRA on the merged SFT
-# model (or the SFT adapter) learns from the rewards of its own samples, and it is merged and
-# evaluated like the SFT adapter (variant rl). Every stage is the experiment's own; its SFT may be
-# another experiment's (Experiment.sft_owner), so a sweep over rl keys trains one SFT.
+# Online RL with verifiable rewards after SFT, or after preference tuning where the experiment has it
+# (GRPO), for experiments with an `rl:` section: the prompts are the SFT training split's rows of the
+# datasets it names, a fresh LoRA on the merged model before it (or that model's adapter) learns from
+# the rewards of its own samples, and it is merged and evaluated like the SFT adapter (variant rl).
+# Every stage is the experiment's own; its SFT and preference tuning may be another experiment's
+# (Experiment.sft_owner, .preference_owner), so a sweep over rl keys trains one SFT.
 
 
 rule select_rl_prompts:
@@ -27,7 +28,7 @@ rule select_rl_prompts:
 
 rule train_rl:
     input:
-        unpack(rl_sft_adapter),
+        unpack(rl_start_adapter),
         base=rl_start,
         prompts=rules.select_rl_prompts.output.prompts,
         # The user's reward functions' files: editing one reruns RL and what follows it.

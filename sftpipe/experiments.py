@@ -1,5 +1,6 @@
 """Sweeps: the `experiments:` config section, each experiment a choice of datasets, base model and
-training settings over the shared top-level sections, and optionally preference tuning after SFT.
+training settings over the shared top-level sections, and optionally preference tuning and online RL
+after SFT.
 
 Stages that depend only on a dataset or a base model (download, hydration, base model, the base
 model's lm-eval scores) are keyed by that dataset or model, so experiments that share them share
@@ -10,7 +11,8 @@ over training keys prepares and scores its data once; those tuned on preferences
 same (datasets, base model, training settings) share its stages, and those that also tune on the
 same preference data share that data and its reference log-probs, so that a sweep over `beta` or
 `loss_type` computes them once. Experiments tuned with online RL share their SFT the same way, so
-that a sweep over `rl` keys trains one SFT.
+that a sweep over `rl` keys trains one SFT (and, after the same preference tuning, tunes on
+preferences once).
 """
 
 from __future__ import annotations
@@ -38,15 +40,17 @@ class Experiment:
     # Preference tuning after SFT, or None: its `datasets` (a tuple), the PreferenceSettings keys, and
     # `train`, the keys of `train` it overrides.
     preference: dict[str, Any] | None = None
-    # Online RL after SFT, or None: its `datasets` (a tuple), the RLSettings keys (rewards as a list of
-    # mappings), and `train`, the keys of `train` it overrides.
+    # Online RL after SFT (and after preference tuning, where the experiment has it), or None: its
+    # `datasets` (a tuple), the RLSettings keys (rewards as a list of mappings), and `train`, the keys
+    # of `train` it overrides.
     rl: dict[str, Any] | None = None
     # The experiments whose stages this one's are (itself unless it shares another's): the SFT data
     # and the base model's exact match; training, merge and its evaluation; the preference pairs and
-    # their reference log-probs.
+    # their reference log-probs; preference tuning, its merge and its evaluation.
     data_owner: str = ""
     sft_owner: str = ""
     preference_data_owner: str = ""
+    preference_owner: str = ""
 
     @property
     def model(self) -> str:
@@ -61,6 +65,11 @@ class Experiment:
     def rl_train(self) -> dict[str, Any]:
         """The training settings of the RL stage: the experiment's, with the RL overrides."""
         return {**self.train, **self.rl["train"]}
+
+    @property
+    def before_rl(self) -> str:
+        """The variant RL tunes further: the preference-tuned model where the experiment has one, else SFT's."""
+        return "tuned" if self.preference is None else "preference"
 
     @property
     def tuned_after_sft(self) -> bool:
@@ -124,11 +133,6 @@ def expand_experiments(config: dict[str, Any]) -> dict[str, Experiment]:
             preference=_preference(config, override, key, pairs),
             rl=_rl(config, override, key, datasets),
         )
-        if experiments[name].rl is not None and experiments[name].preference is not None:
-            raise PipelineError(
-                f"config key '{key if 'rl' in override else 'rl'}': RL after preference tuning is not supported yet; "
-                "tune one experiment with 'preference' and another with 'rl' (a sweep shares their SFT)"
-            )
     return _shared(experiments)
 
 
@@ -195,8 +199,10 @@ def _shared(experiments: dict[str, Experiment]) -> dict[str, Experiment]:
     (by name) with the same datasets and base model. The SFT of an experiment tuned on preferences is
     the first one's with the same datasets, base model and training settings, one without preference
     tuning if there is one; its preference data and reference log-probs are the first one's with that
-    SFT, the same preference datasets, start and training precision. RL shares SFT the same way. An
-    experiment tuned neither on preferences nor with RL trains its own SFT."""
+    SFT, the same preference datasets, start and training precision; its preference tuning is the
+    first one's with that SFT and the same preference section, so that a sweep over `rl` keys after
+    preference tuning tunes on preferences once. RL shares SFT the same way. An experiment tuned
+    neither on preferences nor with RL trains its own SFT."""
 
     def data_key(e: Experiment) -> str:
         return json.dumps([e.datasets, e.base_model], sort_keys=True)
@@ -212,17 +218,17 @@ def _shared(experiments: dict[str, Experiment]) -> dict[str, Experiment]:
         data = next(o.name for o in by_name if data_key(o) == data_key(e))
         sft = e.name if not e.tuned_after_sft else next(o.name for o in ordered if sft_key(o) == sft_key(e))
         resolved[e.name] = replace(e, data_owner=data, sft_owner=sft)
-    for e in resolved.values():
-        if e.preference is not None:
-            data = next(
-                o.name
-                for o in sorted(resolved.values(), key=lambda o: o.name)
-                if o.preference is not None
-                and o.sft_owner == e.sft_owner
-                and o.preference["datasets"] == e.preference["datasets"]
-                # The reference is computed in the precision its preference run trains in.
-                and o.preference_train.get("precision") == e.preference_train.get("precision")
-                and o.preference["start"] == e.preference["start"]
-            )
-            resolved[e.name] = replace(e, preference_data_owner=data)
+    tuned = [o for o in sorted(resolved.values(), key=lambda o: o.name) if o.preference is not None]
+    for e in tuned:
+        data = next(
+            o.name
+            for o in tuned
+            if o.sft_owner == e.sft_owner
+            and o.preference["datasets"] == e.preference["datasets"]
+            # The reference is computed in the precision its preference run trains in.
+            and o.preference_train.get("precision") == e.preference_train.get("precision")
+            and o.preference["start"] == e.preference["start"]
+        )
+        owner = next(o.name for o in tuned if o.sft_owner == e.sft_owner and o.preference == e.preference)
+        resolved[e.name] = replace(e, preference_data_owner=data, preference_owner=owner)
     return resolved

@@ -1,5 +1,5 @@
-"""RL stage: online RL with verifiable rewards (GRPO) after SFT, on TRL's GRPOTrainer. A fresh LoRA on
-the merged SFT model (or the SFT adapter, trained on) samples `num_generations` completions per
+"""RL stage: online RL with verifiable rewards (GRPO) after SFT (or after preference tuning), on TRL's
+GRPOTrainer. A fresh LoRA on the merged model (or its adapter, trained on) samples `num_generations` completions per
 training-split prompt, the rewards (`sftpipe.rewards`) score them against the rows' reference answers,
 and TRL's loss learns from the advantages within each group. LoraRecipe's model, schedule, precision,
 checkpoints (a killed run resumes) and summary; prompts for data, GRPOTrainer for trainer.
@@ -11,6 +11,12 @@ for its group of completions, not once per completion. The factors are not folde
 in bf16 a LoRA update is mostly below the weight's rounding step, so a folded copy samples from the
 model RL started from, not from the policy. TRL's own generation (or vLLM) runs where that copy
 cannot stand for the policy (DoRA, modules_to_save, a 4-bit base).
+
+The loss's forward (and the reference's, where beta > 0) computes each group's prompt once too: the
+prompt of every distinct row but its last token goes through the model once, with gradients, its keys
+and values are gathered for the group's rows, and the rows' own tokens (the prompt's last, then the
+completion) attend to them; only completion positions are projected onto the vocabulary. TRL
+computes every row's prompt again and, off CUDA, projects every position.
 """
 
 from __future__ import annotations
@@ -132,6 +138,7 @@ def _rl_trainer():
         tokens_seen = 0  # real (non-pad) tokens of the generated batches trained on
         projected_positions = 0  # completion positions scored
         generator: PolicySampler | None = None
+        share_prompts = True  # see shared_prompt_logps
 
         def _tokenize_prompts(self, prompts: list):
             return prompt_token_ids(self.processing_class, prompts), None, {}
@@ -147,6 +154,13 @@ def _rl_trainer():
             finally:
                 del policy.generate
 
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+            shared = self.share_prompts and not args and _text_only(kwargs)
+            if shared and (found := shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep, self.accelerator)):
+                logps, entropies = found
+                return logps, entropies if kwargs.get("compute_entropy") else None, None
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
         def _generate_and_score_completions(self, inputs):
             batch = super()._generate_and_score_completions(inputs)
             self.tokens_seen += int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
@@ -154,6 +168,48 @@ def _rl_trainer():
             return batch
 
     return PipelineGRPOTrainer
+
+
+def _text_only(kwargs: dict) -> bool:
+    """Whether TRL asks for the log-probs of text alone: no images, no MoE auxiliary loss."""
+    return all(
+        value is None for key, value in kwargs.items() if key not in ("batch_size", "compute_entropy", "compute_aux_loss")
+    ) and (not kwargs.get("compute_aux_loss"))
+
+
+def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, accelerator):
+    """Each completion token's log-prob (and the entropy there) under `model`, as TRL's fused head
+    computes them, with every distinct prompt computed once: the prompts but their last token run
+    first, with gradients, into a KV cache gathered for the rows that share them; then each row's last
+    prompt token and completion run on that cache. None where no prompt is shared, or the model is
+    wrapped for several processes (whose wrapper expects one forward a step)."""
+    from transformers import DynamicCache
+
+    prompt_length = input_ids.size(1) - logits_to_keep
+    if prompt_length < 2 or model is not accelerator.unwrap_model(model):
+        return None
+    prompts, inverse = torch.unique(input_ids[:, :prompt_length], dim=0, return_inverse=True)
+    if len(prompts) == len(input_ids):
+        return None
+    rows = torch.arange(len(input_ids), device=input_ids.device)
+    first = torch.empty(len(prompts), dtype=torch.long, device=input_ids.device).scatter_reduce_(
+        0, inverse, rows, "amin", include_self=False
+    )
+    own = slice(prompt_length - 1, None)  # each row's last prompt token and its completion
+    labels = input_ids[:, own].masked_fill(attention_mask[:, own] == 0, -100)
+    cache = DynamicCache(config=model.config)
+    with accelerator.autocast():
+        model(
+            input_ids=prompts[:, :-1],
+            attention_mask=attention_mask[first, : prompt_length - 1],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache.batch_select_indices(inverse)
+        outputs = model(
+            input_ids=input_ids[:, own], attention_mask=attention_mask, past_key_values=cache, labels=labels, fused_lm_head=True
+        )
+    return outputs.log_probs, outputs.entropy
 
 
 class RLRecipe(LoraRecipe):

@@ -24,7 +24,8 @@ from .tracking import log_evaluation
 VARIANTS = ("base", "tuned", "preference", "rl")
 # The exported GGUF model (the SFT model as served), scored by exact match only, where the config exports one.
 EXPORTED = "exported"
-# Each variant's delta is over the model it came from: (that model, the delta's key).
+# Each variant's delta is over the model it came from: (that model, the delta's key); RL after
+# preference tuning came from the preference-tuned model (see `origin`).
 DELTAS = {
     "tuned": ("base", "delta"),
     "preference": ("tuned", "preference_delta"),
@@ -34,6 +35,13 @@ DELTAS = {
 # The RL curves the report summarizes, as TRL logs them (besides each reward's mean and std).
 RL_CURVES = ("reward", "reward_std", "kl", "completions/mean_length", "frac_reward_zero_std", "clip_ratio/region_mean")
 SAMPLE_GENERATIONS = 25
+
+
+def origin(variant: str, variants) -> str:
+    """The model `variant` came from, which its delta and its paired tests are over, among `variants`."""
+    if variant == "rl" and "preference" in variants:
+        return "preference"
+    return DELTAS[variant][0]
 
 
 @dataclass(frozen=True)
@@ -114,15 +122,16 @@ def lm_eval_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _deltas(row: dict[str, Any], variants: list[str]) -> dict[str, float]:
-    """`delta`: tuned minus base; `preference_delta` and `exported_delta`: that model minus tuned."""
-    return {DELTAS[v][1]: row[v] - row[DELTAS[v][0]] for v in variants if v in DELTAS}
+    """`delta`: tuned minus base; `preference_delta`, `rl_delta` and `exported_delta`: that model minus
+    the one it came from."""
+    return {DELTAS[v][1]: row[v] - row[origin(v, variants)] for v in variants if v in DELTAS}
 
 
 def _delta_headers(variants: tuple[str, ...]) -> list[str]:
     """The columns after `metric`: each variant, then its delta over the model it came from."""
     headers = ["base"]
     for variant in variants[1:]:
-        headers += [variant, "delta" if variant == "tuned" else f"delta vs {DELTAS[variant][0]}"]
+        headers += [variant, "delta" if variant == "tuned" else f"delta vs {origin(variant, variants)}"]
     return headers
 
 
@@ -329,7 +338,7 @@ def read_report(experiment: str, inputs: ReportInputs) -> Report:
     if "preference" in variants:
         paired += significance(predictions, harness, "tuned", "preference")
     if "rl" in variants:
-        paired += significance(predictions, harness, "tuned", "rl")
+        paired += significance(predictions, harness, origin("rl", variants), "rl")
     training, log_history = read_history(inputs.history)
     return Report(
         experiment=experiment,
@@ -418,6 +427,10 @@ def markdown_report(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rl_origin_words(variants: tuple[str, ...]) -> str:
+    return "SFT, preference tuning and then" if origin("rl", variants) == "preference" else "SFT and then"
+
+
 def _exact_match_lines(report: Report) -> list[str]:
     em, scored = report.exact_match, report.scored
     lines = ["## Exact match on the held-out test split", ""]
@@ -425,7 +438,11 @@ def _exact_match_lines(report: Report) -> list[str]:
     lines += [
         "base: the base model; tuned: after SFT"
         + ("; preference: after SFT and then preference tuning" if "preference" in report.variants else "")
-        + ("; rl: after SFT and then online RL (GRPO) on training prompts" if "rl" in report.variants else "")
+        + (
+            f"; rl: after {_rl_origin_words(report.variants)} online RL (GRPO) on training prompts"
+            if "rl" in report.variants
+            else ""
+        )
         + ".",
         "",
     ]

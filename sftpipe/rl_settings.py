@@ -113,7 +113,9 @@ class RLSettings:
 class RLJob(LaunchedJob):
     """One RL run: what it reads, what it writes, and what it learns."""
 
-    base_dir: str | Path  # the merged SFT model (start: merged), or the base model under the SFT adapter (start: adapter)
+    # The merged model before RL, SFT's or preference tuning's (start: merged), or the model under that
+    # model's adapter (start: adapter).
+    base_dir: str | Path
     train_path: str | Path  # the prompts: training-split rows with their reference answers
     adapter_dir: str | Path
     history_path: str | Path
@@ -121,7 +123,8 @@ class RLJob(LaunchedJob):
     settings: TrainSettings
     rl: RLSettings
     trust_remote_code: bool = False
-    sft_adapter_dir: str | Path | None = None  # the SFT adapter trained on (start: adapter); None: a fresh LoRA
+    # The adapter trained on (start: adapter), SFT's or preference tuning's; None: a fresh LoRA.
+    sft_adapter_dir: str | Path | None = None
     name: str = "rl"  # the tracked run's name
     report_to: tuple[str, ...] = ()  # trackers of the RL curves (sftpipe.tracking)
     validation_path: None = None  # RL has no validation loss (LoraRecipe reads the field)

@@ -1,7 +1,9 @@
 """Online RL (GRPO) on the tiny model: prompts are training rows only, rewards score each completion
 against its own row and name the row they fail on, the KL term exists exactly when beta > 0, the
-sampling copy is the policy, a killed run resumes, and the workflow reruns RL alone when
-the user's reward file changes and shares one SFT over a sweep of rl keys."""
+sampling copy is the policy, the loss computes each group's prompt once and matches TRL's, a killed
+run resumes, and the workflow reruns RL alone when
+the user's reward file changes, shares one SFT over a sweep of rl keys, and tunes after preference
+tuning where the experiment has it."""
 
 import dataclasses
 import json
@@ -261,6 +263,51 @@ def test_each_group_prompt_is_prefilled_once(tmp_path, tiny_model, prompts, spre
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(shared.logits, own.logits, strict=True))
 
 
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 1e-2)])
+def test_the_loss_computes_each_prompt_once_and_matches_trl(tmp_path, tiny_model, prompts, spread, precision, tolerance):
+    from trl import GRPOTrainer
+
+    recipe = RLRecipe(rl_job(tiny_model, prompts, tmp_path, small(rewards=(spread,)), precision=precision))
+    recipe.setup()
+    trainer, policy = recipe.trainer, recipe.trainer.model
+    torch.manual_seed(0)
+    with torch.no_grad():  # an adapter that moves the model, so that both factors get gradients
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    # Two prompts of different lengths (left-padded), four completions each (right-padded), the rows
+    # shuffled as TRL shuffles a generated batch.
+    rows = list(read_jsonl(prompts))
+    prompt_ids = prompt_token_ids(recipe.tokenizer, [rows[0]["prompt"], rows[-1]["prompt"]])
+    assert len({len(i) for i in prompt_ids}) == 2
+    width, pad = max(map(len, prompt_ids)), recipe.tokenizer.pad_token_id
+    order = [0, 1, 1, 0, 1, 0, 0, 1]
+    lengths = [5, 2, 5, 3, 4, 1, 5, 5]
+    completions = torch.randint(3, 200, (8, 5))
+    input_ids = torch.cat([torch.tensor([[pad] * (width - len(prompt_ids[g])) + prompt_ids[g] for g in order]), completions], 1)
+    prompt_mask = torch.tensor([[0] * (width - len(prompt_ids[g])) + [1] * len(prompt_ids[g]) for g in order])
+    completion_mask = (torch.arange(5)[None] < torch.tensor(lengths)[:, None]).long()
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    rows_seen = []
+    hook = policy.get_input_embeddings().register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape))
+
+    def logps_and_grads(function):
+        policy.zero_grad()
+        logps, entropies, _ = function(trainer, policy, input_ids, mask, 5, compute_entropy=True)
+        (logps * completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        return logps * completion_mask, entropies * completion_mask, grads
+
+    ours = logps_and_grads(type(trainer)._get_per_token_logps_and_entropies)
+    assert rows_seen == [(2, width - 1), (8, 6)]  # each distinct prompt once, then the rows' own tokens
+    trl = logps_and_grads(GRPOTrainer._get_per_token_logps_and_entropies)
+    hook.remove()
+    assert rows_seen[2:] == [(8, width + 5)]
+    for a, b in ((ours[0], trl[0]), (ours[1], trl[1]), *((ours[2][n], trl[2][n]) for n in trl[2])):
+        assert torch.allclose(a, b, atol=tolerance * max(1.0, b.abs().max().item()), rtol=0)
+    assert all(g.abs().sum() > 0 for g in trl[2].values())
+
+
 def test_sigkill_then_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_model, prompts, spread):
     call = (
         "from pathlib import Path\n"
@@ -335,21 +382,43 @@ def test_a_sweep_over_rl_keys_trains_one_sft(tmp_path):
     assert jobs["evaluate_exact_match"] == 1 + 1 + 3 and jobs["report"] == 3
 
 
-def test_rl_after_preference_tuning_is_refused_naming_the_key(tmp_path):
-    config = yaml.safe_load(rl_config(tmp_path, experiment="t", rl={}).read_text())
+def planned_inputs(workdir: Path, configfile: Path, rule: str) -> list[set[str]]:
+    """Each planned job of `rule`: its input paths, from a dry run."""
+    plan = snakemake(workdir, "-n", "--configfile", str(configfile)).stdout
+    jobs = re.findall(rf"^rule {rule}:\n((?:    .*\n)+)", plan, re.M)
+    return [set(re.search(r"^    input: (.*)$", job, re.M)[1].split(", ")) for job in jobs]
+
+
+@pytest.mark.parametrize(
+    "start, model, adapter",
+    [
+        ("merged", "results/models/preference/a", None),
+        ("adapter", "results/models/merged/a", "results/preference/a/adapter"),
+    ],
+)
+def test_rl_after_preference_tuning_starts_from_the_preference_model_tuned_once(tmp_path, start, model, adapter):
+    config = yaml.safe_load(rl_config(tmp_path, rl={"start": start}).read_text())
     config["datasets"]["pairs"] = {"preset": "sftpipe_demo_pairs", "limit": 20}
-    config["preference"] = {}
+    config["preference"] = {"beta": 0.2}
+    config["experiments"] = {"a": {"rl": {"beta": 0.0}}, "b": {"rl": {"beta": 0.04}}}
     (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(tmp_path, "-n", "--configfile", "rl.yaml", check=False)
-    assert result.returncode == 1 and "config key 'rl': RL after preference tuning" in result.stderr
+    jobs = planned_jobs(tmp_path, tmp_path / "rl.yaml")
+    # A sweep over rl keys after the same preference tuning trains SFT once and tunes on preferences once.
+    assert jobs["train_lora"] == jobs["train_preference"] == jobs["merge_preference_adapter"] == 1
+    assert jobs["train_rl"] == jobs["merge_rl_adapter"] == jobs["report"] == 2
+    for inputs in planned_inputs(tmp_path, tmp_path / "rl.yaml", "train_rl"):
+        assert model in inputs and (adapter in inputs if adapter else not any("adapter" in i for i in inputs))
+        assert not any(i.startswith("results/train/") for i in inputs)  # not the SFT adapter, nor SFT's model
 
 
-def test_the_report_sets_sft_and_rl_side_by_side(tmp_path, tiny_model, tokenized, prompts, spread):
-    from sftpipe.report import ReportInputs, ReportOutputs, RLInputs, comparison_rows, write_report
+@pytest.mark.parametrize("after_preference", [False, True], ids=["after SFT", "after preference tuning"])
+def test_the_report_sets_sft_and_rl_side_by_side(tmp_path, tiny_model, tokenized, prompts, spread, after_preference):
+    from sftpipe.report import PreferenceInputs, ReportInputs, ReportOutputs, RLInputs, comparison_rows, write_report
 
     train_rl(rl_job(tiny_model, prompts, tmp_path, small(rewards=(RewardSpec("exact"), spread)), max_steps=2))
     rows = list(read_jsonl(tokenized["test"]))[:4]
-    right = {"base": 0, "tuned": 2, "rl": 4}  # rows answered right, of 4
+    # rows answered right, of 4
+    right = {"base": 0, "tuned": 2, "preference": 3, "rl": 4} if after_preference else {"base": 0, "tuned": 2, "rl": 4}
     paths = {}
     for variant, n in right.items():
         scored = [
@@ -375,6 +444,12 @@ def test_the_report_sets_sft_and_rl_side_by_side(tmp_path, tiny_model, tokenized
     filters["datasets"]["t"] |= {"eval_contamination": 0, "test_overlap": 0}
     (tmp_path / "filters.json").write_text(json.dumps(filters))
     (tmp_path / "manifest.json").write_text(json.dumps({"name": "t", "source": {"kind": "path"}, "rows": 48, "sha256": "0" * 64}))
+    held_out = {"pairs": 4, "likelihood_accuracy": 1.0, "reference_likelihood_accuracy": 0.5}
+    held_out |= dict.fromkeys(("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"), 0.5)
+    (tmp_path / "rewards.json").write_text(json.dumps(held_out))
+    # The RL run's history stands for the preference run's: the report reads the same summary from both.
+    stats = tokenized["train"].parent / "stats.json"
+    preference = PreferenceInputs(tmp_path / "rewards.json", tmp_path / "history.json", stats) if after_preference else None
     inputs = ReportInputs(
         lm_eval={v: p["lm.json"] for v, p in paths.items()},
         exact_match={v: p["em.json"] for v, p in paths.items()},
@@ -384,16 +459,25 @@ def test_the_report_sets_sft_and_rl_side_by_side(tmp_path, tiny_model, tokenized
         filters=tmp_path / "filters.json",
         manifests=[tmp_path / "manifest.json"],
         rl=RLInputs(history=tmp_path / "history.json", prompts=prompts.with_suffix(".json")),
+        preference=preference,
     )
     outputs = ReportOutputs(**{name: tmp_path / "report" / f"{name}.out" for name in ReportOutputs.__dataclass_fields__})
     summary = write_report("rl", inputs, outputs, {"train": {}, "rl": {"beta": 0.0}})
     markdown = outputs.markdown.read_text()
-    assert "| exact_match | 0.0000 | 0.5000 | +0.5000 | 1.0000 | +0.5000 |" in markdown
     assert "## Online RL (GRPO)" in markdown and "| rewards/exact/mean |" in markdown and "| frac_reward_zero_std |" in markdown
     compared = {(r["task"], r["metric"], r.get("compared")) for r in summary["significance"]}
-    assert ("exact match", "exact_match", "rl vs tuned") in compared and ("mc", "acc", "rl vs tuned") in compared
+    # RL's deltas and paired tests are over the model it started from.
+    before = "preference" if after_preference else "tuned"
+    assert ("exact match", "exact_match", f"rl vs {before}") in compared and ("mc", "acc", f"rl vs {before}") in compared
+    if after_preference:
+        assert "| metric | base | tuned | delta | preference | delta vs tuned | rl | delta vs preference |" in markdown
+        assert "| exact_match | 0.0000 | 0.5000 | +0.5000 | 0.7500 | +0.2500 | 1.0000 | +0.2500 |" in markdown
+        assert "rl: after SFT, preference tuning and then online RL" in markdown
+    else:
+        assert "| exact_match | 0.0000 | 0.5000 | +0.5000 | 1.0000 | +0.5000 |" in markdown
+        assert ("exact match", "exact_match", "rl vs preference") not in compared
     assert summary["rl"]["prompts"]["rows"] == len(list(read_jsonl(prompts)))
-    assert comparison_rows([summary])[0]["exact_match"] == {"base": 0.0, "tuned": 0.5, "rl": 1.0}
+    assert comparison_rows([summary])[0]["exact_match"] == {v: n / 4 for v, n in right.items()}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="where CUDA is, vLLM may be too")
