@@ -980,6 +980,14 @@ MUTATIONS = [
         "the loss's gradient flows through the shared prompts' keys and values",
     ),
     Mutation(
+        "rl-estimate-every-row-prompt",
+        "sftpipe/resources.py",
+        'if math.prod(max(1, train.get(key, 1)) for key in ("processes", "gpus", "nodes")) == 1:',
+        "if False:",
+        ("tests/test_resources.py::test_an_rl_job_in_one_process_counts_each_prompt_once",),
+        "an RL job in one process asks for the memory of each prompt once",
+    ),
+    Mutation(
         "preference-owner-each-experiment",
         "sftpipe/experiments.py",
         "owner = next(o.name for o in tuned if o.sft_owner == e.sft_owner and o.preference == e.preference)",

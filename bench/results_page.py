@@ -145,6 +145,35 @@ def generation(data: dict) -> list[str]:
     ]
 
 
+def rl_steps(data: dict) -> list[str]:
+    """bench/rl_throughput.py: GRPO steps of ours and TRL's as shipped, on one model and the same prompts."""
+    setup, theirs = data["setup"], data["variants"]["trl-as-shipped"]
+    load = data["load_average_1_5_15"]
+    return [
+        "## Online RL steps (`bench/rl_throughput.py`)",
+        "",
+        f"{setup['prompts_per_step']} prompts x {setup['num_generations']} completions a step, up to "
+        f"{setup['max_completion_length']} new tokens, {setup['precision']}, LoRA r {setup['lora_r']}, "
+        f"{setup['steps']} steps (the first left out), each variant in its own process; {_host(data['host'])}; "
+        f"load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after:",
+        "",
+        *_table(
+            ["variant", "allocator", "s/step", "completions/s", "generating", "vs TRL as shipped"],
+            [
+                [
+                    name,
+                    v["allocator"],
+                    f"{v['seconds_per_step']:.2f}",
+                    f"{v['completions_per_s']:.2f}",
+                    f"{v['generation_share']:.0%}",
+                    f"{theirs['seconds_per_step'] / v['seconds_per_step']:.2f}x",
+                ]
+                for name, v in data["variants"].items()
+            ],
+        ),
+    ]
+
+
 def scaling(data: dict) -> list[str]:
     """bench/data_scaling.py: every data stage's cost per 1k rows and peak RSS, and dedup's recall."""
     stages = ("download", "hydrate", "filter_and_mix", "tokenize_and_split")
@@ -224,6 +253,7 @@ def page(results: Path = RESULTS) -> str:
         *(training(json.loads(path.read_text())) for path in sorted(results.glob("train_throughput*.json"))),
         data_throughput(read("data_throughput.json")),
         generation(read("generation_throughput.json")),
+        rl_steps(read("rl_throughput.json")),
         scaling(read("data_scaling.json")),
         fsdp_memory(read("fsdp_memory.json")),
         gpu_memory(),

@@ -243,11 +243,17 @@ def rl_resources(
     base_dir: str | Path, train: dict[str, Any], rl: dict[str, Any], max_length: int, on_gpu: bool, allocator: str
 ) -> dict[str, int]:
     """`mem_mb` (and on GPU `gpu_mem_mb`) of an RL job on `allocator`, as `train_resources` estimates a
-    training step on `prompts_per_step` x `num_generations` sequences of a prompt (up to `max_length`)
-    and its completion. Its time goes to generation, which the training estimate does not count:
-    `runtime` is fixed."""
-    settings = {**train, "batch_size": rl["prompts_per_step"] * rl["num_generations"], "fused_loss": True}
-    length = max_length + rl["max_completion_length"]
+    training step on `prompts_per_step` x `num_generations` completions: in one process, each prompt
+    (up to `max_length`) once and each completion with its prompt's last token (sftpipe.grpo's shared
+    prompts); in several, every row's prompt and completion. Its time goes to generation, which the
+    training estimate does not count: `runtime` is fixed."""
+    completions = rl["prompts_per_step"] * rl["num_generations"]
+    settings = {**train, "batch_size": completions, "fused_loss": True}
+    if math.prod(max(1, train.get(key, 1)) for key in ("processes", "gpus", "nodes")) == 1:
+        tokens = rl["prompts_per_step"] * max_length + completions * (rl["max_completion_length"] + 1)
+        length = -(-tokens // completions)
+    else:
+        length = max_length + rl["max_completion_length"]
     estimate = train_resources(base_dir, settings, length, None, 1, 1, 1, on_gpu, allocator)
     return {**estimate, "runtime": 240}
 

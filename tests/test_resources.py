@@ -190,3 +190,17 @@ def test_the_demo_rl_job_asks_for_more_than_it_used(tmp_path):
     max_length = job["estimate_inputs"]["max_length"]
     asked = rl_resources(_smollm2(tmp_path), settings, settings, max_length, False, job["allocator"])
     assert asked["mem_mb"] > job["measured"]["peak_rss_mb"] and asked["runtime"] > job["measured"]["minutes"]
+
+
+def test_an_rl_job_in_one_process_counts_each_prompt_once(tmp_path):
+    """One process computes each group's prompt once (sftpipe.grpo's shared prompts); several compute
+    every row's prompt, and their estimate counts that."""
+    from sftpipe.resources import rl_resources
+
+    job = json.loads((REPO / "bench" / "results" / "demo_rl_job.json").read_text())
+    settings, max_length = job["estimate_inputs"]["settings"], job["estimate_inputs"]["max_length"]
+    asked = {
+        processes: rl_resources(_smollm2(tmp_path), {**settings, "processes": processes}, settings, max_length, False, "system")
+        for processes in (1, 2)
+    }
+    assert asked[1]["mem_mb"] < asked[2]["mem_mb"]
