@@ -6,7 +6,7 @@
   padded batches, the tokenizer's own pad token), with bf16 where this CPU runs it natively (TRL
   turns bf16 on everywhere; on a CPU without native bf16 it is an emulation, which no user keeps).
 - `sftpipe`: sftpipe's training stage with its defaults (padding-free batches with per-example
-  attention, loss on completion positions only, fused loss, lean SwiGLU, fused RMSNorm and RoPE,
+  attention (eager on CPU), loss on completion positions only, fused loss, lean SwiGLU, fused RMSNorm and RoPE,
   shared LoRA inputs, tcmalloc), in the precision `auto` picks here.
 - ablations of ours, each a setting of the training stage that undoes one of those choices.
 
@@ -61,6 +61,11 @@ ABLATIONS = {
         {"attention": "sdpa"},
         "auto",
         "per-example attention: sdpa with a dense mask over the packed row",
+    ),
+    "sftpipe-sdpa-per-example": (
+        {"attention": "varlen_sdpa"},
+        "auto",
+        "eager per-example attention on CPU: one sdpa call (its flash kernel) per example",
     ),
     "sftpipe-stock-mlp": ({"lean_swiglu": False}, "auto", "the lean SwiGLU MLP"),
     "sftpipe-stock-rmsnorm": ({"fused_rmsnorm": False}, "auto", "the RMSNorm that keeps its bf16 input, not an fp32 copy"),

@@ -1,6 +1,6 @@
 """The pieces of a training step that replace transformers' own (sftpipe.rmsnorm, sftpipe.rotary,
-sftpipe.attention's per-example split): the stock outputs and gradients, less kept for backward, and
-in the graph of the training stage's own loss."""
+sftpipe.attention's per-example split and eager attention): the stock outputs and gradients, less kept
+for backward, and in the graph of the training stage's own loss."""
 
 from __future__ import annotations
 
@@ -98,6 +98,9 @@ def test_the_training_loss_runs_through_the_fused_pieces(tiny_model, tokenized, 
     assert ("PowBackward0" in nodes) is not fused and ("NegBackward0" in nodes) is not fused
     # Stock RoPE slices; with it fused nothing does, per-example attention included.
     assert "SplitWithSizesBackward0" in nodes and ("SliceBackward0" in nodes) is not fused
+    # On CPU `auto` attends eagerly, example by example: a softmax, no sdpa kernel.
+    if not torch.cuda.is_available():
+        assert "SoftmaxBackward0" in nodes and not any("ScaledDotProduct" in n for n in nodes)
 
 
 def _weight(tensor: torch.Tensor) -> bool:
@@ -139,3 +142,36 @@ def test_lora_layers_share_their_input_under_autocast(tiny_model, tokenized, tmp
         assert torch.equal(factors[name], factor), name
     layers = load_model(tiny_model).config.num_hidden_layers
     assert kept <= stock_kept - 3 * layers, (kept, stock_kept)
+
+
+def test_eager_per_example_attention_gives_sdpas_outputs_and_gradients(precision, monkeypatch):
+    """varlen_eager attends within each example of a packed row as sdpa does, query heads sharing key
+    heads included; an example longer than EAGER_MAX_LENGTH goes to sdpa, the others do not."""
+    from itertools import accumulate
+
+    from sftpipe import attention
+
+    lengths = [5, 37, 1, attention.EAGER_MAX_LENGTH + 3, 20]
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, sum(lengths), 16, generator=generator).to(DTYPES[precision]) for heads in (6, 2, 2))
+    grad = torch.randn(1, sum(lengths), 6, 16, generator=generator).to(DTYPES[precision])
+    boundaries = torch.tensor([0, *accumulate(lengths)])
+    sdpa_lengths, sdpa_causal = [], attention._sdpa_causal
+
+    def counted_sdpa(q, *args):
+        sdpa_lengths.append(q.shape[2])
+        return sdpa_causal(q, *args)
+
+    def run(causal):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, _ = attention._varlen(causal, None, *inputs, None, scaling=0.3, cu_seq_lens_q=boundaries)
+        out.backward(grad)
+        return [out.detach().float(), *(t.grad.float() for t in inputs)]
+
+    sdpa = run(attention._sdpa_causal)
+    monkeypatch.setattr(attention, "_sdpa_causal", counted_sdpa)
+    eager = run(attention._eager_causal)
+    assert sdpa_lengths == [attention.EAGER_MAX_LENGTH + 3]
+    tolerance = 1e-5 if precision == "fp32" else 3e-2
+    for ours, theirs in zip(eager, sdpa, strict=True):
+        assert torch.allclose(ours, theirs, atol=tolerance * theirs.abs().max().item(), rtol=0)

@@ -247,6 +247,7 @@ def test_merged_model_card_and_generate_command(tmp_path, tiny_model, trained):
     [
         "sdpa",
         "varlen_sdpa",
+        "varlen_eager",
         pytest.param(
             "flash_attention_2",
             marks=[pytest.mark.cuda, pytest.mark.skipif(not flash_attention_available(), reason="needs flash-attn")],
@@ -279,7 +280,7 @@ def test_padding_free_batches_keep_examples_isolated(tiny_model, tokenized, atte
         # What the collator gives the model in training: position ids and sequence boundaries. Without
         # the position ids, only per-example attention can keep the examples apart (RoPE scores depend
         # on relative positions only), so the varlen case shows that path is the one taken.
-        dropped = ("input_ids", "labels") + (("position_ids",) if attention == "varlen_sdpa" else ())
+        dropped = ("input_ids", "labels") + (("position_ids",) if attention.startswith("varlen") else ())
         together = token_losses(packed["input_ids"], packed["labels"], **{k: v for k, v in packed.items() if k not in dropped})
         alone = torch.cat([token_losses(torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])) for r in rows])
         model.set_attn_implementation("sdpa")
