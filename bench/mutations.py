@@ -1020,6 +1020,14 @@ MUTATIONS = [
         "an example over EAGER_MAX_LENGTH takes sdpa, whose memory does not grow with its square",
     ),
     Mutation(
+        "preference-held-out-path-as-characters",
+        "scripts/filter_and_mix.py",
+        'held_out_paths=[snakemake.input.held_out] if "held_out" in snakemake.input.keys() else [],',
+        'held_out_paths=list(snakemake.input.get("held_out", [])),',
+        (RL + "test_rl_keeps_training_the_preference_adapter_through_the_workflow",),
+        "the preference pairs' filter reads its SFT's held-out rows as one file (through Snakemake)",
+    ),
+    Mutation(
         "preference-owner-each-experiment",
         "sftpipe/experiments.py",
         "owner = next(o.name for o in tuned if o.sft_owner == e.sft_owner and o.preference == e.preference)",

@@ -15,6 +15,7 @@ run_stage(
         split=SplitSettings(**snakemake.params.split),
         eval_tasks=[TaskSpec(**task) for task in snakemake.params.eval_tasks],
         threads=snakemake.threads,
-        held_out_paths=list(snakemake.input.get("held_out", [])),
+        # One held-out file (the preference pairs' SFT rows) arrives as a path, not a list of them.
+        held_out_paths=[snakemake.input.held_out] if "held_out" in snakemake.input.keys() else [],
     ),
 )

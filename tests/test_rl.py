@@ -411,6 +411,29 @@ def test_rl_after_preference_tuning_starts_from_the_preference_model_tuned_once(
         assert not any(i.startswith("results/train/") for i in inputs)  # not the SFT adapter, nor SFT's model
 
 
+def test_rl_keeps_training_the_preference_adapter_through_the_workflow(tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "mine.py").write_text(SPREAD_REWARD)
+    rl = {"num_generations": 2, "prompts_per_step": 2, "max_completion_length": 4, "start": "adapter"}
+    rl |= {"rewards": [{"kind": "function", "function": "mine.py:spread"}], "train": {"max_steps": 2}}
+    config = yaml.safe_load(rl_config(tmp_path, experiment="t", rl=rl).read_text())
+    config["datasets"]["pairs"] = {"preset": "sftpipe_demo_pairs", "limit": 20}
+    config["preference"] = {"start": "adapter", "train": {"max_steps": 2}}
+    config["eval"]["lm_eval"]["tasks"][0]["data_files"]["test"] = "results/data/lm_eval/sftpipe_demo_mc.jsonl"
+    config["data"] = {"split": {"validation_fraction": 0.1, "test_fraction": 0.2}}
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "--cores", "1", "results/models/rl/t", "--configfile", "rl.yaml")
+    # SFT's adapter, trained on by preference tuning, then by RL: one adapter, three states.
+    states = [
+        load_file(tmp_path / f"results/{stage}/t/adapter/adapter_model.safetensors") for stage in ("train", "preference", "rl")
+    ]
+    assert states[0].keys() == states[1].keys() == states[2].keys()
+    for before, after in zip(states, states[1:], strict=False):
+        assert any(not torch.equal(before[key], after[key]) for key in before)
+    assert (tmp_path / "results/models/rl/t/config.json").exists()
+
+
 @pytest.mark.parametrize("after_preference", [False, True], ids=["after SFT", "after preference tuning"])
 def test_the_report_sets_sft_and_rl_side_by_side(tmp_path, tiny_model, tokenized, prompts, spread, after_preference):
     from sftpipe.report import PreferenceInputs, ReportInputs, ReportOutputs, RLInputs, comparison_rows, write_report
