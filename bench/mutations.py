@@ -942,8 +942,8 @@ MUTATIONS = [
     Mutation(
         "rl-after-preference-trains-sft-adapter",
         "rules/common.smk",
-        "before = rules.train_lora if experiment.preference is None else rules.train_preference",
-        "before = rules.train_lora",
+        'return {"sft_adapter": of_preference(rules.train_preference.output.adapter)(wildcards)}',
+        'return {"sft_adapter": of_sft(rules.train_lora.output.adapter)(wildcards)}',
         (RL + "test_rl_after_preference_tuning_starts_from_the_preference_model_tuned_once",),
         "rl.start: adapter after preference tuning trains the preference adapter on",
     ),

@@ -233,9 +233,9 @@ def rl_start_adapter(wildcards):
     experiment = experiment_of(wildcards)
     if experiment.rl["start"] != "adapter":
         return {}
-    before = rules.train_lora if experiment.preference is None else rules.train_preference
-    owner = of_sft if experiment.preference is None else of_preference
-    return {"sft_adapter": owner(before.output.adapter)(wildcards)}
+    if experiment.preference is None:
+        return {"sft_adapter": of_sft(rules.train_lora.output.adapter)(wildcards)}
+    return {"sft_adapter": of_preference(rules.train_preference.output.adapter)(wildcards)}
 
 
 def rl_reward_files(wildcards):
