@@ -982,7 +982,7 @@ MUTATIONS = [
     Mutation(
         "rl-estimate-every-row-prompt",
         "sftpipe/resources.py",
-        'if math.prod(max(1, train.get(key, 1)) for key in ("processes", "gpus", "nodes")) == 1:',
+        "if execution.world_size == 1:",
         "if False:",
         ("tests/test_resources.py::test_an_rl_job_in_one_process_counts_each_prompt_once",),
         "an RL job in one process asks for the memory of each prompt once",

@@ -67,11 +67,6 @@ class Experiment:
         return {**self.train, **self.rl["train"]}
 
     @property
-    def before_rl(self) -> str:
-        """The variant RL tunes further: the preference-tuned model where the experiment has one, else SFT's."""
-        return "tuned" if self.preference is None else "preference"
-
-    @property
     def tuned_after_sft(self) -> bool:
         """Whether a stage after SFT tunes the SFT model further, so that its SFT may be another's."""
         return self.preference is not None or self.rl is not None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .execution import Execution
 from .io import read_json
 
 GB = 1 << 30
@@ -249,7 +250,8 @@ def rl_resources(
     training estimate does not count: `runtime` is fixed."""
     completions = rl["prompts_per_step"] * rl["num_generations"]
     settings = {**train, "batch_size": completions, "fused_loss": True}
-    if math.prod(max(1, train.get(key, 1)) for key in ("processes", "gpus", "nodes")) == 1:
+    execution = Execution(**{key: train[key] for key in ("processes", "gpus", "nodes") if key in train})
+    if execution.world_size == 1:
         tokens = rl["prompts_per_step"] * max_length + completions * (rl["max_completion_length"] + 1)
         length = -(-tokens // completions)
     else:
