@@ -70,10 +70,11 @@ ABLATIONS = {
     "sftpipe-stock-mlp": ({"lean_swiglu": False}, "auto", "the lean SwiGLU MLP"),
     "sftpipe-stock-rmsnorm": ({"fused_rmsnorm": False}, "auto", "the RMSNorm that keeps its bf16 input, not an fp32 copy"),
     "sftpipe-stock-rope": ({"fused_rope": False}, "auto", "the one-pass RoPE backward"),
+    "sftpipe-peft-lora": ({"fused_lora": False}, "auto", "the fused LoRA layer: peft's forward, five autograd steps"),
     "sftpipe-copied-lora-inputs": (
-        {"lean_lora": False},
+        {"fused_lora": False, "lean_lora": False},
         "auto",
-        "shared LoRA inputs: peft's fp32 copy of each layer's input, cast back",
+        "the fused LoRA layer and, in peft's forward, shared LoRA inputs: peft's fp32 copy of each layer's input, cast back",
     ),
     "sftpipe-logits-loss": ({"fused_loss": False}, "auto", "the fused loss: logits of the completion positions kept"),
     "sftpipe-system-allocator": ({}, "system", "tcmalloc: glibc's malloc"),

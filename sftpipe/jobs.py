@@ -41,6 +41,7 @@ class TrainSettings:
     lean_swiglu: bool = True  # see sftpipe.swiglu; off under gradient checkpointing
     fused_rmsnorm: bool = True  # see sftpipe.rmsnorm
     lean_lora: bool = True  # see LoraRecipe.factors_take_autocast_inputs
+    fused_lora: bool = True  # see sftpipe.lora_linear
     fused_rope: bool = True  # see sftpipe.rotary
     fused_loss: bool = True  # see sftpipe.loss
     gradient_checkpointing: bool = False

@@ -32,8 +32,8 @@ LOSS_TYPES = (
 STARTS = ("merged", "adapter")
 
 # `train` keys that do not apply to pairs: TRL's DPO pads its batches and computes its own loss, and
-# `lean_lora` is the SFT trainer's alone (sftpipe.train).
-NOT_FOR_PAIRS = ("padding_free", "attention", "fused_loss", "lean_lora")
+# `lean_lora` and `fused_lora` are the SFT trainer's alone (sftpipe.train).
+NOT_FOR_PAIRS = ("padding_free", "attention", "fused_loss", "lean_lora", "fused_lora")
 
 
 @dataclass(frozen=True)

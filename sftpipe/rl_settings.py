@@ -24,8 +24,17 @@ REWARD_KINDS = ("exact", "normalized_exact", "token_f1", "numeric", "format", "m
 
 # `train` keys that do not apply to RL: TRL pads its generated batches and computes its own loss, the
 # batch is `prompts_per_step` x `num_generations` completions, there is no validation loss, and
-# `lean_lora` is the SFT trainer's alone (sftpipe.train).
-NOT_FOR_RL = ("padding_free", "attention", "fused_loss", "lean_lora", "batch_size", "eval_steps", "early_stopping_patience")
+# `lean_lora` and `fused_lora` are the SFT trainer's alone (sftpipe.train).
+NOT_FOR_RL = (
+    "padding_free",
+    "attention",
+    "fused_loss",
+    "lean_lora",
+    "fused_lora",
+    "batch_size",
+    "eval_steps",
+    "early_stopping_patience",
+)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .execution import STRATEGY_VARIABLE, current_allocator
 from .fsdp import fsdp_arguments, gathered_state, shard_where_accelerate_does_not, sharding_check
 from .io import PipelineError, Progress, read_json, read_jsonl, sha256_file
 from .jobs import TrainJob, TrainSettings
+from .lora_linear import use_fused_lora
 from .loss import completion_loss
 from .model import load_model, load_tokenizer, save_model_dir
 from .precision import COMPUTE_DTYPES, resolve_precision
@@ -341,6 +342,8 @@ class LoraRecipe:
         # The fused loss reads the output projection's weight outside the forward, where FSDP has it sharded.
         self.trainer.fused_loss = settings.fused_loss and not self.fsdp
         self.factors_in_fp32()
+        if settings.fused_lora:
+            use_fused_lora(self.trainer.model)
         if settings.lean_lora and self.precision in ("bf16", "fp16"):
             self.factors_take_autocast_inputs()
 

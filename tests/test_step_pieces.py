@@ -4,6 +4,8 @@ for backward, and in the graph of the training stage's own loss."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import job
@@ -71,23 +73,24 @@ def test_the_fused_rmsnorm_keeps_no_fp32_copy_of_the_hidden_states(tiny_model):
     assert not fp32_hidden(_kept_for_backward(_body(tiny_model, "bf16", True), ids))
 
 
-def _graph_nodes(tensor: torch.Tensor) -> set[str]:
-    seen, names, stack = set(), set(), [tensor.grad_fn]
+def _graph_nodes(tensor: torch.Tensor) -> Counter[str]:
+    """How many nodes of each kind the autograd graph of `tensor` holds."""
+    seen, names, stack = set(), Counter(), [tensor.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.add(type(node).__name__)
+        names[type(node).__name__] += 1
         stack.extend(next_node for next_node, _ in node.next_functions)
     return names
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_training_loss_runs_through_the_fused_pieces(tiny_model, tokenized, tmp_path, fused):
-    """The graph of the loss the training stage computes holds the fused norm and rotation (and the
-    stock ones when they are switched off), and per-example attention splits the packed row."""
-    settings = TrainSettings(max_steps=1, batch_size=4, precision="fp32", fused_rmsnorm=fused, fused_rope=fused)
+    """The graph of the loss the training stage computes holds the fused norm, rotation and LoRA layers
+    (and the stock ones when they are switched off), and per-example attention splits the packed row."""
+    settings = TrainSettings(max_steps=1, batch_size=4, precision="fp32", fused_rmsnorm=fused, fused_rope=fused, fused_lora=fused)
     recipe = LoraRecipe(job(tiny_model, tokenized, tmp_path, settings))
     recipe.setup()
     trainer = recipe.trainer
@@ -95,6 +98,8 @@ def test_the_training_loss_runs_through_the_fused_pieces(tiny_model, tokenized, 
     trainer.model.train()
     nodes = _graph_nodes(trainer.compute_loss(trainer.model, batch))
     assert ("RMSNormBackward" in nodes) is fused and ("RotaryBackward" in nodes) is fused
+    # Every LoRA layer (7 a decoder layer) is one fused step.
+    assert nodes["FusedLoraLinearBackward"] == (7 * recipe.model.config.num_hidden_layers if fused else 0)
     assert ("PowBackward0" in nodes) is not fused and ("NegBackward0" in nodes) is not fused
     # Stock RoPE slices; with it fused nothing does, per-example attention included.
     assert "SplitWithSizesBackward0" in nodes and ("SliceBackward0" in nodes) is not fused
@@ -114,7 +119,7 @@ def _weight(tensor: torch.Tensor) -> bool:
 def _bf16_step(tiny_model, tokenized, tmp_path, lean_lora: bool):
     """Loss, LoRA factors after it and how many hidden-width bf16 activations (not weights) it kept for
     backward, in one bf16 step of the training stage's own trainer."""
-    settings = TrainSettings(max_steps=1, batch_size=4, logging_steps=1, precision="bf16", lean_lora=lean_lora)
+    settings = TrainSettings(max_steps=1, batch_size=4, logging_steps=1, precision="bf16", lean_lora=lean_lora, fused_lora=False)
     recipe = LoraRecipe(job(tiny_model, tokenized, tmp_path / str(lean_lora), settings))
     recipe.setup()
     width = recipe.model.config.hidden_size
@@ -175,3 +180,60 @@ def test_eager_per_example_attention_gives_sdpas_outputs_and_gradients(precision
     tolerance = 1e-5 if precision == "fp32" else 3e-2
     for ours, theirs in zip(eager, sdpa, strict=True):
         assert torch.allclose(ours, theirs, atol=tolerance * theirs.abs().max().item(), rtol=0)
+
+
+def _lora_model(model_dir, precision: str, **lora):
+    """The tiny model under peft LoRA on every linear layer, B not zero (so the update counts)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora)
+    return get_peft_model(load_model(model_dir, dtype=DTYPES[precision]), config)
+
+
+def _lora_run(model, ids, precision: str):
+    """Output, input-embedding gradient and LoRA factor gradients of the decoder stack, and its graph's nodes."""
+    embeds = model.get_base_model().model.embed_tokens(ids).detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        hidden = model.get_base_model().model(inputs_embeds=embeds).last_hidden_state
+    projection = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1)).to(hidden.dtype)
+    loss = (hidden * projection).float().sum()
+    nodes = _graph_nodes(loss)
+    loss.backward()
+    factors = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return [hidden.detach().float(), embeds.grad.float(), *factors.values()], nodes
+
+
+def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model, precision):
+    """The fused LoRA layer computes what peft's does, forward and backward, every factor's gradient
+    included: in fp32 to rounding; in bf16 as close to the fp32 computation (same weights) as peft is."""
+    from sftpipe.lora_linear import use_fused_lora
+
+    ids = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
+    stock, stock_nodes = _lora_run(_lora_model(tiny_model, precision), ids, precision)
+    model = _lora_model(tiny_model, precision)
+    assert use_fused_lora(model) == 7 * model.config.num_hidden_layers
+    fused, nodes = _lora_run(model, ids, precision)
+    assert nodes["FusedLoraLinearBackward"] == 7 * model.config.num_hidden_layers
+    assert "FusedLoraLinearBackward" not in stock_nodes
+
+    def errors(tensors, truths):
+        assert all(truth.abs().max() > 0 for truth in truths)
+        return torch.tensor([((t - truth).norm() / truth.norm()).item() for t, truth in zip(tensors, truths, strict=True)])
+
+    if precision == "fp32":
+        assert errors(fused, stock).max() <= 1e-5
+    else:
+        truth, _ = _lora_run(_lora_model(tiny_model, "bf16").float(), ids, "fp32")
+        assert errors(fused, truth).mean() <= 1.2 * errors(stock, truth).mean()
+        assert errors(fused, stock).max() <= 0.1
+
+
+@pytest.mark.parametrize("lora", [{"lora_dropout": 0.1}, {"use_dora": True}], ids=["dropout", "dora"])
+def test_lora_layers_with_dropout_or_dora_keep_peft_forward(tiny_model, lora):
+    from sftpipe.lora_linear import use_fused_lora
+
+    model = _lora_model(tiny_model, "fp32", **lora)
+    assert use_fused_lora(model) == 0
+    _, nodes = _lora_run(model, torch.arange(16)[None], "fp32")
+    assert "FusedLoraLinearBackward" not in nodes
