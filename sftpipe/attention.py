@@ -62,23 +62,34 @@ def _sdpa_causal(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_bias(length: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0 where a position may attend, -inf where the key lies in its future: `groups` copies of the
+    length x length mask stacked along the queries. A batch's examples have at most batch_size
+    lengths, which every layer shares."""
+    future = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1).repeat(groups, 1)
+    return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+
+
 def _eager_causal(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
     """softmax(q kᵀ · scale, causal) v for one example, in the inputs' precision: the inputs are already
     what autocast made them, and autocast would compute the softmax in fp32 and keep that copy too.
     The query heads that share a key head are stacked along the sequence, so that the keys and values
-    are not repeated for each of them (nor their gradients summed back)."""
+    are not repeated for each of them (nor their gradients summed back). The scale and the causal mask
+    are applied inside the scores' product (`baddbmm`), not as passes of their own."""
     batch, heads, length, width = q.shape
     if length > EAGER_MAX_LENGTH:
         return _sdpa_causal(q, k, v, dropout, scaling)
-    groups = heads // k.shape[1]
-    stacked = q.reshape(batch, k.shape[1], groups * length, width)
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
+    pairs, groups = batch * k.shape[1], heads // k.shape[1]
+    stacked = q.reshape(pairs, groups * length, width)
+    bias = _causal_bias(length, groups, q.dtype, q.device)
+    scale = scaling if scaling is not None else 1 / math.sqrt(width)
     with torch.autocast(q.device.type, enabled=False):
-        scores = torch.matmul(stacked, k.transpose(-1, -2)).mul_(scaling if scaling is not None else 1 / math.sqrt(width))
-        probs = scores.masked_fill_(future, float("-inf")).softmax(-1)
+        scores = torch.baddbmm(bias, stacked, k.reshape(pairs, length, width).transpose(1, 2), alpha=scale)
+        probs = scores.softmax(-1)
         if dropout:
             probs = torch.nn.functional.dropout(probs, dropout)
-        return torch.matmul(probs, v).view(batch, heads, length, width)
+        return torch.bmm(probs, v.reshape(pairs, length, width)).view(batch, heads, length, width)
 
 
 def _varlen(
