@@ -38,11 +38,13 @@ def training(data: dict) -> list[str]:
     """bench/train_throughput.py: LoRA training of every variant, the two baselines first."""
     peaks = data["gemm_peak_gflops"]
     shapes = "model_gemm_rate" in data  # the GEMM rate at the model's own shapes, where the run measured it
+    rounds = "rounds" in data  # each variant trained several times, where the run did
     rows = [
         [
             name,
             v["setup"].get("undoes", "baseline"),
             f"{v['real_tokens_per_s']:.1f}",
+            *([" / ".join(f"{s:.1f}" for s in v["seconds_each_round"])] if rounds else []),
             f"{data['speedup_real_tokens_per_s']['vs notebooks'][name]:.2f}x",
             f"{data['speedup_real_tokens_per_s']['vs trl-defaults'][name]:.2f}x",
             f"{v['computed_gflops']:.1f} ({v['fraction_of_gemm_peak']:.0%})",
@@ -60,13 +62,15 @@ def training(data: dict) -> list[str]:
         f"{data['rows']} Alpaca rows, {data['steps']} steps of {h['batch_size']}, LoRA r {h['lora_r']} / alpha "
         f"{h['lora_alpha']}, learning rate {h['learning_rate']}, held-out loss on {data['heldout_rows']} rows. "
         f"FLOPs: {data['flop_counting']}. 2048³ GEMM peaks: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s"
-        + (f"; at the model's shapes: {data['model_gemm_rate']}." if shapes else "."),
+        + (f"; at the model's shapes: {data['model_gemm_rate']}." if shapes else ".")
+        + (f" Timing: {data['timing']}." if rounds else ""),
         "",
         *_table(
             [
                 "variant",
                 "what it changes",
                 "real tokens/s",
+                *(["seconds, each round"] if rounds else []),
                 "vs notebooks",
                 "vs TRL as shipped",
                 "GFLOP/s as computed (share of its precision's 2048³ GEMM peak)",
