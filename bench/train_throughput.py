@@ -412,6 +412,22 @@ def train_variant(variant: str, work: Path, model: Path, steps: int) -> dict | s
     return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
+def train_in_rounds(variants: list[str], count: int, work: Path, model: Path, steps: int, failed: dict) -> dict:
+    """Each variant's rounds, trained round by round so that each variant trains at several points of
+    the sequence of runs; a variant that cannot run goes into `failed` and trains no more."""
+    rounds = {variant: [] for variant in variants}
+    for number in range(count):
+        for variant in (v for v in variants if v not in failed):
+            result = train_variant(variant, work, model, steps)
+            if isinstance(result, str):
+                failed[variant] = result
+                print(f"{variant}: could not run: {result}", file=sys.stderr)
+                continue
+            rounds[variant].append(result)
+            print(f"round {number + 1}, {variant}: {result['seconds']:.1f} s", file=sys.stderr)
+    return {variant: runs for variant, runs in rounds.items() if variant not in failed}
+
+
 def measured(variant: str, rounds: list[dict], work: Path, model: Path, steps: int, counts: dict, peaks: dict) -> dict:
     """A variant's fastest round, with every round's seconds and the highest peak RSS of them, its rates
     and the held-out loss of its adapter (every round trains the same one)."""
@@ -468,18 +484,8 @@ def main() -> None:
         model = smollm2(work)
         counts = parameter_counts(model)
         prepare(work, model, args.rows)
-        # Round by round, so that each variant trains at several points of the sequence of runs.
-        rounds = {variant: [] for variant in args.variants}
-        for round_number in range(args.rounds):
-            for variant in (v for v in args.variants if v not in failed):
-                result = train_variant(variant, work, model, args.steps)
-                if isinstance(result, str):
-                    failed[variant] = result
-                    print(f"{variant}: could not run: {result}", file=sys.stderr)
-                    continue
-                rounds[variant].append(result)
-                print(f"round {round_number + 1}, {variant}: {result['seconds']:.1f} s", file=sys.stderr)
-        for variant in (v for v in args.variants if v not in failed):
+        rounds = train_in_rounds(args.variants, args.rounds, work, model, args.steps, failed)
+        for variant in rounds:
             result = results[variant] = measured(variant, rounds[variant], work, model, args.steps, counts, peaks)
             print(
                 f"{variant}: {result['real_tokens_per_s']:.1f} real tokens/s, {result['computed_gflops']:.1f} GFLOP/s, "

@@ -93,6 +93,7 @@ TRAIN_MODULES = (
     "swiglu.py",
     "rmsnorm.py",
     "rotary.py",
+    "lora_linear.py",
     "artifacts.py",
     "model.py",
     "tracking.py",
