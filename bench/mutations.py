@@ -1184,6 +1184,14 @@ MUTATIONS = [
         "the fused LoRA layer's gradient for B is peft's (scaled)",
     ),
     Mutation(
+        "fused-lora-input-gradient-always",
+        "sftpipe/lora_linear.py",
+        "        if not ctx.needs_input_grad[0]:",
+        "        if False:",
+        (S + "test_the_fused_lora_layer_computes_an_input_gradient_only_where_one_is_needed",),
+        "the fused LoRA layer computes no input gradient where none is needed (the first layers' frozen input)",
+    ),
+    Mutation(
         "fused-lora-ignores-dropout",
         "sftpipe/lora_linear.py",
         "        and all(type(d) is torch.nn.Identity for d in layer.lora_dropout.values())\n",

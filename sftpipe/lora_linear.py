@@ -40,6 +40,8 @@ class FusedLoraLinear(torch.autograd.Function):
         grad_low_rank = grad @ b
         grad_b = (grad.T @ low_rank).float().mul_(ctx.scaling)
         grad_a = (grad_low_rank.T @ rows).float()
+        if not ctx.needs_input_grad[0]:  # the first layers' input, from frozen embeddings
+            return None, None, None, grad_a, grad_b, None
         grad_x = (grad @ weight).addmm_(grad_low_rank, a)
         return grad_x.view(ctx.input_shape).to(ctx.input_dtype), None, None, grad_a, grad_b, None
 

@@ -237,3 +237,30 @@ def test_lora_layers_with_dropout_or_dora_keep_peft_forward(tiny_model, lora):
     assert use_fused_lora(model) == 0
     _, nodes = _lora_run(model, torch.arange(16)[None], "fp32")
     assert "FusedLoraLinearBackward" not in nodes
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_the_fused_lora_layer_computes_an_input_gradient_only_where_one_is_needed(input_grad):
+    """The first layers read frozen embeddings: their backward computes the factors' gradients, not the
+    input's (two products fewer, as autograd does for peft's layer)."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sftpipe.lora_linear import use_fused_lora
+
+    class Products(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm_)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8, bias=False)), LoraConfig(r=2, target_modules=["0"]))
+    assert use_fused_lora(layer) == 1
+    x = torch.randn(4, 16, requires_grad=input_grad)
+    out = layer(x)
+    with Products() as products:
+        out.sum().backward()
+    assert products.count == (5 if input_grad else 3)  # (x A) grad, B grad, A grad, then x's: frozen and low-rank
+    assert (x.grad is not None) is input_grad
