@@ -27,14 +27,17 @@ def _body(model_dir, precision: str, fused: bool):
 
 
 def _run(model, ids, precision: str):
-    """Output and input-embedding gradient of the decoder stack, as training runs it (autocast in bf16)."""
+    """Output and input-embedding gradient of the decoder stack, as training runs it (autocast in bf16),
+    and the nodes of its autograd graph."""
     embeds = model.model.embed_tokens(ids).detach().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         hidden = model.model(inputs_embeds=embeds).last_hidden_state
     # A fixed random projection of the output: it keeps nothing of the model's for backward.
     projection = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1)).to(hidden.dtype)
-    (hidden * projection).float().sum().backward()
-    return hidden.detach(), embeds.grad
+    loss = (hidden * projection).float().sum()
+    nodes = _graph_nodes(loss)
+    loss.backward()
+    return hidden.detach(), embeds.grad, nodes
 
 
 def test_fused_rmsnorm_and_rope_give_the_stock_outputs_and_gradients(tiny_model, precision):
@@ -192,16 +195,10 @@ def _lora_model(model_dir, precision: str, **lora):
 
 
 def _lora_run(model, ids, precision: str):
-    """Output, input-embedding gradient and LoRA factor gradients of the decoder stack, and its graph's nodes."""
-    embeds = model.get_base_model().model.embed_tokens(ids).detach().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        hidden = model.get_base_model().model(inputs_embeds=embeds).last_hidden_state
-    projection = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1)).to(hidden.dtype)
-    loss = (hidden * projection).float().sum()
-    nodes = _graph_nodes(loss)
-    loss.backward()
-    factors = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    return [hidden.detach().float(), embeds.grad.float(), *factors.values()], nodes
+    """`_run` on a peft model: output, input-embedding gradient and LoRA factor gradients, and its graph's nodes."""
+    hidden, embeds_grad, nodes = _run(model.get_base_model(), ids, precision)
+    factors = [p.grad for p in model.parameters() if p.requires_grad]
+    return [hidden.float(), embeds_grad.float(), *factors], nodes
 
 
 def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model, precision):
