@@ -1184,6 +1184,22 @@ MUTATIONS = [
         "the fused LoRA layer's gradient for B is peft's (scaled)",
     ),
     Mutation(
+        "final-evaluation-run-twice",
+        "sftpipe/train.py",
+        "        return last[-1] if last and not trainer.args.load_best_model_at_end else trainer.evaluate()",
+        "        return trainer.evaluate()",
+        (T + "test_validation_runs_once_per_evaluation_step",),
+        "training takes the Trainer's own evaluation at the last step instead of a second pass over the validation rows",
+    ),
+    Mutation(
+        "bench-sftpipe-evaluates-while-training",
+        "bench/train_throughput.py",
+        '        work / "no-validation.jsonl",  # as TRL\'s variants',
+        '        work / "heldout.jsonl",  # as TRL\'s variants',
+        ("tests/test_readme.py::test_every_readme_command_runs[.venv/bin/python bench/train_throughput.py]",),
+        "the training bench times sftpipe without evaluation while training, as TRL's variants (no eval set)",
+    ),
+    Mutation(
         "fused-lora-input-gradient-always",
         "sftpipe/lora_linear.py",
         "        if not ctx.needs_input_grad[0]:",
@@ -1251,7 +1267,8 @@ MUTATIONS = [
 
 
 def scratch_copy(root: Path) -> Path:
-    """The working tree's files (tracked and untracked, not ignored) under root/repo, ../shared beside it."""
+    """The working tree's files (tracked and untracked, not ignored) under root/repo, staged in a git
+    repository there, ../shared beside it."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
     ).stdout
@@ -1261,6 +1278,9 @@ def scratch_copy(root: Path) -> Path:
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, copy / name)
     (root / "shared").symlink_to(REPO.parent / "shared")
+    # A repository of its own, for the tests that list the working tree's files as git does.
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
     return copy
 
 

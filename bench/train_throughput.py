@@ -11,7 +11,8 @@
 - ablations of ours, each a setting of the training stage that undoes one of those choices.
 
 Every variant trains with the same LoRA (r 8, alpha 16, all linear layers, no dropout), batch size,
-learning rate and linear schedule without warmup, on the same rows. What still differs is listed
+learning rate and linear schedule without warmup, on the same rows, and none evaluates while it
+trains (sftpipe's variants get no validation rows, as TRL's get no eval set). What still differs is listed
 per variant in the JSON (`setup`).
 
 Reported per variant: real (non-pad) tokens/s; FLOP/s counted as computed: 4·N_body per computed
@@ -165,6 +166,7 @@ def prepare(work: Path, model: Path, rows: int) -> None:
     tokenized = list(read_jsonl(work / "all-train.jsonl"))
     write_jsonl(work / "train.jsonl", tokenized[:rows])
     write_jsonl(work / "heldout.jsonl", tokenized[rows:])
+    write_jsonl(work / "no-validation.jsonl", [])
 
 
 def trl_arguments(work: Path, variant: str, native_bf16: bool, steps: int = 8):
@@ -305,7 +307,7 @@ def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
     job = TrainJob(
         model,
         work / "train.jsonl",
-        work / "heldout.jsonl",
+        work / "no-validation.jsonl",  # as TRL's variants, which have no eval set: no evaluation in the timed run
         work / f"{variant}-adapter",
         work / f"{variant}-history.json",
         work / "ckpt",
@@ -324,6 +326,7 @@ def run_sftpipe(work: Path, model: Path, steps: int, variant: str) -> dict:
         "computed_positions": summary.train_tokens,  # padding-free: no pad position is computed
         "projected_positions": summary.projected_positions,
         "final_train_loss": [h["loss"] for h in history if "loss" in h][-1],
+        "evaluations_while_training": sum("eval_loss" in h for h in history),
         "memory_profile": profile,
         "peak_rss_mb": peak_mb,  # of the training, before the profile loads the model again
         "setup": {
@@ -506,6 +509,7 @@ def main() -> None:
         "timing": "each variant's fastest of its rounds (all in `seconds_each_round`); every round trains every "
         "variant in turn, since on a shared VM the same variant's time moves with its place in the sequence of runs",
         "heldout_rows": HELD_OUT,
+        "evaluation_while_training": "none, for every variant: the held-out rows are scored after training",
         "hyperparameters": HYPERPARAMETERS,
         "parameters": {key: value for key, value in counts.items() if isinstance(value, int)},
         "linear_shapes": [[*shape, layers] for shape, layers in counts["linear_shapes"].items()],

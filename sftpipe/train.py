@@ -370,6 +370,14 @@ class LoraRecipe:
         """FSDP2 over the data-parallel processes (sftpipe.fsdp), or nothing."""
         return fsdp_arguments(self.model) if self.fsdp else {}
 
+    def final_evaluation(self) -> dict:
+        """The validation metrics of the trained adapter. The Trainer evaluates at the last step of a
+        step-based schedule (transformers 5), so that evaluation is taken rather than run twice; only a
+        run that reloads its best checkpoint, or one resumed past its last evaluation, evaluates here."""
+        trainer = self.trainer
+        last = [h for h in trainer.state.log_history if "eval_loss" in h and h["step"] == trainer.state.global_step]
+        return last[-1] if last and not trainer.args.load_best_model_at_end else trainer.evaluate()
+
     def train(self) -> TrainSummary:
         trainer = self.trainer
         validation_rows = len(self.eval_set) if self.eval_set is not None else 0
@@ -387,7 +395,7 @@ class LoraRecipe:
             log.info("resuming from %s (step %d)", resume, resumed_from)
         with self.tracking.run() as tracking:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            final_eval = trainer.evaluate() if self.eval_set is not None else {}
+            final_eval = self.final_evaluation() if self.eval_set is not None else {}
         tokens, positions = self._over_all_processes(trainer.tokens_seen, trainer.projected_positions)
         return TrainSummary(
             train_loss=result.training_loss,

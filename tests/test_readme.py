@@ -3,6 +3,7 @@ Snakemake commands as dry runs (or, where a dry run means nothing, on the smoke 
 `make` targets through `make -n` and the command they run, the rest as written on tiny inputs.
 A command this file does not know how to check fails the test: add it to `check` below."""
 
+import json
 import os
 import re
 import shlex
@@ -136,6 +137,8 @@ def check(command: list[str], workspace: Path, sweep: Path, tmp_path: Path) -> s
     if head == ".venv/bin/python" and command[1] in SMALL_BENCH:
         run([*command, *SMALL_BENCH[command[1]], "--out", str(tmp_path / "bench.json")], workspace)
         assert (tmp_path / "bench.json").stat().st_size > 0
+        if command[1] == "bench/train_throughput.py":  # timed like TRL's variants: no evaluation while training
+            assert json.loads((tmp_path / "bench.json").read_text())["variants"]["sftpipe"]["evaluations_while_training"] == 0
         return "small"
     if command[:2] == ["ollama", "create"]:
         # The demo's export, made from the smoke sweep's merged model that stands in for the demo's.

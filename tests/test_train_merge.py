@@ -14,7 +14,7 @@ from sftpipe.launch import launch
 from sftpipe.merge import merge_adapter
 from sftpipe.model import load_model, load_tokenizer
 from sftpipe.precision import cpu_has_native_bf16, host_precision, resolve_precision
-from sftpipe.train import TrainJob, TrainSettings, train_lora
+from sftpipe.train import LoraRecipe, TrainJob, TrainSettings, train_lora
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +372,30 @@ def test_early_stopping_ends_training_when_validation_loss_stalls(tmp_path, tiny
     assert summary.steps == 12
     evals = [h["step"] for h in json.loads((tmp_path / "h.json").read_text())["log_history"] if "eval_loss" in h]
     assert evals[:3] == [4, 8, 12]
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_validation_runs_once_per_evaluation_step(tmp_path, tiny_model, tokenized, early_stopping):
+    """The Trainer evaluates at the last step; the summary takes that evaluation, not a second pass
+    over the validation rows, except where the best checkpoint is reloaded (evaluated once more)."""
+    from transformers import TrainerCallback
+
+    evaluations = []
+
+    class Evaluations(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            evaluations.append((state.global_step, metrics["eval_loss"]))
+
+    settings = TrainSettings(
+        max_steps=3, batch_size=4, learning_rate=5e-3, eval_steps=2, logging_steps=1, precision="fp32",
+        early_stopping_patience=5 if early_stopping else None,
+    )  # fmt: skip
+    recipe = LoraRecipe(job(tiny_model, tokenized, tmp_path, settings))
+    recipe.setup()
+    recipe.trainer.add_callback(Evaluations())
+    summary = recipe.train()
+    assert [step for step, _ in evaluations] == [2, 3] + ([3] if early_stopping else [])
+    assert summary.eval_loss == evaluations[-1][1]
 
 
 @pytest.mark.parametrize("allocator, expected", [("auto", "tcmalloc"), ("jemalloc", "jemalloc"), ("system", "system")])
