@@ -63,7 +63,8 @@ def training(data: dict) -> list[str]:
         f"{h['lora_alpha']}, learning rate {h['learning_rate']}, held-out loss on {data['heldout_rows']} rows. "
         f"FLOPs: {data['flop_counting']}. 2048³ GEMM peaks: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s"
         + (f"; at the model's shapes: {data['model_gemm_rate']}." if shapes else ".")
-        + (f" Timing: {data['timing']}." if rounds else ""),
+        + (f" Timing: {data['timing']}." if rounds else "")
+        + (f" Evaluation while training: {data['evaluation_while_training']}." if "evaluation_while_training" in data else ""),
         "",
         *_table(
             [

@@ -31,6 +31,7 @@ Writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -134,11 +135,13 @@ def step_products(counts: dict, tokens: int, projected: int) -> dict[tuple[int, 
     return products
 
 
-def model_gemm_rate(products: dict[tuple[int, int, int], int], dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """FLOP/s of `products` in `dtype`: each product timed alone for `seconds`, weighted by how often a
-    step computes it."""
+@functools.cache
+def model_gemm_rate(products: tuple[tuple[tuple[int, int, int], int], ...], dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOP/s of `products` ((m, k, n), times) in `dtype`: each product timed alone for `seconds`,
+    weighted by how often a step computes it. Measured once per set of products: variants whose steps
+    compute the same products share one measurement, so their shares of it differ by their own times."""
     flops = elapsed = 0.0
-    for (m, k, n), times in products.items():
+    for (m, k, n), times in products:
         elapsed += times * seconds_per_product(m, k, n, dtype, seconds)
         flops += times * 2 * m * k * n
     return flops / elapsed
@@ -443,7 +446,7 @@ def measured(variant: str, rounds: list[dict], work: Path, model: Path, steps: i
     result["computed_gflops"] = computed_flops(result, counts) / result["seconds"] / 1e9
     result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
     per_step = [round(result[key] / steps) for key in ("computed_positions", "projected_positions")]
-    rate = model_gemm_rate(step_products(counts, *per_step), DTYPES[result["setup"]["precision"]])
+    rate = model_gemm_rate(tuple(sorted(step_products(counts, *per_step).items())), DTYPES[result["setup"]["precision"]])
     result["model_gemm_gflops"] = rate / 1e9
     result["fraction_of_model_gemm_rate"] = result["computed_gflops"] / result["model_gemm_gflops"]
     result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
@@ -515,7 +518,8 @@ def main() -> None:
         "linear_shapes": [[*shape, layers] for shape, layers in counts["linear_shapes"].items()],
         "gemm_peak_gflops": peaks,
         "model_gemm_rate": "each variant's `model_gemm_gflops`: the rate of the matrix products its mean step computes "
-        "(sequence positions x the model's linear shapes, LoRA factors, the head unchunked), each timed alone",
+        "(sequence positions x the model's linear shapes, LoRA factors, the head unchunked), each timed alone for 1 s; "
+        "measured once for the variants whose steps compute the same products",
         "flop_counting": "4·N_body + 6·N_lora per computed position (+2·N_body + 2·N_lora under checkpointing), "
         "4·N_head per projected position; attention scores not counted",
         "variants": results,
