@@ -8,7 +8,8 @@
 - `sftpipe`: sftpipe's training stage with its defaults (padding-free batches with per-example
   attention (eager on CPU), loss on completion positions only, fused loss, lean SwiGLU, fused RMSNorm and RoPE,
   fused LoRA layers, shared LoRA inputs, tcmalloc), in the precision `auto` picks here.
-- ablations of ours, each a setting of the training stage that undoes one of those choices.
+- ablations of ours, each a setting of the training stage that undoes one of those choices;
+  `sftpipe-fp32` trains in fp32, the precision an fp32-only host's `auto` picks.
 
 Every variant trains with the same LoRA (r 8, alpha 16, all linear layers, no dropout), batch size,
 learning rate and linear schedule without warmup, on the same rows, and none evaluates while it
@@ -83,9 +84,22 @@ ABLATIONS = {
     "sftpipe-logits-loss": ({"fused_loss": False}, "auto", "the fused loss: logits of the completion positions kept"),
     "sftpipe-system-allocator": ({}, "system", "tcmalloc: glibc's malloc"),
     "sftpipe-gradient-checkpointing": ({"gradient_checkpointing": True}, "auto", "no checkpointing: activations recomputed"),
+    # Where `auto` picks bf16, the stage's fp32 figures beside them (an fp32-only host trains so by default).
+    "sftpipe-fp32": ({"precision": "fp32"}, "auto", "precision auto: fp32 throughout"),
 }
 VARIANTS = ("notebooks", "trl-defaults", *ABLATIONS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# How the run measures, written into its JSON.
+METHOD = {
+    "timing": "each variant's fastest of its rounds (all in `seconds_each_round`); every round trains every "
+    "variant in turn, since on a shared VM the same variant's time moves with its place in the sequence of runs",
+    "evaluation_while_training": "none, for every variant: the held-out rows are scored after training",
+    "model_gemm_rate": "each variant's `model_gemm_gflops`: the rate of the matrix products its mean step computes "
+    "(sequence positions x the model's linear shapes, LoRA factors, the head unchunked), each timed alone for 1 s; "
+    "measured once for the variants whose steps compute the same products",
+    "flop_counting": "4·N_body + 6·N_lora per computed position (+2·N_body + 2·N_lora under checkpointing), "
+    "4·N_head per projected position; attention scores not counted",
+}
 
 
 def seconds_per_product(m: int, k: int, n: int, dtype: torch.dtype, budget: float) -> float:
@@ -509,19 +523,12 @@ def main() -> None:
         "rows": args.rows,
         "steps": args.steps,
         "rounds": args.rounds,
-        "timing": "each variant's fastest of its rounds (all in `seconds_each_round`); every round trains every "
-        "variant in turn, since on a shared VM the same variant's time moves with its place in the sequence of runs",
         "heldout_rows": HELD_OUT,
-        "evaluation_while_training": "none, for every variant: the held-out rows are scored after training",
         "hyperparameters": HYPERPARAMETERS,
         "parameters": {key: value for key, value in counts.items() if isinstance(value, int)},
         "linear_shapes": [[*shape, layers] for shape, layers in counts["linear_shapes"].items()],
         "gemm_peak_gflops": peaks,
-        "model_gemm_rate": "each variant's `model_gemm_gflops`: the rate of the matrix products its mean step computes "
-        "(sequence positions x the model's linear shapes, LoRA factors, the head unchunked), each timed alone for 1 s; "
-        "measured once for the variants whose steps compute the same products",
-        "flop_counting": "4·N_body + 6·N_lora per computed position (+2·N_body + 2·N_lora under checkpointing), "
-        "4·N_head per projected position; attention scores not counted",
+        **METHOD,
         "variants": results,
         "failed": failed,
         "speedup_real_tokens_per_s": {
