@@ -123,12 +123,13 @@ def gemm_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
     return rate(2048 if rate(512, 0.0) > 20e9 else 512, seconds)
 
 
-def step_products(counts: dict, tokens: int, projected: int) -> dict[tuple[int, int, int], int]:
+def step_products(counts: dict, tokens: int, projected: int) -> tuple[tuple[tuple[int, int, int], int], ...]:
     """The matrix products (m, k, n) one LoRA training step computes, at the model's own shapes, with
-    how often each occurs: for every decoder linear layer the forward and the input gradient of the
-    frozen weight, and the LoRA factors' forward, input and weight gradients; the output projection
-    of the projected positions, forward and input gradient, unchunked. The same products the FLOP
-    count counts, so their rate is the rate the step would reach if it did nothing else."""
+    how often each occurs, in order (a key for `model_gemm_rate`'s cache): for every decoder linear
+    layer the forward and the input gradient of the frozen weight, and the LoRA factors' forward,
+    input and weight gradients; the output projection of the projected positions, forward and input
+    gradient, unchunked. The same products the FLOP count counts, so their rate is the rate the step
+    would reach if it did nothing else."""
     products: dict[tuple[int, int, int], int] = {}
     r = HYPERPARAMETERS["lora_r"]
     for (fan_in, fan_out), layers in counts["linear_shapes"].items():
@@ -146,7 +147,7 @@ def step_products(counts: dict, tokens: int, projected: int) -> dict[tuple[int, 
     hidden, vocabulary = counts["head_shape"]
     for shape in ((projected, hidden, vocabulary), (projected, vocabulary, hidden)):
         products[shape] = products.get(shape, 0) + 1
-    return products
+    return tuple(sorted(products.items()))
 
 
 @functools.cache
@@ -460,7 +461,7 @@ def measured(variant: str, rounds: list[dict], work: Path, model: Path, steps: i
     result["computed_gflops"] = computed_flops(result, counts) / result["seconds"] / 1e9
     result["fraction_of_gemm_peak"] = result["computed_gflops"] / peaks[result["setup"]["precision"]]
     per_step = [round(result[key] / steps) for key in ("computed_positions", "projected_positions")]
-    rate = model_gemm_rate(tuple(sorted(step_products(counts, *per_step).items())), DTYPES[result["setup"]["precision"]])
+    rate = model_gemm_rate(step_products(counts, *per_step), DTYPES[result["setup"]["precision"]])
     result["model_gemm_gflops"] = rate / 1e9
     result["fraction_of_model_gemm_rate"] = result["computed_gflops"] / result["model_gemm_gflops"]
     result["heldout_completion_loss"] = completion_loss(model, work / f"{variant}-adapter", work / "heldout.jsonl")
