@@ -86,13 +86,20 @@ ABLATIONS = {
     "sftpipe-gradient-checkpointing": ({"gradient_checkpointing": True}, "auto", "no checkpointing: activations recomputed"),
     # Where `auto` picks bf16, the stage's fp32 figures beside them (an fp32-only host trains so by default).
     "sftpipe-fp32": ({"precision": "fp32"}, "auto", "precision auto: fp32 throughout"),
+    # fp32 keeps twice the bytes for backward: the setting that holds it under the memory bound.
+    "sftpipe-fp32-gradient-checkpointing": (
+        {"precision": "fp32", "gradient_checkpointing": True},
+        "auto",
+        "precision auto and no checkpointing: fp32 throughout, activations recomputed",
+    ),
 }
 VARIANTS = ("notebooks", "trl-defaults", *ABLATIONS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # How the run measures, written into its JSON.
 METHOD = {
     "timing": "each variant's fastest of its rounds (all in `seconds_each_round`); every round trains every "
-    "variant in turn, since on a shared VM the same variant's time moves with its place in the sequence of runs",
+    "variant in turn, since on a shared VM the same variant's time moves with its place in the sequence of runs, "
+    "and every other round in the reverse order, so that no variant always follows the same one",
     "evaluation_while_training": "none, for every variant: the held-out rows are scored after training",
     "model_gemm_rate": "each variant's `model_gemm_gflops`: the rate of the matrix products its mean step computes "
     "(sequence positions x the model's linear shapes, LoRA factors, the head unchunked), each timed alone for 1 s; "
@@ -433,13 +440,14 @@ def train_variant(variant: str, work: Path, model: Path, steps: int) -> dict | s
     return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def train_in_rounds(variants: list[str], count: int, work: Path, model: Path, steps: int, failed: dict) -> dict:
-    """Each variant's rounds, trained round by round so that each variant trains at several points of
-    the sequence of runs; a variant that cannot run goes into `failed` and trains no more."""
+def train_in_rounds(variants: list[str], count: int, train, failed: dict) -> dict:
+    """Each variant's rounds, `train(variant)` round by round so that each variant trains at several
+    points of the sequence of runs, every other round in the reverse order; a variant that cannot run
+    goes into `failed` and trains no more."""
     rounds = {variant: [] for variant in variants}
     for number in range(count):
-        for variant in (v for v in variants if v not in failed):
-            result = train_variant(variant, work, model, steps)
+        for variant in (v for v in (variants if number % 2 == 0 else variants[::-1]) if v not in failed):
+            result = train(variant)
             if isinstance(result, str):
                 failed[variant] = result
                 print(f"{variant}: could not run: {result}", file=sys.stderr)
@@ -486,7 +494,7 @@ def main() -> None:
 
     native_bf16 = resolve_precision("auto") == "bf16"
     if args.dry_run:
-        dry_run(args.variants)
+        dry_run(args.variants, args.rounds)
         return
     if args.variant:  # a child process: one variant, so its peak RSS is its own
         if args.variant in ABLATIONS:
@@ -505,7 +513,8 @@ def main() -> None:
         model = smollm2(work)
         counts = parameter_counts(model)
         prepare(work, model, args.rows)
-        rounds = train_in_rounds(args.variants, args.rounds, work, model, args.steps, failed)
+        train = functools.partial(train_variant, work=work, model=model, steps=args.steps)
+        rounds = train_in_rounds(args.variants, args.rounds, train, failed)
         for variant in rounds:
             result = results[variant] = measured(variant, rounds[variant], work, model, args.steps, counts, peaks)
             print(
@@ -544,11 +553,12 @@ def main() -> None:
         sys.exit(f"{len(failed)} variants could not run: {', '.join(failed)} (the JSON says why)")
 
 
-def dry_run(variants: list[str]) -> None:
+def dry_run(variants: list[str], rounds: int) -> None:
     """Each TRL baseline's arguments as a native-bf16 host and as an fp32-only host builds them (which
-    transformers checks on construction), and each of our variants' settings; no training."""
+    transformers checks on construction), each of our variants' settings and the order of the rounds; no training."""
     from sftpipe.train import TrainSettings
 
+    train_in_rounds(variants, rounds, lambda variant: {"seconds": 0.0}, {})  # the order each round trains in
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             if variant in ABLATIONS:

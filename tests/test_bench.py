@@ -18,3 +18,21 @@ def test_the_training_bench_builds_every_variant_in_both_precisions():
     assert "notebooks (native bf16 True): bf16 False, use_cpu True" in result.stdout
     ablations = [line.split(":")[0] for line in result.stdout.splitlines() if ": precision auto, allocator " in line]
     assert ablations[0] == "sftpipe" and len(ablations) >= 6
+
+
+def test_the_training_bench_trains_every_other_round_in_the_reverse_order():
+    # On a shared VM a variant's time moves with the run before it: no variant may always follow the same one.
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--dry-run", "--rounds", "3"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    order = {}
+    for line in result.stderr.splitlines():
+        if line.startswith("round "):
+            number, variant = line.removeprefix("round ").split(":")[0].split(", ")
+            order.setdefault(int(number), []).append(variant)
+    assert order[1][:3] == ["notebooks", "trl-defaults", "sftpipe"] and len(order[1]) >= 8
+    assert order[2] == order[1][::-1] and order[3] == order[1]
