@@ -27,16 +27,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             chunk_targets = targets[start : start + rows]
             # The head's precision, as autocast would pick: a norm may hand over fp32 states to a bf16 head.
-            logits = (hidden[start : start + rows].to(weight.dtype) @ weight.T).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
+            logits = hidden[start : start + rows].to(weight.dtype) @ weight.T
+            # One pass of exponentials, in fp32 whatever the head's precision. The largest logit's
+            # probability is exp(0) / sum, so the log normalizer is that logit minus its log probability.
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            log_norm = logits.amax(dim=-1).float() - probs.amax(dim=-1).log()
             learned = chunk_targets != -100
             picked = chunk_targets.clamp(min=0)
-            total += ((log_norm - logits.gather(1, picked[:, None]).squeeze(1)) * learned).sum()
+            total += ((log_norm - logits.gather(1, picked[:, None]).squeeze(1).float()) * learned).sum()
             if grad is None:
                 continue
-            probs = logits.sub_(log_norm[:, None]).exp_()
             probs[torch.arange(len(picked), device=probs.device), picked] -= 1
-            probs.mul_(learned[:, None])
+            if not learned.all():  # padded batches: other rows' prompt positions
+                probs[~learned] = 0
             grad[start : start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
