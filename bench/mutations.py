@@ -1135,6 +1135,14 @@ MUTATIONS = [
         "the fused RMSNorm keeps its input in the training precision, not an fp32 copy",
     ),
     Mutation(
+        "rmsnorm-scaled-in-the-input-precision",
+        "sftpipe/rmsnorm.py",
+        "    return torch.mul(upcast, scale, out=torch.empty(upcast.shape, dtype=dtype, device=upcast.device))",
+        "    return torch.mul(upcast.to(dtype), scale.to(dtype))",
+        (S + "test_fused_rmsnorm_and_rope_give_the_stock_outputs_and_gradients",),
+        "the fused RMSNorm rounds the fp32 product into the training precision in one pass, bit for bit the stock norm",
+    ),
+    Mutation(
         "rmsnorm-backward-wrong",
         "sftpipe/rmsnorm.py",
         "        grad_mean = -0.5 * grad_scale * scale.pow(3)",

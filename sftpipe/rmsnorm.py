@@ -24,7 +24,7 @@ class RMSNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         upcast = x.to(torch.float32)
         scale = torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)
-        normed = (upcast * scale).to(x.dtype)
+        normed = _scaled(upcast, scale, x.dtype)
         ctx.save_for_backward(x, weight, scale)
         ctx.weight_grad = weight.requires_grad
         return weight * normed
@@ -37,13 +37,18 @@ class RMSNorm(torch.autograd.Function):
         grad_normed = (grad * weight).to(torch.float32)
         grad_scale = (grad_normed * upcast).sum(-1, keepdim=True)
         grad_mean = -0.5 * grad_scale * scale.pow(3)
-        grad_square = grad_mean.expand_as(upcast) / upcast.shape[-1]
-        grad_x = grad_normed * scale + grad_square * (2.0 * upcast)
+        # The mean's gradient is the same for every element of a position: divided once per position
+        # (the same quotient) and multiplied in without expanding it to a tensor of the input's size.
+        grad_x = grad_normed * scale + (2.0 * upcast) * (grad_mean / upcast.shape[-1])
         grad_weight = None
         if ctx.weight_grad:
-            normed = (upcast * scale).to(x.dtype)
-            grad_weight = (grad * normed).sum_to_size(weight.shape)
+            grad_weight = (grad * _scaled(upcast, scale, x.dtype)).sum_to_size(weight.shape)
         return grad_x.to(x.dtype), grad_weight, None
+
+
+def _scaled(upcast: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(upcast * scale).to(dtype)` in one pass: the product computed in fp32 and rounded into `dtype`."""
+    return torch.mul(upcast, scale, out=torch.empty(upcast.shape, dtype=dtype, device=upcast.device))
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
