@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -440,7 +441,7 @@ def train_variant(variant: str, work: Path, model: Path, steps: int) -> dict | s
     return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def train_in_rounds(variants: list[str], count: int, train, failed: dict) -> dict:
+def train_in_rounds(variants: list[str], count: int, train: Callable[[str], dict | str], failed: dict) -> dict:
     """Each variant's rounds, `train(variant)` round by round so that each variant trains at several
     points of the sequence of runs, every other round in the reverse order; a variant that cannot run
     goes into `failed` and trains no more."""
